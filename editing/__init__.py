@@ -1,0 +1,1 @@
+"""Editing track: edit methods, requests, metrics and the runner."""

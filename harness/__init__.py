@@ -1,0 +1,1 @@
+"""Harness: model access, prompting, scoring, runs, tracing and the leaderboard."""

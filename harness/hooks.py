@@ -1,0 +1,98 @@
+"""Read or rewrite what named modules compute during a forward pass.
+
+The one hooking utility the project has: tracing restores clean activations
+with it, attention analysis and editing read MLP keys with it. Every helper is
+a context manager, so hooks never outlive the block that needs them.
+
+Module outputs may be a tensor or a tuple whose first element is the tensor
+(decoder layers and attention blocks in some transformers versions); the
+helpers hand ``fn`` the tensor and put the result back in the same shape.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, tensor):
+    if isinstance(output, tuple):
+        return (tensor,) + tuple(output[1:])
+    return tensor
+
+
+@contextmanager
+def record_outputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Keep the (last) output tensor of each named module: ``{name: tensor}``."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+        def hook(_module, _inputs, output, name=name):
+            tensor = _first(output)
+            store[name] = tensor.detach() if detach else tensor
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def record_inputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Keep the first positional input of each named module (e.g. an MLP down-projection's key)."""
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+        def hook(_module, inputs, name=name):
+            store[name] = inputs[0].detach() if detach else inputs[0]
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def edit_outputs(edits: dict[nn.Module, TensorFn]) -> Iterator[None]:
+    """Rewrite each module's output tensor with ``fn(tensor)`` (returning None keeps it, if changed in place)."""
+    handles = []
+    for module, fn in edits.items():
+        def hook(_module, _inputs, output, fn=fn):
+            tensor = _first(output)
+            new = fn(tensor)
+            return _replace_first(output, tensor if new is None else new)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def edit_inputs(edits: dict[nn.Module, TensorFn]) -> Iterator[None]:
+    """Rewrite each module's first positional input with ``fn(tensor)`` before it runs."""
+    handles = []
+    for module, fn in edits.items():
+        def hook(_module, inputs, fn=fn):
+            new = fn(inputs[0])
+            if new is None:
+                return None
+            return (new,) + tuple(inputs[1:])
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,1 @@
+"""The model zoo: small, genuine Hugging Face checkpoints built locally."""

@@ -1,0 +1,1 @@
+"""Sources: one module per source, each turning its raw inputs into records."""
