@@ -1,0 +1,1 @@
+"""MultimodalCausalTrace and attention-contribution analyses."""
