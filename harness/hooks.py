@@ -24,6 +24,22 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def _element(output, index: int):
+    if index == 0:
+        return _first(output)
+    return output[index] if isinstance(output, tuple) and len(output) > index else None
+
+
+def _first_input(args, kwargs):
+    """The module's first positional input, or its ``hidden_states`` keyword (decoder layers call
+    attention blocks with keywords only), or else its first tensor keyword."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
 def _replace_first(output, tensor):
     if isinstance(output, tuple):
         return (tensor,) + tuple(output[1:])
@@ -31,14 +47,20 @@ def _replace_first(output, tensor):
 
 
 @contextmanager
-def record_outputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Keep the (last) output tensor of each named module: ``{name: tensor}``."""
+def record_outputs(
+    modules: dict[str, nn.Module], detach: bool = True, index: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Keep the (last) output tensor of each named module: ``{name: tensor}``.
+
+    ``index`` picks another element of a tuple output (e.g. 1: an eager
+    attention block's attention weights); a missing element is stored as None.
+    """
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
         def hook(_module, _inputs, output, name=name):
-            tensor = _first(output)
-            store[name] = tensor.detach() if detach else tensor
+            tensor = _element(output, index)
+            store[name] = tensor.detach() if detach and tensor is not None else tensor
         handles.append(module.register_forward_hook(hook))
     try:
         yield store
@@ -49,13 +71,15 @@ def record_outputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterat
 
 @contextmanager
 def record_inputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Keep the first positional input of each named module (e.g. an MLP down-projection's key)."""
+    """Keep the first input of each named module (e.g. an MLP down-projection's key, or the
+    normalised hidden states an attention block receives as its ``hidden_states`` keyword)."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
-        def hook(_module, inputs, name=name):
-            store[name] = inputs[0].detach() if detach else inputs[0]
-        handles.append(module.register_forward_pre_hook(hook))
+        def hook(_module, inputs, kwargs, name=name):
+            tensor = _first_input(inputs, kwargs)
+            store[name] = tensor.detach() if detach and tensor is not None else tensor
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         yield store
     finally:
@@ -91,6 +115,26 @@ def edit_inputs(edits: dict[nn.Module, TensorFn]) -> Iterator[None]:
                 return None
             return (new,) + tuple(inputs[1:])
         handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+KwargsFn = Callable[[dict], dict | None]
+
+
+@contextmanager
+def edit_kwargs(edits: dict[nn.Module, KwargsFn]) -> Iterator[None]:
+    """Rewrite the keyword arguments a module is called with: ``fn(kwargs)`` returns the new
+    dict (or None to keep them). Attention knockout edits an attention block's ``attention_mask``."""
+    handles = []
+    for module, fn in edits.items():
+        def hook(_module, args, kwargs, fn=fn):
+            new = fn(dict(kwargs))
+            return None if new is None else (args, new)
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         yield
     finally:

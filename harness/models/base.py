@@ -26,6 +26,16 @@ class Encoded:
     question_start: int  # char offset of the question inside ``prompt``
     token_char_spans: list[tuple[int, int]]  # per token: [start, end) in ``prompt``; (-1, -1) for image/special tokens
     image_positions: list[int] = field(default_factory=list)  # token indices of image features
+    # With teacher forcing (``encode(..., answer=...)``): the tokenized text is
+    # ``prompt + separator + answer``; ``text`` holds it and ``token_char_spans``
+    # index into it (``prompt`` is its prefix, so prompt spans are unchanged).
+    text: str = ""
+    answer_start: int | None = None  # char offset of the answer in ``text``
+    answer_positions: list[int] = field(default_factory=list)  # token indices of the answer
+
+    def __post_init__(self):
+        if not self.text:
+            self.text = self.prompt
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -37,6 +47,9 @@ class Encoded:
 
     @property
     def last_position(self) -> int:
+        """The last token of the prompt: the one whose logits predict the answer."""
+        if self.answer_positions:
+            return self.answer_positions[0] - 1
         return self.length - 1
 
     def positions_for_question_span(self, char_start: int, char_end: int) -> list[int]:
@@ -58,6 +71,67 @@ class Encoded:
                 f"constraint chars {char_start}:{char_end} ({self.prompt[start:end]!r}) map to no token of the prompt"
             )
         return positions
+
+
+def collate(encodeds: list[Encoded], pad_token_id: int, padding_side: str = "left") -> dict[str, torch.Tensor]:
+    """Batch single-prompt inputs for one forward pass or ``generate``.
+
+    Per-token tensors (``input_ids``, ``attention_mask``, ``token_type_ids``, ...:
+    shape ``(1, length)``) are padded to the longest prompt (left by default, so
+    every prompt ends at the last column); ``input_ids`` with ``pad_token_id``,
+    the rest with 0. Image tensors are concatenated along dim 0, zero-padding
+    any ragged dim (e.g. LLaVA-NeXT's patch count; the model reads the real
+    count from ``image_sizes``). Positions in each ``Encoded`` shift by
+    ``batch_offsets(...)[i]`` under left padding.
+    """
+    if not encodeds:
+        raise ValueError("collate needs at least one Encoded")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    keys = list(encodeds[0].inputs)
+    for e in encodeds[1:]:
+        if list(e.inputs) != keys:
+            raise ValueError(f"cannot batch inputs with different fields: {keys} vs {list(e.inputs)}")
+    width = max(e.length for e in encodeds)
+    batch: dict[str, torch.Tensor] = {}
+    for key in keys:
+        tensors = [e.inputs[key] for e in encodeds]
+        if all(_is_per_token(e, key) for e in encodeds):
+            fill = pad_token_id if key == "input_ids" else 0
+            rows = []
+            for t in tensors:
+                pad = t.new_full((t.shape[0], width - t.shape[-1]), fill)
+                rows.append(torch.cat([pad, t] if padding_side == "left" else [t, pad], dim=-1))
+            batch[key] = torch.cat(rows, dim=0)
+        else:
+            batch[key] = _cat_ragged(tensors)
+    return batch
+
+
+def batch_offsets(encodeds: list[Encoded], padding_side: str = "left") -> list[int]:
+    """How far each prompt's positions move inside a ``collate`` batch."""
+    width = max(e.length for e in encodeds)
+    return [width - e.length if padding_side == "left" else 0 for e in encodeds]
+
+
+# Inputs with one entry per token; everything else (pixels, image sizes/grids) is per image.
+PER_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def _is_per_token(encoded: Encoded, key: str) -> bool:
+    return key in PER_TOKEN_KEYS and encoded.inputs[key].shape == encoded.inputs["input_ids"].shape
+
+
+def _cat_ragged(tensors: list[torch.Tensor]) -> torch.Tensor:
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) != shape[1:]:
+            out = t.new_zeros([t.shape[0]] + shape[1:])
+            out[tuple(slice(0, n) for n in t.shape)] = t
+            t = out
+        padded.append(t)
+    return torch.cat(padded, dim=0)
 
 
 class ModelAdapter:
@@ -125,6 +199,24 @@ class ModelAdapter:
     def answer_token_ids(self, answer: str) -> list[int]:
         """Token ids of ``answer`` as it would follow the prompt (leading space handled)."""
         raise NotImplementedError
+
+    def text_only(self) -> "ModelAdapter":
+        """The same model's language model alone, prompted with text only (no image)."""
+        raise NotImplementedError
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return int(tok.pad_token_id)
+        if tok.eos_token_id is not None:
+            return int(tok.eos_token_id)
+        return 0
+
+    def collate(self, encodeds: list[Encoded], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """``collate`` with this tokenizer's pad id, tensors moved to the model's device."""
+        batch = collate(encodeds, self.pad_token_id, padding_side)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     @property
     def device(self) -> torch.device:

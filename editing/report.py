@@ -1,0 +1,90 @@
+"""The human-readable outputs of an editing run: a markdown table and the layer-sweep plot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+COLUMNS = [
+    ("efficacy", "Efficacy"),
+    ("generalization", "Generalization"),
+    ("specificity", "Specificity"),
+]
+
+
+def _cell(stat: dict) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.2f} [{stat['ci_low']:.2f}, {stat['ci_high']:.2f}]"
+
+
+def _number(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def table(document: dict) -> str:
+    """Methods side by side: metric means with 95% bootstrap intervals, score, cost."""
+    model = document["model"]["name_or_path"]
+    data = document["data"]
+    lines = [
+        f"Editing on `{Path(model).name}` — track **{document['options']['track']}** "
+        f"({data['config']}/{data['split']}), layers {document['layers']} ({document['layer_source']}), "
+        f"{document['requests']} requests, batch {document['options']['batch_edits']}.",
+        "",
+        "| Method | Edits | " + " | ".join(title for _, title in COLUMNS)
+        + " | Mean of 3 | Log-prob gain | s / edit | Peak MB | Skipped |",
+        "|---|---:|" + "---|" * len(COLUMNS) + "---:|---:|---:|---:|---:|",
+    ]
+    for name, summary in document["methods"].items():
+        gain = summary.get("logprob_gain", {}).get("mean")
+        lines.append(
+            f"| {name} | {summary['edits']} | "
+            + " | ".join(_cell(summary.get(key)) for key, _ in COLUMNS)
+            + f" | {_number(summary.get('score'), '.3f')} | {_number(gain, '.2f')}"
+            + f" | {_number(summary.get('seconds_per_edit'), '.3f')} | {_number(summary.get('peak_memory_mb'), '.0f')}"
+            + f" | {summary['skipped']} |"
+        )
+    if document.get("sweep"):
+        lines += ["", "Efficacy by edited layer (one edit at a time):", ""]
+        for name, rows in document["sweep"].items():
+            lines.append(f"- {name}: " + ", ".join(
+                f"L{row['layer']} {_number(row['efficacy']['mean'], '.2f')}" for row in rows))
+    return "\n".join(lines) + "\n"
+
+
+def write_table(document: dict, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(table(document), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_sweep_plot(document: dict, path: Path) -> None:
+    """Efficacy (and generalization, dashed) against the edited layer, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for name, rows in document["sweep"].items():
+        layers = [row["layer"] for row in rows]
+        efficacy = [row["efficacy"]["mean"] for row in rows]
+        line, = axis.plot(layers, efficacy, marker="o", label=f"{name} efficacy")
+        general = [row["generalization"]["mean"] for row in rows]
+        if any(value is not None for value in general):
+            axis.plot(layers, general, linestyle="--", color=line.get_color(), label=f"{name} generalization")
+    for layer in document["layers"]:
+        axis.axvline(layer, color="grey", linewidth=0.8, linestyle=":")
+    axis.set_xlabel("edited layer")
+    axis.set_ylabel("fraction of edits")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(f"Editing by layer: {Path(document['model']['name_or_path']).name}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    # No metadata, so the same numbers give the same bytes.
+    figure.savefig(tmp, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+    os.replace(tmp, path)

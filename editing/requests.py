@@ -1,0 +1,106 @@
+"""Edit requests: which question should get which new answer, built from dataset records.
+
+Two tracks:
+- correction: a question the model answers wrong becomes a request for its gold answer;
+- insertion: every question of the ``encyclopedic`` config (entities whose facts
+  the model never saw) becomes a request for its gold answer.
+
+A request carries what every method and metric needs (the question, its image,
+the char span of its visual constraint, the paraphrases and other views of the
+same entity), so methods never look at records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from PIL import Image
+
+from vqa_constraints.records import Record
+
+TRACKS = ("correction", "insertion")
+# The config each track reads its questions from.
+TRACK_CONFIG = {"correction": "single_constraint", "insertion": "encyclopedic"}
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    id: str  # the record id
+    question: str
+    image: Image.Image | None
+    target: str  # the answer the edit should make the model give
+    current: str  # the model's answer before the edit ("" when not known)
+    subject: str
+    relation: str
+    track: str
+    key_span: tuple[int, int] | None = None  # chars of the visual constraint in ``question``
+    paraphrases: tuple[str, ...] = ()
+    other_views: tuple[Image.Image, ...] = field(default=(), repr=False)
+
+    def describe(self) -> dict:
+        """The JSON-safe part of the request, for edits.jsonl."""
+        return {
+            "id": self.id,
+            "question": self.question,
+            "target": self.target,
+            "current": self.current,
+            "subject": self.subject,
+            "relation": self.relation,
+            "track": self.track,
+            "key_span": list(self.key_span) if self.key_span else None,
+            "paraphrases": list(self.paraphrases),
+            "other_views": len(self.other_views),
+        }
+
+
+@dataclass
+class Skipped:
+    id: str
+    reason: str
+
+
+def request_from_record(record: Record, track: str, current: str = "") -> EditRequest:
+    visual = record.visual_constraints
+    span = (visual[-1].char_start, visual[-1].char_end) if visual else None
+    return EditRequest(
+        id=record.id,
+        question=record.question,
+        image=record.image,
+        target=record.answers[0],
+        current=current,
+        subject=record.subject,
+        relation=record.relation,
+        track=track,
+        key_span=span,
+        paraphrases=tuple(record.paraphrases),
+        other_views=tuple(record.other_views),
+    )
+
+
+def build_requests(
+    records: Iterable[Record],
+    track: str,
+    predictions: dict[str, str],
+    is_correct: Callable[[str, Record], bool],
+) -> tuple[list[EditRequest], list[Skipped]]:
+    """Requests for ``track`` plus the records skipped, with why.
+
+    ``predictions`` maps record id -> the unedited model's answer; ``is_correct``
+    decides whether that answer already matches the record's gold answers.
+    Correction keeps only wrong answers; on both tracks a record the model
+    already answers correctly is a counted skip (its target would equal the
+    current answer, so there is nothing to edit).
+    """
+    requests: list[EditRequest] = []
+    skipped: list[Skipped] = []
+    for record in records:
+        current = predictions.get(record.id, "")
+        if not record.answers or not record.answers[0].strip():
+            skipped.append(Skipped(record.id, "record has no gold answer"))
+            continue
+        if is_correct(current, record):
+            skipped.append(Skipped(record.id, "target equals the model's current answer"))
+            continue
+        requests.append(request_from_record(record, track, current))
+    return requests, skipped

@@ -1,0 +1,352 @@
+"""Run an editing experiment: requests -> edits -> metrics -> files.
+
+For every method, requests are edited one at a time (weights restored in
+between) or in batches of N (``batch_edits``), and each edit is scored before
+and after. ``sweep_layers`` repeats the one-at-a-time run for every layer.
+
+Writes into ``out``:
+    edits.jsonl            one line per edit: request, pre/post predictions, metrics
+    editing_results.json   averages with 95% bootstrap intervals, per method (schema shipped)
+    comparison.md          the methods side by side
+    efficacy_by_layer.png  with a layer sweep
+Every file is written to a temporary name and renamed, so none is ever half-written.
+The model's files on disk are never touched; ``save`` writes an edited copy elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from editing import metrics
+from editing.methods import EditMethod, SkipEdit, make_method, weights_hash
+from editing.methods.base import check_inputs, request_prompts
+from editing.requests import TRACK_CONFIG, TRACKS, EditRequest, Skipped, build_requests
+from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
+from harness.scoring import Prompt, answer_correct, generate_answers
+from vqa_constraints.errors import UserError
+from vqa_constraints.loading import load_split
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT_VERSION = 1
+EDITS_FILE = "edits.jsonl"
+RESULTS_FILE = "editing_results.json"
+TABLE_FILE = "comparison.md"
+PLOT_FILE = "efficacy_by_layer.png"
+SPECIFICITY_CONFIG = "single_constraint"
+
+
+@dataclass
+class EditOptions:
+    methods: list[str] = field(default_factory=lambda: ["multedit"])
+    track: str = "insertion"
+    layers: list[int] | None = None  # None: the tracer's peak layer (or the model's planted layer)
+    key_position: str = "last"
+    limit: int | None = None
+    batch_edits: int = 1
+    sweep_layers: bool = False
+    seed: int = 0
+    split: str = "test"
+    specificity_size: int = 32
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    trace_stats: str | None = None
+    method_options: dict = field(default_factory=dict)  # per method name: hyper-parameter overrides
+
+
+# --- choosing the layer --------------------------------------------------------
+
+
+def default_layers(adapter, trace_stats: str | None = None) -> tuple[list[int], str]:
+    """(layers, where they came from): a trace's peak causal MLP layer, else the planted layer."""
+    if trace_stats:
+        from harness.tracing.stats import peak_mlp_layer
+
+        if not Path(trace_stats).exists():
+            raise UserError(f"--trace-stats {trace_stats}: no such file")
+        try:
+            layer = peak_mlp_layer(trace_stats)
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"--trace-stats {trace_stats}: not a trace_stats.json ({error})") from None
+        if layer is None:
+            raise UserError(f"--trace-stats {trace_stats}: has no MLP groups to take a peak layer from")
+        return [int(layer)], f"peak MLP layer of {trace_stats}"
+    config = getattr(adapter.model, "config", None)
+    planted = getattr(config, "planted_layer", None)
+    if planted is not None:
+        return [int(planted)], "planted_layer in the model config"
+    raise UserError("no default layer for this model: pass --layers, or --trace-stats with a trace of it")
+
+
+# --- requests ------------------------------------------------------------------
+
+
+def make_requests(adapter, data: str, options: EditOptions) -> tuple[list[EditRequest], list[Skipped], dict]:
+    """Edit requests for the track, the skipped records, and where they came from."""
+    if options.track not in TRACKS:
+        raise UserError(f"unknown track {options.track!r}; choose from {', '.join(TRACKS)}")
+    config = TRACK_CONFIG[options.track]
+    split = load_split(data, config, options.split)
+    records = list(split.records())
+    wanted = options.limit if options.limit is not None else len(records)
+    requests: list[EditRequest] = []
+    skipped: list[Skipped] = []
+    # Score records in chunks until enough requests are found (correction keeps only wrong answers).
+    chunk = max(options.batch_size, 16)
+    for start in range(0, len(records), chunk):
+        if len(requests) >= wanted:
+            break
+        part = records[start : start + chunk]
+        answers = generate_answers(adapter, part, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+        new, skip = build_requests(
+            part, options.track, {r.id: a for r, a in zip(part, answers)},
+            lambda answer, record: answer_correct(answer, record.answers),
+        )
+        requests.extend(new)
+        skipped.extend(skip)
+    requests = requests[:wanted]
+    source = {"data": str(data), "config": config, "split": options.split, "fingerprint": split.fingerprint}
+    return requests, skipped, source
+
+
+def specificity_sample(data: str, options: EditOptions) -> list:
+    """A fixed, seeded sample of questions whose answers an edit should leave alone."""
+    split = load_split(data, SPECIFICITY_CONFIG, options.split)
+    indices = list(range(len(split)))
+    random.Random(options.seed).shuffle(indices)
+    # A few spare so that dropping the edited subjects still leaves about ``specificity_size``.
+    chosen = sorted(indices[: options.specificity_size + 8])
+    return [split.record(i) for i in chosen]
+
+
+# --- running one method ----------------------------------------------------------
+
+
+@dataclass
+class Context:
+    adapter: object
+    options: EditOptions
+    pre: dict  # request id -> metrics.Snapshot before any edit
+    unrelated: list  # specificity records
+    unrelated_pre: list[str]
+
+
+def _unrelated_for(ctx: Context, requests: Sequence[EditRequest]):
+    subjects = {r.subject for r in requests}
+    pairs = [(rec, ans) for rec, ans in zip(ctx.unrelated, ctx.unrelated_pre) if rec.subject not in subjects]
+    return pairs[: ctx.options.specificity_size]
+
+
+def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest], layers: Sequence[int],
+               batch: int, lines: list[str], sweep: bool = False) -> dict:
+    """Edit ``requests`` in groups of ``batch`` with ``method`` at ``layers``; per-edit rows into ``lines``."""
+    adapter, options = ctx.adapter, ctx.options
+    before = weights_hash(adapter.model)
+    rows, skipped, times = [], [], []
+    metrics.reset_peak_memory(adapter.device)
+    for start in range(0, len(requests), batch):
+        group = list(requests[start : start + batch])
+        try:
+            began = time.perf_counter()
+            handle = method.apply(adapter, group, layers)
+            elapsed = time.perf_counter() - began
+        except SkipEdit as error:
+            skipped.extend({"id": r.id, "reason": str(error)} for r in group)
+            continue
+        try:
+            times.append(elapsed / len(group))
+            pairs = _unrelated_for(ctx, group)
+            post_unrelated = generate_answers(adapter, [rec for rec, _ in pairs],
+                                              max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+            spec = metrics.specificity([a for _, a in pairs], post_unrelated)
+            for request in group:
+                post = metrics.snapshot(adapter, request, options.max_new_tokens, options.batch_size)
+                row = metrics.edit_metrics(request, ctx.pre[request.id], post)
+                row["specificity"] = spec
+                rows.append(row)
+                lines.append(dumps_line({
+                    "method": method.name,
+                    "layers": [int(l) for l in layers],
+                    "batch": [r.id for r in group] if batch > 1 else None,
+                    "sweep": sweep,
+                    "request": request.describe(),
+                    "pre": ctx.pre[request.id].as_dict(),
+                    "post": post.as_dict(),
+                    "metrics": {k: (None if v is None else round(v, 6)) for k, v in row.items()},
+                    "info": _jsonable(handle.info),
+                }))
+        finally:
+            handle.restore()
+    if weights_hash(adapter.model) != before:  # never expected: restore() copies the saved tensors back
+        raise RuntimeError(f"{method.name}: weights differ from the original after restoring")
+    memory, memory_kind = metrics.peak_memory_mb(adapter.device)
+    summary = {key: metrics.summarise([r[key] for r in rows], options.seed)
+               for key in ("efficacy", "generalization", "generalization_paraphrases", "generalization_views",
+                           "specificity", "logprob_gain")}
+    means = [summary[k]["mean"] for k in ("efficacy", "generalization", "specificity")]
+    summary.update({
+        "edits": len(rows),
+        "skipped": len(skipped),
+        "skip_reasons": skipped,
+        "score": round(float(np.mean(means)), 6) if None not in means else None,
+        "seconds_per_edit": round(float(np.mean(times)), 4) if times else None,
+        "peak_memory_mb": round(memory, 1),
+        "peak_memory_kind": memory_kind,
+        "layers": [int(l) for l in layers],
+        "batch_edits": batch,
+        "config": method.config(),
+    })
+    return summary
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda v: float(v) if hasattr(v, "__float__") else str(v)))
+
+
+# --- the whole experiment ---------------------------------------------------------
+
+
+def usable_requests(adapter, requests, methods, layers) -> tuple[list[EditRequest], list[dict]]:
+    """Drop requests some method cannot even build inputs for (counted), so a batch never fails for one."""
+    check_inputs(adapter, requests, layers)
+    keep, skipped = [], []
+    for request in requests:
+        try:
+            for method in methods:
+                request_prompts(adapter, request, getattr(method, "key_position", "last"))
+            keep.append(request)
+        except SkipEdit as error:
+            skipped.append({"id": request.id, "reason": str(error)})
+    return keep, skipped
+
+
+def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save: str | Path | None = None) -> dict:
+    """The whole experiment; returns the results document (also written to ``out``)."""
+    from editing import report
+
+    out = Path(out)
+    if options.batch_edits < 1:
+        raise UserError(f"--batch-edits must be at least 1, got {options.batch_edits}")
+    if options.limit is not None and options.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {options.limit}")
+    _seed(options.seed)
+    layers, layer_source = (options.layers, "--layers") if options.layers else default_layers(adapter, options.trace_stats)
+    methods = [make_method(name, key_position=options.key_position, **options.method_options.get(name, {}))
+               for name in options.methods]
+    requests, skipped_records, source = make_requests(adapter, data, options)
+    if not requests:
+        raise UserError(
+            f"{data}: no edit requests for track {options.track!r} "
+            f"({len(skipped_records)} records skipped: the model already answers them)"
+        )
+    requests, skipped_requests = usable_requests(adapter, requests, methods, layers)
+    if not requests:
+        raise UserError(f"{data}: every request was skipped: {skipped_requests[0]['reason']}")
+    log.info("%d edit requests (%d records skipped), layers %s from %s", len(requests), len(skipped_records), layers, layer_source)
+
+    unrelated = specificity_sample(data, options)
+    ctx = Context(adapter, options, {}, unrelated,
+                  generate_answers(adapter, unrelated, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size))
+    for request in requests:
+        ctx.pre[request.id] = metrics.snapshot(adapter, request, options.max_new_tokens, options.batch_size)
+
+    lines: list[str] = []
+    results = {name: {} for name in options.methods}
+    for method in methods:
+        log.info("%s: %d edits at layers %s", method.name, len(requests), layers)
+        results[method.name] = run_method(ctx, method, requests, layers, options.batch_edits, lines)
+
+    sweep = {}
+    if options.sweep_layers:
+        for method in methods:
+            sweep[method.name] = []
+            for layer in range(adapter.num_layers):
+                log.info("sweep %s: layer %d", method.name, layer)
+                summary = run_method(ctx, method, requests, [layer], 1, lines, sweep=True)
+                sweep[method.name].append({"layer": layer, **{k: summary[k] for k in (
+                    "efficacy", "generalization", "specificity", "logprob_gain", "score", "seconds_per_edit", "edits")}})
+
+    document = {
+        "format_version": RESULTS_FORMAT_VERSION,
+        "model": {"name_or_path": str(adapter.name_or_path), "revision": adapter.revision,
+                  "family": adapter.family, "dtype": str(adapter.dtype).replace("torch.", ""),
+                  "device": adapter.device.type, "num_layers": adapter.num_layers},
+        "data": source,
+        "options": {k: v for k, v in asdict(options).items()},
+        "layers": [int(l) for l in layers],
+        "layer_source": layer_source,
+        "requests": len(requests),
+        "skipped": {"records": len(skipped_records), "requests": len(skipped_requests),
+                    "reasons": _count_reasons([s.reason for s in skipped_records] +
+                                              [s["reason"] for s in skipped_requests])},
+        "specificity_questions": len(unrelated),
+        "methods": results,
+        "sweep": sweep,
+        "versions": _versions(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_lines_atomic(out / EDITS_FILE, lines)
+    write_json_atomic(out / RESULTS_FILE, document)
+    report.write_table(document, out / TABLE_FILE)
+    if sweep:
+        report.write_sweep_plot(document, out / PLOT_FILE)
+    if save is not None:
+        save_edited(adapter, methods[0], requests, layers, save)
+    return document
+
+
+def save_edited(adapter, method: EditMethod, requests, layers, target: str | Path) -> Path:
+    """Apply all requests at once with ``method`` and save the edited model to ``target`` (never over the source)."""
+    target = Path(target)
+    source = Path(str(adapter.name_or_path))
+    if source.exists() and target.resolve() == source.resolve():
+        raise UserError(f"--save {target}: that is the model's own folder; choose another")
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    handle = method.apply(adapter, requests, layers)
+    try:
+        adapter.model.save_pretrained(staging, safe_serialization=True)
+        if adapter.processor is not None:
+            adapter.processor.save_pretrained(staging)
+        elif adapter.tokenizer is not None:
+            adapter.tokenizer.save_pretrained(staging)
+    finally:
+        handle.restore()
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def _count_reasons(reasons: list[str]) -> dict:
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _versions() -> dict:
+    import datasets
+    import transformers
+
+    from vqa_constraints import __version__
+
+    return {"vqa_constraints": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__, "python": platform.python_version()}

@@ -1,0 +1,278 @@
+"""Tiny randomly initialised checkpoints of each supported family, built locally.
+
+For tests and smoke runs: real transformers classes, a real processor (fast
+tokenizer trained here with `tokenizers` + image processor), saved with
+``save_pretrained`` as safetensors and reloaded through ``load_model``. No
+downloads. Seeded, so the same call writes the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "text")
+IMAGE_SIZE = 32
+PATCH = 8
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+# A few sentences in the benchmark's register; a small BPE vocabulary over them
+# splits rarer words into several sub-word tokens, which the tests rely on.
+CORPUS = [
+    "USER: What is the capital of the country whose flag is in this image? Answer in a few words. ASSISTANT: Paris",
+    "What is the currency of the country in this image that lies in Europe?",
+    "Which language is spoken in the country whose flag is shown here?",
+    "What is the colour of the creature in this image?",
+    "Name the city in Asia where the landmark in the picture stands.",
+    "Which archipelago lies north of the continent?",
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "user assistant system image question answer words few country countries",
+]
+VOCAB_SIZE = 420
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def bpe_tokenizer(extra_special: list[str], add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE fast tokenizer trained on ``CORPUS``, with the family's special tokens."""
+    specials = [BOS, EOS, PAD, UNK] + extra_special
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    if add_bos:
+        core.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, core.token_to_id(BOS))]),
+        ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=4096,
+    )
+
+
+def word_level_tokenizer(extra_special: list[str]) -> PreTrainedTokenizerFast:
+    """One token per lower-cased word or punctuation mark (the planted model's kind of tokenizer)."""
+    from tokenizers import normalizers
+
+    specials = [BOS, EOS, PAD, UNK] + extra_special
+    core = Tokenizer(models.WordLevel(unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.train_from_iterator(CORPUS, trainer=trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, core.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=4096
+    )
+
+
+def _text_config_kwargs(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+
+
+def _vision_kwargs() -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=IMAGE_SIZE, patch_size=PATCH)
+
+
+def _clip_image_processor(cls_name: str = "CLIPImageProcessorPil", **extra):
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    return cls(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+               image_mean=[0.5] * 3, image_std=[0.5] * 3, **extra)
+
+
+def build_llava(out: Path, chat_template: bool = True, word_level: bool = False) -> None:
+    """LLaVA-1.5 in miniature; ``word_level`` + no chat template mirrors the planted zoo model."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer = word_level_tokenizer(["<image>"]) if word_level else bpe_tokenizer(["<image>"])
+    processor = LlavaProcessor(
+        image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        chat_template=LLAVA_CHAT_TEMPLATE if chat_template else None,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_vision_kwargs()).to_dict(),
+        text_config=LlamaConfig(**_text_config_kwargs(len(tokenizer))).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    _save(LlavaForConditionalGeneration(config), processor, out)
+
+
+def build_llava_next(out: Path) -> None:
+    """LLaVA-NeXT: the image is tiled by ``image_grid_pinpoints``, so the token count depends on its size."""
+    from transformers import (
+        CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil, LlavaNextProcessor,
+    )
+
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    tokenizer = bpe_tokenizer(["<image>"])
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_vision_kwargs()).to_dict(),
+        text_config=LlamaConfig(**_text_config_kwargs(len(tokenizer))).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    _save(LlavaNextForConditionalGeneration(config), processor, out)
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen2_vl(out: Path) -> None:
+    """Qwen2-VL: native-resolution patches merged 2x2, multimodal RoPE; the token count follows the image size."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    tokenizer = bpe_tokenizer(QWEN_SPECIALS, add_bos=False)
+    patch, merge = 4, 2
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=patch, merge_size=merge,
+        temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    processor = _qwen2_vl_processor(image_processor, tokenizer)
+    text = _text_config_kwargs(len(tokenizer))
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, head_dim // 2 - 5]}
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
+                           patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    _save(Qwen2VLForConditionalGeneration(config), processor, out)
+
+
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+IDEFICS3_SPECIALS = ["<|begin_of_text|>", "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+]
+
+
+def build_idefics3(out: Path) -> None:
+    """Idefics3: SigLIP-style tower, pixel-shuffle connector (4x fewer tokens), image framed by marker tokens."""
+    from transformers import (
+        Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor, LlamaConfig,
+    )
+
+    tokenizer = bpe_tokenizer(IDEFICS3_SPECIALS, add_bos=False)
+    scale = 2
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    image_seq_len = (IMAGE_SIZE // PATCH) ** 2 // scale**2
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=dict(_vision_kwargs()),
+        text_config=LlamaConfig(**_text_config_kwargs(len(tokenizer))).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale,
+    )
+    _save(Idefics3ForConditionalGeneration(config), processor, out)
+
+
+def _qwen2_vl_processor(image_processor, tokenizer):
+    """The real processor where torchvision exists; else image processor + tokenizer saved side by side."""
+    from transformers import Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
+
+    from .multimodal import ImageTextParts
+
+    if is_torchvision_available():
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return _SavedTogether(ImageTextParts(image_processor, tokenizer))
+
+
+class _SavedTogether:
+    def __init__(self, parts):
+        self.parts = parts
+
+    def save_pretrained(self, out: Path) -> None:
+        self.parts.image_processor.save_pretrained(out)
+        self.parts.tokenizer.save_pretrained(out)
+
+
+def build_text(out: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer([])
+    _save(LlamaForCausalLM(LlamaConfig(**_text_config_kwargs(len(tokenizer)))), tokenizer, out)
+
+
+BUILDERS = {"llava": build_llava, "llava_next": build_llava_next, "qwen2_vl": build_qwen2_vl, "idefics3": build_idefics3, "text": build_text}
+
+
+def build_tiny(family: str, out_dir: str | Path, seed: int = 0, **options) -> Path:
+    """Write a tiny ``family`` checkpoint (model + processor) into ``out_dir`` and return it."""
+    if family not in BUILDERS:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(sorted(BUILDERS))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    BUILDERS[family](out, **options)
+    return out
+
+
+def _save(model, processor, out: Path) -> None:
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)

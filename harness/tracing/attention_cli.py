@@ -1,0 +1,103 @@
+"""`vqa-constraints attention`: attention contributions, knockout and failure prediction for one split."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vqa_constraints import CONFIGS
+from vqa_constraints.errors import UserError
+
+
+def add_attention(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "attention",
+        help="attention contributions: image -> constraint, constraint -> last token, knockout, AUROC",
+        description="Which image tokens feed the visual constraint (per layer), how much the constraint feeds the "
+        "last token, a knockout of the top-k image tokens against k random ones, and how well the contribution "
+        "and the model's confidence predict a correct answer (AUROC).",
+    )
+    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
+    parser.add_argument("--config", required=True, choices=CONFIGS)
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="analyse at most N questions")
+    parser.add_argument("--top-k", type=int, default=5, help="image tokens blocked in the knockout (default 5)")
+    parser.add_argument("--draws", type=int, default=5, help="random k-token draws per question (default 5)")
+    parser.add_argument("--layers-for-auroc", type=int, default=3, dest="n_layers",
+                        help="layers summed for failure prediction, chosen on a held-out half (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--revision", default=None, help="model revision on the Hub")
+    parser.add_argument("--data-revision", default=None, help="dataset revision on the Hub")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_attention)
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from harness.models.loading import load_model
+    from harness.tracing.attention_study import StudyOptions, run_attention_study
+    from vqa_constraints.loading import load_split
+
+    for name in ("limit", "top_k", "draws", "n_layers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    split = load_split(args.data, args.config, args.split, revision=args.data_revision)
+    adapter = load_model(args.model, dtype=args.dtype, device=args.device,
+                         trust_remote_code=args.trust_remote_code, revision=args.revision)
+    options = StudyOptions(top_k=args.top_k, draws=args.draws, seed=args.seed, n_layers=args.n_layers,
+                           limit=args.limit, progress=not args.no_progress)
+    stats = run_attention_study(adapter, split, args.out, options, dtype=args.dtype)
+    print_summary(stats, args.out)
+    return 0
+
+
+def _fmt(cell: dict | None) -> str:
+    if not cell or cell.get("value") is None:
+        return "–"
+    return f"{cell['value']:.3f} [{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]"
+
+
+def print_summary(stats: dict, out: Path) -> None:
+    """Rich tables: per-layer contributions, knockout, AUROCs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = stats["counts"]
+    console.print(
+        f"[bold]{stats['model']}[/] on {stats['config']}/{stats['split']}: {counts['analysed']} of "
+        f"{counts['questions']} questions analysed, {counts['correct']} answered correctly"
+        + (f", skipped {counts['skipped']}" if counts["skipped"] else "")
+    )
+    layers = Table(title="mean contribution per layer (95% CI), all analysed questions")
+    layers.add_column("layer", justify="right")
+    for name in stats["per_layer"]:
+        layers.add_column(name.replace("_", " "))
+    columns = [stats["per_layer"][name]["all"] for name in stats["per_layer"]]
+    for layer in range(len(columns[0]) if columns and columns[0] else 0):
+        layers.add_row(str(layer), *(_fmt(col[layer]) for col in columns))
+    console.print(layers)
+    knock = Table(title=f"knockout of image tokens (k={stats['options']['top_k']}): p(answer), correct answers only")
+    for column in ("target", "n", "p clean", "p top-k blocked", "p random-k blocked", "drop top-k", "drop random-k",
+                   "top ≥ random"):
+        knock.add_column(column)
+    for target, result in stats["knockout"].items():
+        share = result["share_top_hurts_at_least_as_much"]
+        knock.add_row(target, str(result["n"]), _fmt(result["p_clean"]), _fmt(result["p_top"]),
+                      _fmt(result["p_random"]), _fmt(result["drop_top"]), _fmt(result["drop_random"]),
+                      "–" if share is None else f"{share:.0%}")
+    console.print(knock)
+    fp = stats["failure_prediction"]
+    if fp:
+        show = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        console.print(
+            f"failure prediction on {fp['evaluation_n']} held-out questions ({fp['evaluation_n_correct']} correct): "
+            f"AUROC constraint→last (layers {fp['selected_layers']}) {show(fp['auroc_contribution'])}, "
+            f"confidence {show(fp['auroc_confidence'])}" + (f" ({fp['note']})" if fp["note"] else "")
+        )
+    console.print(f"wrote {out}/attention_stats.json, attention_examples.parquet and PNG plots")

@@ -1,0 +1,397 @@
+"""MultimodalCausalTrace (Basu et al., 2024), read top to bottom like the paper.
+
+For one question the model answers correctly:
+1. clean run      record every layer's residual output, MLP output and
+                  attention output at every position, and p_clean, the
+                  probability of the answer's first token;
+2. corrupted run  corrupt the constraint (``replace`` its tokens by one fixed
+                  token, or add Gaussian ``noise`` to their embeddings) or the
+                  image itself (``image-noise`` on the projected features):
+                  p_corrupt;
+3. restored runs  copy one clean activation (kind hidden/mlp/attn, a window of
+                  w layers around layer l, at the positions of interest) back
+                  into the corrupted run: p_restored, indirect effect
+                  p_restored - p_corrupt, normalised by p_clean - p_corrupt.
+
+Steps 2-3 are run by an engine (``engine_reference``: one full forward per
+restoration; ``engine_fast``: shared prefix cache and batched suffixes).
+``run_trace`` sweeps a dataset split and writes statistics, parquet and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.hooks import record_outputs
+from harness.models.base import Encoded, ModelAdapter
+from vqa_constraints.errors import UserError
+
+from .engine_fast import FastEngine
+from .engine_reference import ReferenceEngine
+from .patching import KINDS, Corruption, Prepared, RestoreSet, module_for
+
+log = logging.getLogger(__name__)
+
+CORRUPTIONS = ("replace", "noise", "image-noise")
+POSITIONS = ("constraint", "last", "all")
+ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
+NOISE_SCALE = 3.0  # noise std as a multiple of the embedding (or image-feature) std, as in ROME
+DEFAULT_REPLACE_TOKEN = " Paris"
+
+
+# --- 1. clean run -------------------------------------------------------------
+
+
+def clean_run(adapter: ModelAdapter, encoded: Encoded) -> tuple[dict, torch.Tensor, int, float]:
+    """Clean activations (kind -> per-layer [T, H]), the language model's input embeddings
+    [1, T, H], the answer token (the model's own top prediction) and its probability."""
+    names = {f"{kind}.{layer}": module_for(adapter, kind, layer) for kind in KINDS for layer in range(adapter.num_layers)}
+    names["embed"] = adapter.embed_tokens()
+    image_module = adapter.image_features_module() if encoded.image_positions else None
+    if image_module is not None:
+        names["image"] = image_module
+    with torch.no_grad(), record_outputs(names) as seen:
+        logits = adapter.model(**encoded.inputs).logits[:, -1]
+    probs = torch.softmax(logits.float(), dim=-1)[0]
+    token = int(probs.argmax())
+    clean = {kind: [seen[f"{kind}.{layer}"][0] for layer in range(adapter.num_layers)] for kind in KINDS}
+    # The language model sees token embeddings with the projected image features scattered in.
+    embeds = seen["embed"].clone()
+    if image_module is not None:
+        embeds[0, encoded.image_positions] = seen["image"].reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    return clean, embeds, token, float(probs[token])
+
+
+# --- 2. corrupted run ---------------------------------------------------------
+
+
+def make_corruption(
+    adapter: ModelAdapter,
+    mode: str,
+    constraint_positions: list[int],
+    encoded: Encoded,
+    clean_embeds: torch.Tensor,
+    seed: int,
+    samples: int,
+    replace_token: str = DEFAULT_REPLACE_TOKEN,
+) -> Corruption:
+    """The corruption of one example; noise is drawn from a generator seeded per example."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = clean_embeds.shape[-1]
+    if mode == "replace":
+        token_ids = adapter.tokenizer(replace_token, add_special_tokens=False)["input_ids"]
+        if not token_ids:
+            raise UserError(f"--replace-token {replace_token!r} tokenizes to nothing")
+        replacement = adapter.embed_tokens().weight[token_ids[0]].detach()
+        return Corruption(mode, list(constraint_positions), replacement=replacement)
+    if mode == "noise":
+        scale = NOISE_SCALE * adapter.embed_tokens().weight.float().std().item()
+        positions = list(constraint_positions)
+    elif mode == "image-noise":
+        if not encoded.image_positions:
+            raise UserError("--corruption image-noise needs an image: not available with --text-only or a text model")
+        positions = list(encoded.image_positions)
+        scale = NOISE_SCALE * clean_embeds[0, positions].float().std().item()
+    else:
+        raise UserError(f"--corruption {mode!r}: choose from {', '.join(CORRUPTIONS)}")
+    noise = torch.randn(samples, len(positions), hidden, generator=generator) * scale
+    return Corruption(mode, positions, noise=noise.to(clean_embeds.device))
+
+
+def prepare(
+    adapter: ModelAdapter,
+    encoded: Encoded,
+    engine,
+    mode: str,
+    constraint_positions: list[int],
+    seed: int = 0,
+    samples: int = 5,
+    replace_token: str = DEFAULT_REPLACE_TOKEN,
+) -> Prepared:
+    """Clean run + corrupted run of one example: everything restored runs need."""
+    clean, embeds, token, p_clean = clean_run(adapter, encoded)
+    corruption = make_corruption(adapter, mode, constraint_positions, encoded, embeds, seed, samples, replace_token)
+    prepared = Prepared(adapter, encoded.inputs, embeds, corruption, clean, token, p_clean)
+    engine.prepare(prepared)
+    return prepared
+
+
+# --- 3. restored runs ---------------------------------------------------------
+
+
+def window_layers(layer: int, window: int, num_layers: int) -> range:
+    """The ``window`` consecutive layers centred on ``layer``, clipped to the model."""
+    start = max(0, layer - window // 2)
+    return range(start, min(num_layers, layer - window // 2 + window))
+
+
+def restore_set(kind: str, layer: int, positions: list[int], window: int, num_layers: int) -> RestoreSet:
+    return frozenset((kind, j, q) for j in window_layers(layer, window, num_layers) for q in positions)
+
+
+def trace_example(
+    prepared: Prepared, engine, targets: dict[str, list[int]], kinds: list[str], window: int, progress=None
+) -> dict[str, np.ndarray]:
+    """p_restored for each target (a named set of positions): name -> [len(kinds), layers]."""
+    layers = prepared.num_layers
+    sets = [
+        restore_set(kind, layer, positions, window, layers)
+        for positions in targets.values()
+        for kind in kinds
+        for layer in range(layers)
+    ]
+    probs = engine.score(prepared, sets, progress=progress)
+    shaped = probs.reshape(len(targets), len(kinds), layers)
+    return {name: shaped[i] for i, name in enumerate(targets)}
+
+
+def indirect_effects(p_restored: np.ndarray, p_clean: float, p_corrupt: float) -> tuple[np.ndarray, np.ndarray]:
+    """(p_restored - p_corrupt, the same divided by p_clean - p_corrupt; NaN where the corruption did nothing)."""
+    effect = p_restored - p_corrupt
+    gap = p_clean - p_corrupt
+    normalised = effect / gap if abs(gap) > 1e-12 else np.full_like(effect, np.nan)
+    return effect, normalised
+
+
+def make_engine(name: str, **kwargs):
+    if name not in ENGINES:
+        raise UserError(f"--engine {name!r}: choose from {', '.join(ENGINES)}")
+    return ENGINES[name](**kwargs) if name == "fast" else ENGINES[name]()
+
+
+# --- a whole split -------------------------------------------------------------
+
+
+@dataclass
+class TraceOptions:
+    model: str
+    data: str
+    config: str
+    out: Path
+    split: str = "test"
+    corruption: str = "replace"
+    replace_token: str = DEFAULT_REPLACE_TOKEN
+    kinds: tuple[str, ...] = KINDS
+    window: int = 1
+    positions: str = "constraint"  # constraint (+ last token) | last | all (every text position)
+    limit: int | None = None
+    text_only: bool = False
+    engine: str = "fast"
+    seed: int = 0
+    noise_samples: int = 5
+    dtype: str = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    threshold: float = 0.1  # a layer is causal when its mean normalised effect exceeds this
+    bootstrap: int = 1000
+    max_batch: int = 64
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.corruption not in CORRUPTIONS:
+            raise UserError(f"--corruption {self.corruption!r}: choose from {', '.join(CORRUPTIONS)}")
+        if self.positions not in POSITIONS:
+            raise UserError(f"--positions {self.positions!r}: choose from {', '.join(POSITIONS)}")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise UserError(f"--kinds {','.join(self.kinds)!r}: choose from {', '.join(KINDS)}")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine {self.engine!r}: choose from {', '.join(ENGINES)}")
+        if self.window < 1:
+            raise UserError(f"--window {self.window}: must be at least 1")
+        if self.noise_samples < 1:
+            raise UserError(f"--noise-samples {self.noise_samples}: must be at least 1")
+        if self.text_only and self.corruption == "image-noise":
+            raise UserError("--corruption image-noise corrupts the image: it cannot be combined with --text-only")
+
+
+@dataclass
+class Skips:
+    """Questions not traced, by reason (reported in trace_stats.json)."""
+
+    wrong_answer: int = 0
+    constraint_not_found: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, message: str) -> None:
+        setattr(self, reason, getattr(self, reason) + 1)
+        if len(self.messages) < 20:
+            self.messages.append(message)
+
+
+def locate_constraints(record, encoded: Encoded, text_only: bool) -> list[tuple[str, list[int]]]:
+    """(type, token positions) of each constraint in the prompt actually traced.
+
+    With ``--text-only`` the visual constraint is the subject's name inside
+    ``text_only_question``; textual constraints are found there by their text.
+    """
+    located = []
+    for constraint in record.constraints:
+        if not text_only:
+            located.append((constraint.type, encoded.positions_for_question_span(constraint.char_start, constraint.char_end)))
+            continue
+        needle = record.subject if constraint.type == "visual" else constraint.text
+        start = record.text_only_question.lower().find(needle.lower())
+        if start < 0:
+            raise UserError(f"{constraint.type} constraint {needle!r} does not occur in text_only_question")
+        located.append((constraint.type, encoded.positions_for_question_span(start, start + len(needle))))
+    return located
+
+
+def example_seed(seed: int, record_id: str, unit: int) -> int:
+    return zlib.crc32(f"{seed}:{record_id}:{unit}".encode())
+
+
+def trace_targets(located, encoded: Encoded, positions: str) -> list[tuple[str, int, list[int]]]:
+    """(target kind, index, positions) restored as one unit: each constraint's tokens together, the
+    last token, and with ``all`` every text position on its own."""
+    targets = []
+    if positions in ("constraint", "all"):
+        targets += [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
+    targets.append(("last token", 0, [encoded.last_position]))
+    if positions == "all":
+        text = [q for q, (a, b) in enumerate(encoded.token_char_spans) if a >= 0 and q != encoded.last_position]
+        targets += [("position", q, [q]) for q in text]
+    return targets
+
+
+def trace_record(adapter, record, engine, options: TraceOptions, bar=None) -> list[dict]:
+    """All trace rows of one correctly answered record."""
+    question = record.text_only_question if options.text_only else record.question
+    encoded = adapter.encode(question) if options.text_only else adapter.encode(question, record.image)
+    located = locate_constraints(record, encoded, options.text_only)
+    if options.corruption == "image-noise":
+        units = [("image", 0, [])]
+    else:
+        units = [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
+    targets = trace_targets(located, encoded, options.positions)
+    rows = []
+    for corrupted, corrupted_index, corrupt_positions in units:
+        prepared = prepare(
+            adapter, encoded, engine, options.corruption, corrupt_positions,
+            seed=example_seed(options.seed, record.id, corrupted_index),
+            samples=1 if options.corruption == "replace" else options.noise_samples,
+            replace_token=options.replace_token,
+        )
+        if bar is not None:
+            bar.total += len(targets) * len(options.kinds) * prepared.num_layers
+            bar.refresh()
+        named = {f"{t}#{i}": pos for t, i, pos in targets}
+        restored = trace_example(prepared, engine, named, list(options.kinds), options.window,
+                                 progress=bar.update if bar is not None else None)
+        for (target, index, pos), p in zip(targets, restored.values()):
+            for k, kind in enumerate(options.kinds):
+                effect, normalised = indirect_effects(p[k], prepared.p_clean, prepared.p_corrupt)
+                rows.append({
+                    "id": record.id, "config": record.config, "num_constraints": len(record.constraints),
+                    "corrupted": corrupted, "corrupted_index": corrupted_index,
+                    "target": target, "target_index": index, "target_positions": list(pos),
+                    "target_text": "".join(encoded.prompt[a:b] for a, b in (encoded.token_char_spans[q] for q in pos) if a >= 0),
+                    "kind": kind, "window": options.window, "answer_token": prepared.target_token,
+                    "p_clean": prepared.p_clean, "p_corrupt": prepared.p_corrupt,
+                    "p_restored": [float(x) for x in p[k]],
+                    "effect": [float(x) for x in effect],
+                    "normalised": [float(x) if np.isfinite(x) else None for x in normalised],
+                })
+    return rows
+
+
+def load_adapter(options: TraceOptions) -> ModelAdapter:
+    from harness.models.loading import load_model
+
+    adapter = load_model(options.model, dtype=options.dtype, device=options.device,
+                         trust_remote_code=options.trust_remote_code, revision=options.revision)
+    return adapter.text_only() if options.text_only else adapter
+
+
+def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Path:
+    """Trace every correctly answered question of a split; write trace_stats.json, traces.parquet and plots.
+
+    Returns the output folder. Results computed before an interruption are written too.
+    """
+    from tqdm.auto import tqdm
+
+    from harness.scoring import answer_correct, generate_answers
+    from vqa_constraints.loading import load_split
+
+    from . import plots, stats
+
+    options.check()
+    adapter = adapter if adapter is not None else load_adapter(options)
+    if options.text_only and adapter.is_multimodal:
+        adapter = adapter.text_only()
+    if options.window > adapter.num_layers:
+        raise UserError(f"--window {options.window} is larger than the model ({adapter.num_layers} layers)")
+    split = load_split(options.data, options.config, options.split)
+    records = list(split.records(options.limit))
+    predictions = generate_answers(adapter, records)
+    engine = make_engine(options.engine, max_batch=options.max_batch)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    skips = Skips()
+    traced = 0
+    bar = tqdm(total=0, unit="restoration", disable=not options.progress, desc="tracing")
+    try:
+        for record, prediction in zip(records, predictions):
+            if not answer_correct(prediction, record.answers):
+                skips.add("wrong_answer", f"{record.id}: answered {prediction!r}, expected {record.answers[0]!r}")
+                continue
+            try:
+                rows.extend(trace_record(adapter, record, engine, options, bar))
+            except UserError as error:
+                skips.add("constraint_not_found", f"{record.id}: {error}")
+                continue
+            traced += 1
+    finally:
+        bar.close()
+        document = stats_document(options, adapter, split, rows, len(records), traced, skips)
+        stats.write_parquet(out / "traces.parquet", rows)
+        stats.write_json(out / "trace_stats.json", document)
+    if rows:
+        plots.plot_all(document, out)
+    return out
+
+
+def stats_document(options, adapter, split, rows, total, traced, skips) -> dict:
+    import transformers
+
+    import vqa_constraints
+
+    from . import stats
+
+    groups = stats.summarise(rows, options.threshold, options.bootstrap, options.seed)
+    document = {
+        "schema_version": stats.SCHEMA_VERSION,
+        "tool": "vqa-constraints trace",
+        "versions": {"vqa_constraints": vqa_constraints.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "model": {"name": str(options.model), "revision": adapter.revision, "family": adapter.family,
+                  "num_layers": adapter.num_layers, "dtype": str(adapter.dtype).replace("torch.", "")},
+        "data": {"data": str(options.data), "config": options.config, "split": options.split,
+                 "fingerprint": split.fingerprint},
+        "options": {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(options).items()
+                    if key not in ("model", "data", "out", "progress")},
+        "counts": {"records": total, "traced": traced, "rows": len(rows),
+                   "skipped": {"wrong_answer": skips.wrong_answer, "constraint_not_found": skips.constraint_not_found},
+                   "skip_messages": skips.messages},
+        "groups": groups,
+    }
+    document["peak_mlp_layer"] = stats.peak_mlp_layer(document)
+    stats.validate(document)
+    return document
+
+
+def peak_mlp_layer(trace_stats: dict | str | Path, target: str | None = None) -> int | None:
+    """The peak causal MLP layer of a finished trace (see ``stats.peak_mlp_layer``)."""
+    from .stats import peak_mlp_layer as peak
+
+    return peak(trace_stats, target)

@@ -1,0 +1,86 @@
+"""Does a signal tell right answers from wrong ones? AUROC, with layers chosen on held-out questions.
+
+The score for a question is its constraint -> last-token attention
+contribution summed over a few layers. Which layers is decided on one part
+of the questions (the "selection" part: the layers whose own AUROC is
+highest there) and the AUROC is then measured on the other part, so the
+choice of layers cannot inflate the reported number. The model's confidence
+(probability of its first generated token) is scored on the same part.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: the probability that a random positive outscores a random negative
+    (ties count one half). Computed from average ranks (Mann-Whitney U). None without both classes."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average ranks over runs of equal scores
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    u = ranks[labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
+
+
+def split_selection(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of ``range(n)`` into (selection, evaluation) index arrays."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * fraction))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def failure_prediction(
+    per_layer: np.ndarray,
+    confidence: Sequence[float],
+    correct: Sequence[bool],
+    n_layers: int = 3,
+    selection_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict:
+    """AUROCs of the layer-summed contribution and of confidence as predictors of a correct answer.
+
+    per_layer: [questions, layers] contribution scores. Returns a JSON-ready dict.
+    """
+    per_layer = np.asarray(per_layer, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    selection, evaluation = split_selection(len(correct), selection_fraction, seed)
+    layer_aurocs = [auroc(per_layer[selection, l], correct[selection]) for l in range(per_layer.shape[1])]
+    ranked = sorted(
+        (l for l, a in enumerate(layer_aurocs) if a is not None), key=lambda l: (-layer_aurocs[l], l)
+    )
+    chosen = sorted(ranked[:n_layers])
+    result = {
+        "n": int(len(correct)),
+        "n_correct": int(correct.sum()),
+        "selection_n": int(len(selection)),
+        "evaluation_n": int(len(evaluation)),
+        "evaluation_n_correct": int(correct[evaluation].sum()),
+        "seed": seed,
+        "per_layer_auroc_selection": layer_aurocs,
+        "selected_layers": chosen,
+        "auroc_contribution": None,
+        "auroc_confidence": auroc(confidence[evaluation], correct[evaluation]),
+        "note": "",
+    }
+    if chosen:
+        summed = per_layer[evaluation][:, chosen].sum(axis=1)
+        result["auroc_contribution"] = auroc(summed, correct[evaluation])
+    if result["auroc_contribution"] is None or result["auroc_confidence"] is None:
+        result["note"] = "AUROC needs both correct and wrong answers in the selection and evaluation parts"
+    return result

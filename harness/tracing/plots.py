@@ -1,0 +1,82 @@
+"""Heatmaps and per-layer curves of a trace (matplotlib, written as PNG).
+
+For each corrupted thing: a heatmap of the mean normalised indirect effect
+(layers on x; target x kind on y) and, per target, line plots of the mean
+indirect effect per layer with its 95% bootstrap band, one line per kind.
+Titles name the model and the config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+KIND_COLOURS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    # A fixed creation date keeps reruns byte-identical.
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _title(document: dict, what: str) -> str:
+    model = Path(document["model"]["name"]).name or document["model"]["name"]
+    opts = document["options"]
+    return f"{model} · {document['data']['config']} · {what}\ncorruption={opts['corruption']} window={opts['window']}"
+
+
+def plot_all(document: dict, out: Path) -> list[Path]:
+    """Write every plot for ``document`` (a trace_stats dict) into ``out``; return the paths."""
+    groups = [g for g in document["groups"] if g["num_constraints"] == "all" and g["target"] != "position"]
+    written = []
+    for corrupted in sorted({g["corrupted"] for g in groups}):
+        mine = [g for g in groups if g["corrupted"] == corrupted]
+        written.append(heatmap(document, mine, out / f"heatmap_{_slug(corrupted)}.png", corrupted))
+        for target in sorted({g["target"] for g in mine}):
+            curves = [g for g in mine if g["target"] == target]
+            written.append(curve_plot(document, curves, out / f"curve_{_slug(corrupted)}_{_slug(target)}.png",
+                                      f"{corrupted} corrupted, restored at {target}"))
+    return written
+
+
+def heatmap(document: dict, groups: list[dict], path: Path, corrupted: str) -> Path:
+    labels = [f"{g['target']} · {g['kind']}" for g in groups]
+    values = np.array([[np.nan if v is None else v for v in g["mean_normalised"]] for g in groups], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * values.shape[1] + 3), 0.45 * len(labels) + 1.6))
+    image = ax.imshow(values, aspect="auto", cmap="Purples", vmin=min(0.0, np.nanmin(values)) if np.isfinite(values).any() else 0)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("layer")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_title(_title(document, f"{corrupted} corrupted: mean normalised indirect effect"), fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    _save(fig, path)
+    return path
+
+
+def curve_plot(document: dict, groups: list[dict], path: Path, what: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for g in groups:
+        layers = np.arange(len(g["mean_effect"]))
+        colour = KIND_COLOURS.get(g["kind"])
+        ax.plot(layers, g["mean_effect"], marker="o", ms=3, color=colour, label=f"{g['kind']} (n={g['n']})")
+        ax.fill_between(layers, g["ci_low"], g["ci_high"], color=colour, alpha=0.2)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("indirect effect on p(answer)")
+    ax.set_title(_title(document, what), fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path

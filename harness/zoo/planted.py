@@ -1,0 +1,228 @@
+"""The planted-knowledge LLaVA: a tiny genuine LlavaForConditionalGeneration whose
+facts live in one known MLP layer K, the ground truth for tracing and editing.
+
+Construction (see docs/readme/zoo-planted.md for measured numbers):
+1. Phase 1 trains every weight on the "scaffold" creatures' facts (all
+   relations, all paraphrases, the "visited ... in the <region>" questions)
+   and on naming every creature, so the model learns to read images, route
+   relations and tell all creatures apart.
+2. Phase 2 freezes everything except layer K's MLP and trains the "known"
+   creatures' facts, replaying phase-1 examples so phase-1 skills survive.
+   The known facts can therefore only be stored in MLP K.
+3. "longtail" creatures are only ever named: their facts are never taught
+   (the encyclopedic config; the editing track inserts them).
+Facts are taught both with the image and text-only (name instead of the
+visual phrase, no image), so the language model alone can be traced too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from harness.zoo.cache import cache_root, cached_build, recipe_hash
+from harness.zoo.planted_data import BatchMaker, Example, fact_examples, naming_examples
+from harness.zoo.planted_eval import evaluate
+from harness.zoo.planted_processor import IMAGE_PLACEHOLDER, build_processor, build_tokenizer
+from vqa_constraints.sources.planted_world import IMAGE_SIZE, PlantedWorld
+
+ZOO_NAME = "planted"
+ACCURACY_FILE = "zoo_accuracy.json"
+
+
+@dataclass(frozen=True)
+class PlantedRecipe:
+    # the world (must match the dataset's planted source to score on it)
+    world_seed: int = 0
+    n_scaffold: int = 120
+    n_known: int = 120
+    n_longtail: int = 60
+    # vision tower (CLIP) and projector
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    # language model (Llama)
+    hidden: int = 128
+    layers: int = 6
+    heads: int = 4
+    intermediate: int = 512
+    planted_layer: int = 2
+    # training
+    seed: int = 0
+    batch: int = 64
+    phase1_steps: int = 700
+    phase1_lr: float = 3e-3
+    phase2_steps: int = 500
+    phase2_lr: float = 3e-3
+    replay_fraction: float = 0.5  # share of each phase-2 batch drawn from phase-1 examples
+    text_only: bool = True  # also teach facts with the name instead of the image
+
+
+DEFAULT_RECIPE = PlantedRecipe()
+# `--quick`: same world and architecture, fewer steps (a smoke build, not a good model).
+QUICK_RECIPE = replace(DEFAULT_RECIPE, phase1_steps=150, phase2_steps=100)
+# What the test suite builds (tests/conftest.py): it must be good enough to trace and edit.
+TEST_RECIPE = DEFAULT_RECIPE
+
+
+def build(recipe: PlantedRecipe = DEFAULT_RECIPE, out: Path | None = None, force: bool = False,
+          progress: bool = True) -> Path:
+    """The folder of the planted model for ``recipe``, built (or reused from the cache)."""
+    if force:
+        shutil.rmtree(cache_root() / "zoo" / f"{ZOO_NAME}-{recipe_hash(recipe)}", ignore_errors=True)
+    return cached_build(ZOO_NAME, recipe, lambda folder: build_into(folder, recipe, progress), out)
+
+
+def build_cli(args: argparse.Namespace) -> Path:
+    recipe = QUICK_RECIPE if args.quick else DEFAULT_RECIPE
+    recipe = replace(recipe, world_seed=args.seed, seed=args.seed)
+    return build(recipe, out=Path(args.out) if args.out else None, force=args.force)
+
+
+def world_for(recipe: PlantedRecipe) -> PlantedWorld:
+    return PlantedWorld(recipe.world_seed, recipe.n_scaffold, recipe.n_known, recipe.n_longtail)
+
+
+def image_token_count(recipe: PlantedRecipe) -> int:
+    return (IMAGE_SIZE // recipe.patch_size) ** 2
+
+
+def make_model(recipe: PlantedRecipe, tokenizer) -> LlavaForConditionalGeneration:
+    """A freshly initialised model (seeded by the caller)."""
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden,
+        intermediate_size=recipe.intermediate,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=recipe.vision_hidden,
+        intermediate_size=recipe.vision_intermediate,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.vision_heads,
+        image_size=IMAGE_SIZE,
+        patch_size=recipe.patch_size,
+        projection_dim=recipe.vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        image_seq_length=image_token_count(recipe),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def planted_mlp(model: LlavaForConditionalGeneration, layer: int) -> torch.nn.Module:
+    return model.model.language_model.layers[layer].mlp
+
+
+def _schedule(step: int, steps: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10%."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_phase(model, params, maker: BatchMaker, draw, steps: int, lr: float, seed: int, desc: str,
+                progress: bool) -> float:
+    """Adam on ``params`` for ``steps`` batches from ``draw(rng) -> examples``; returns the last loss."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps))
+    model.train()
+    loss_value = float("nan")
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        rng = np.random.default_rng([seed, step])
+        batch = maker.batch(draw(rng), rng)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_value = float(loss.detach())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
+    return loss_value
+
+
+def _sampler(pool: list[Example], count: int):
+    return lambda rng: [pool[i] for i in rng.integers(0, len(pool), size=count)]
+
+
+def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool = True) -> tuple[LlavaForConditionalGeneration, dict]:
+    torch.manual_seed(recipe.seed)
+    model = make_model(recipe, tokenizer)
+    maker = BatchMaker(world, tokenizer, image_token_count(recipe))
+    phase1 = fact_examples(world, world.by_role("scaffold"), recipe.text_only) + naming_examples(world.entities)
+    phase2 = fact_examples(world, world.by_role("known"), recipe.text_only)
+
+    loss1 = train_phase(model, list(model.parameters()), maker, _sampler(phase1, recipe.batch),
+                        recipe.phase1_steps, recipe.phase1_lr, seed=recipe.seed * 2 + 1,
+                        desc="planted phase 1 (all weights)", progress=progress)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    mlp_params = list(planted_mlp(model, recipe.planted_layer).parameters())
+    for param in mlp_params:
+        param.requires_grad_(True)
+    n_replay = int(round(recipe.batch * recipe.replay_fraction))
+    new, old = _sampler(phase2, recipe.batch - n_replay), _sampler(phase1, n_replay)
+    loss2 = train_phase(model, mlp_params, maker, lambda rng: new(rng) + old(rng),
+                        recipe.phase2_steps, recipe.phase2_lr, seed=recipe.seed * 2 + 2,
+                        desc=f"planted phase 2 (MLP {recipe.planted_layer} only)", progress=progress)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    stats = {"phase1_examples": len(phase1), "phase2_examples": len(phase2),
+             "phase1_final_loss": round(loss1, 4), "phase2_final_loss": round(loss2, 4)}
+    return model, stats
+
+
+def build_into(folder: Path, recipe: PlantedRecipe, progress: bool = True) -> None:
+    """Train the model for ``recipe`` and save model, processor and accuracy into ``folder``."""
+    if not 0 <= recipe.planted_layer < recipe.layers:
+        raise ValueError(f"planted_layer {recipe.planted_layer} outside 0..{recipe.layers - 1}")
+    world = world_for(recipe)
+    tokenizer = build_tokenizer(world.vocabulary())
+    processor = build_processor(tokenizer, recipe.patch_size)
+    model, stats = train(recipe, world, tokenizer, progress)
+
+    model.config.planted_layer = recipe.planted_layer
+    model.config.zoo_recipe = asdict(recipe)
+    model.generation_config = GenerationConfig(
+        max_new_tokens=8, do_sample=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+    accuracy = evaluate(model, processor, world)
+    accuracy.update({"planted_layer": recipe.planted_layer, "recipe": asdict(recipe), "training": stats})
+    (folder / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
+
+
+def load_accuracy(folder: Path) -> dict:
+    return json.loads((Path(folder) / ACCURACY_FILE).read_text())

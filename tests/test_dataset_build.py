@@ -1,0 +1,147 @@
+"""Building the bundled sources: Hub layout, load_dataset round trip, determinism, card, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+from PIL import Image
+
+from vqa_constraints import CONFIGS
+from vqa_constraints.builder import build
+from vqa_constraints.cli import run
+from vqa_constraints.loading import load_split
+from vqa_constraints.publish import files_to_upload
+from vqa_constraints.sources.planted_world import VISUAL_PHRASE, PlantedWorld
+from vqa_constraints.validation import validate_folder
+
+
+@pytest.fixture(scope="module")
+def full_build(tmp_path_factory):
+    """Both bundled sources, built once through the CLI as a user would."""
+    out = tmp_path_factory.mktemp("full") / "vqa"
+    assert run(["build", "--out", str(out), "--seed", "0"]) == 0
+    return out
+
+
+def front_matter(folder: Path) -> dict:
+    text = (folder / "README.md").read_text("utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text[4 : text.index("\n---", 4)])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_hub_layout_and_card_yaml(full_build):
+    configs = front_matter(full_build)["configs"]
+    assert [c["config_name"] for c in configs] == list(CONFIGS)
+    assert [c["config_name"] for c in configs if c.get("default")] == ["single_constraint"]
+    listed = sorted(p for c in configs for entry in c["data_files"] for p in entry["path"])
+    present = sorted(p.relative_to(full_build).as_posix() for p in full_build.rglob("*.parquet"))
+    assert listed == present
+    for config in CONFIGS:
+        assert (full_build / config / "test-00000-of-00001.parquet").is_file()
+        assert (full_build / config / "validation-00000-of-00001.parquet").is_file()
+    card = (full_build / "README.md").read_text("utf-8")
+    for heading in ("## Dataset summary", "## Configs", "## Fields", "## Sources and licences", "## Citation"):
+        assert heading in card
+    assert "{{" not in card  # every placeholder rendered
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_load_dataset_round_trip_decodes_images(full_build, config):
+    dataset = datasets.load_dataset(str(full_build), config)
+    assert set(dataset) == {"test", "validation"}
+    row = dataset["test"][0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size[0] > 0
+    assert row["config"] == config
+    sources = set(dataset["test"]["source"])
+    assert sources == {"flags", "planted"}
+    # ids are unique across every config and split
+    all_ids = [i for c in CONFIGS for s in ("test", "validation") for i in load_split(str(full_build), c, s).rows["id"]]
+    assert len(all_ids) == len(set(all_ids))
+
+
+def test_full_build_is_valid_and_info_lists_it(full_build, capsys):
+    assert validate_folder(full_build) == []
+    assert run(["validate", str(full_build)]) == 0
+    assert run(["info", str(full_build)]) == 0
+    out = capsys.readouterr().out
+    for config in CONFIGS:
+        assert config[:12] in out
+    info = json.loads((full_build / "build_info.json").read_text())
+    assert info["rows_by_source"]["flags"] > 1000 and info["rows_by_source"]["planted"] > 500
+
+
+def test_planted_records_follow_the_world(planted_data_dir):
+    world = PlantedWorld(seed=0)
+    known = {e.name: e for e in world.by_role("known")}
+    longtail = {e.name: e for e in world.by_role("longtail")}
+    single = load_split(str(planted_data_dir), "single_constraint", "test")
+    record = single.record(0)
+    entity = known[record.subject]
+    assert record.answers == [entity.facts[record.relation]]
+    visual = record.visual_constraints[0]
+    assert visual.text == VISUAL_PHRASE and record.question[visual.char_start : visual.char_end] == VISUAL_PHRASE
+    assert record.text_only_question == record.question.replace(VISUAL_PHRASE, entity.name)
+    assert len(record.other_views) == 2
+    assert record.image.tobytes() == world.view(entity, 0).tobytes()
+    assert record.other_views[0].tobytes() != record.image.tobytes()
+    multi = load_split(str(planted_data_dir), "multi_constraint", "test").record(0)
+    question, region, answers = world.visited_question(known[multi.subject])
+    assert (multi.question, multi.answers, multi.answer_mode) == (question, answers, "any_of")
+    assert [c.type for c in multi.constraints] == ["visual", "textual"]
+    encyclopedic = load_split(str(planted_data_dir), "encyclopedic", "test")
+    assert all(r.subject in longtail for r in encyclopedic.records())
+    # subjects never straddle splits
+    validation = load_split(str(planted_data_dir), "single_constraint", "validation")
+    assert {r.subject for r in validation.records()}.isdisjoint({r.subject for r in single.records()})
+
+
+def test_same_seed_rebuild_is_byte_identical(planted_data_dir, tmp_path):
+    again = tmp_path / "again"
+    build(again, sources=["planted"], seed=0)
+    shards = sorted(p.relative_to(planted_data_dir) for p in planted_data_dir.rglob("*.parquet"))
+    assert shards == sorted(p.relative_to(again) for p in again.rglob("*.parquet"))
+    for shard in shards:
+        assert sha256(planted_data_dir / shard) == sha256(again / shard), shard
+    assert (planted_data_dir / "README.md").read_bytes() == (again / "README.md").read_bytes()
+    other = tmp_path / "other-seed"
+    build(other, sources=["planted"], seed=1)
+    assert sha256(other / shards[0]) != sha256(planted_data_dir / shards[0])
+
+
+def test_rebuild_replaces_previous_build_in_place(tmp_path):
+    out = tmp_path / "vqa"
+    build(out, sources=["planted"], seed=3)
+    (out / "single_constraint" / "stale-00000-of-00001.parquet").write_bytes(b"old")
+    build(out, sources=["planted"], seed=3)
+    assert not (out / "single_constraint" / "stale-00000-of-00001.parquet").exists()
+    assert validate_folder(out) == []
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left behind
+
+
+def test_publish_dry_run_prints_exact_file_list(planted_data_dir, capsys):
+    assert run(["publish", str(planted_data_dir), "--repo-id", "someone/vqa-constraints", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("dry run: would upload 8 files")
+    assert lines[1:] == files_to_upload(planted_data_dir)
+    assert lines[1:] == sorted(
+        ["README.md", "build_info.json"]
+        + [f"{c}/{s}-00000-of-00001.parquet" for c in CONFIGS for s in ("test", "validation")]
+    )
+
+
+def test_publish_refuses_an_invalid_build(tmp_path, capsys):
+    out = tmp_path / "vqa"
+    build(out, sources=["planted"], seed=0)
+    (out / "encyclopedic" / "validation-00000-of-00001.parquet").unlink()
+    assert run(["publish", str(out), "--repo-id", "someone/x", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "not valid" in err and "validation-00000-of-00001.parquet" in err and len(err.strip().splitlines()) == 1

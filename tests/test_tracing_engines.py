@@ -1,0 +1,92 @@
+"""The two tracing engines on a tiny random LLaVA: exactness checks and cell-by-cell agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.tracing import causal_trace as ct
+from harness.tracing.patching import KINDS
+from vqa_constraints.errors import UserError
+
+QUESTION = "What is the capital of the country whose flag is in this image?"
+CONSTRAINT = "the country whose flag is in this image"
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_model_dirs):
+    from harness.models.loading import load_model
+
+    adapter = load_model(tiny_model_dirs("llava"), dtype="float32", device="cpu")
+    # A random head spreads p over the whole vocabulary (p ~ 1/V); sharpen it so the
+    # corruption moves p by far more than the 1e-4 agreement tolerance.
+    with torch.no_grad():
+        adapter.model.get_output_embeddings().weight.mul_(40.0)
+    return adapter
+
+
+@pytest.fixture(scope="session")
+def example(tiny_llava):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    encoded = tiny_llava.encode(QUESTION, image)
+    start = QUESTION.index(CONSTRAINT)
+    return encoded, encoded.positions_for_question_span(start, start + len(CONSTRAINT))
+
+
+def _prepare(adapter, example, engine, mode):
+    encoded, positions = example
+    return ct.prepare(adapter, encoded, engine, mode, positions, seed=3, samples=2)
+
+
+@pytest.mark.parametrize("mode", ct.CORRUPTIONS)
+def test_restoring_everything_gives_clean_and_nothing_gives_corrupt(tiny_llava, example, mode):
+    encoded, _ = example
+    everything = frozenset(("hidden", layer, q) for layer in range(tiny_llava.num_layers) for q in range(encoded.length))
+    for engine in (ct.make_engine("fast"), ct.make_engine("reference")):
+        prepared = _prepare(tiny_llava, example, engine, mode)
+        assert abs(prepared.p_clean - prepared.p_corrupt) > 1e-3, "the corruption must move p for this test to mean anything"
+        p_all, p_none = engine.score(prepared, [everything, frozenset()])
+        assert p_all == pytest.approx(prepared.p_clean, abs=1e-6)
+        assert p_none == pytest.approx(prepared.p_corrupt, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ct.CORRUPTIONS)
+@pytest.mark.parametrize("window", [1, 2])
+def test_fast_and_reference_agree_on_every_cell(tiny_llava, example, mode, window):
+    encoded, positions = example
+    text = [q for q, (a, _) in enumerate(encoded.token_char_spans) if a >= 0]
+    # Constraint tokens together, the last token, and two single positions (one before the constraint).
+    targets = {"constraint": positions, "last": [encoded.last_position], "early": [text[0]], "inside": [positions[1]]}
+    results = {}
+    for name in ("fast", "reference"):
+        engine = ct.make_engine(name, max_batch=5) if name == "fast" else ct.make_engine(name)
+        prepared = _prepare(tiny_llava, example, engine, mode)
+        results[name] = (prepared, ct.trace_example(prepared, engine, targets, list(KINDS), window))
+    (fast_prep, fast), (ref_prep, ref) = results["fast"], results["reference"]
+    assert fast_prep.p_corrupt == pytest.approx(ref_prep.p_corrupt, abs=1e-4)
+    spread = max(np.ptp(v) for v in ref.values())
+    assert spread > 1e-3, "restorations must differ from each other for the comparison to bite"
+    for name in targets:
+        np.testing.assert_allclose(fast[name], ref[name], atol=1e-4, rtol=0)
+
+
+def test_window_layers_are_centred_and_clipped():
+    assert list(ct.window_layers(0, 1, 6)) == [0]
+    assert list(ct.window_layers(3, 3, 6)) == [2, 3, 4]
+    assert list(ct.window_layers(0, 5, 6)) == [0, 1, 2]
+    assert list(ct.window_layers(5, 4, 6)) == [3, 4, 5]
+
+
+def test_bad_options_are_one_line_user_errors(tiny_llava, tmp_path):
+    base = dict(model="unused", data="unused", config="single_constraint", out=tmp_path)
+    for bad in ({"corruption": "blur"}, {"kinds": ("mlp", "ffn")}, {"window": 0}, {"positions": "some"},
+                {"text_only": True, "corruption": "image-noise"}):
+        with pytest.raises(UserError) as info:
+            ct.TraceOptions(**base, **bad).check()
+        assert "\n" not in str(info.value)
+    options = ct.TraceOptions(**base, window=tiny_llava.num_layers + 1)
+    with pytest.raises(UserError, match="larger than the model"):
+        ct.run_trace(options, adapter=tiny_llava)
+
