@@ -27,8 +27,10 @@ def add_edit(subparsers) -> None:
     parser.add_argument("--method", default="multedit", help="comma-separated: multedit, ft, ft-l (default: multedit)")
     parser.add_argument("--track", default="insertion", choices=["correction", "insertion"])
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--layers", type=_int_list, default=None, help="e.g. 2 or 3,4 (default: the trace's peak MLP layer)")
+    parser.add_argument("--layers", type=_int_list, default=None, help="e.g. 2 or 3,4 (default: the peak causal MLP layer of a trace of the model)")
     parser.add_argument("--trace-stats", default=None, metavar="PATH", help="trace_stats.json whose peak MLP layer is the default")
+    parser.add_argument("--trace-limit", type=int, default=16, metavar="N",
+                        help="without --layers/--trace-stats: trace N questions to find the peak MLP layer (default 16)")
     parser.add_argument("--key-position", default="last", choices=["constraint", "last"],
                         help="where MultEdit reads its key: the visual constraint's last token or the final prompt token")
     parser.add_argument("--limit", type=int, default=None, help="at most N edit requests")
@@ -66,6 +68,7 @@ def _run_edit(args: argparse.Namespace) -> int:
         split=args.split,
         specificity_size=args.specificity_size,
         trace_stats=args.trace_stats,
+        trace_limit=args.trace_limit,
     )
     adapter = load_model(args.model, dtype=args.dtype, device=args.device,
                          trust_remote_code=args.trust_remote_code, revision=args.revision)

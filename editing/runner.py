@@ -30,7 +30,7 @@ import torch
 
 from editing import metrics
 from editing.methods import EditMethod, SkipEdit, make_method, weights_hash
-from editing.methods.base import check_inputs, request_prompts
+from editing.methods.base import check_inputs, check_layers, request_prompts
 from editing.requests import TRACK_CONFIG, TRACKS, EditRequest, Skipped, build_requests
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
 from harness.scoring import Prompt, answer_correct, generate_answers
@@ -61,32 +61,48 @@ class EditOptions:
     specificity_size: int = 32
     max_new_tokens: int = 8
     batch_size: int = 16
-    trace_stats: str | None = None
+    trace_stats: str | None = None  # a finished trace whose peak MLP layer is the default layer
+    trace_limit: int = 16  # questions traced to find the default layer when neither layers nor trace_stats is given
     method_options: dict = field(default_factory=dict)  # per method name: hyper-parameter overrides
 
 
 # --- choosing the layer --------------------------------------------------------
 
 
-def default_layers(adapter, trace_stats: str | None = None) -> tuple[list[int], str]:
-    """(layers, where they came from): a trace's peak causal MLP layer, else the planted layer."""
-    if trace_stats:
-        from harness.tracing.stats import peak_mlp_layer
+def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tuple[list[int], str]:
+    """(layers, where they came from): the peak causal MLP layer of a trace of this model.
 
-        if not Path(trace_stats).exists():
-            raise UserError(f"--trace-stats {trace_stats}: no such file")
-        try:
-            layer = peak_mlp_layer(trace_stats)
-        except (KeyError, TypeError, ValueError) as error:
-            raise UserError(f"--trace-stats {trace_stats}: not a trace_stats.json ({error})") from None
-        if layer is None:
-            raise UserError(f"--trace-stats {trace_stats}: has no MLP groups to take a peak layer from")
-        return [int(layer)], f"peak MLP layer of {trace_stats}"
-    config = getattr(adapter.model, "config", None)
-    planted = getattr(config, "planted_layer", None)
+    With ``options.trace_stats`` that trace is read; otherwise the tracer runs on
+    the build's single-constraint questions (image-noise corruption, the first
+    ``trace_limit`` questions) into ``out/trace``. A model config's
+    ``planted_layer`` is the fallback when the trace finds no causal layer.
+    """
+    from harness.tracing.stats import peak_mlp_layer
+
+    path = options.trace_stats
+    if path:
+        if not Path(path).exists():
+            raise UserError(f"--trace-stats {path}: no such file")
+        source = f"peak MLP layer of {path}"
+    else:
+        from harness.tracing.causal_trace import TraceOptions, run_trace
+
+        trace_out = Path(out) / "trace"
+        run_trace(TraceOptions(model=str(adapter.name_or_path), data=str(data), config=SPECIFICITY_CONFIG,
+                               out=trace_out, split=options.split, corruption="image-noise",
+                               limit=options.trace_limit, seed=options.seed, progress=False), adapter)
+        path = trace_out / "trace_stats.json"
+        source = f"peak MLP layer of a trace of {options.trace_limit} {SPECIFICITY_CONFIG} questions"
+    try:
+        layer = peak_mlp_layer(path)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a trace_stats.json ({error})") from None
+    if layer is not None:
+        return [int(layer)], source
+    planted = getattr(getattr(adapter.model, "config", None), "planted_layer", None)
     if planted is not None:
-        return [int(planted)], "planted_layer in the model config"
-    raise UserError("no default layer for this model: pass --layers, or --trace-stats with a trace of it")
+        return [int(planted)], "planted_layer in the model config (the trace found no causal MLP layer)"
+    raise UserError(f"{path}: the trace found no causal MLP layer; pass --layers")
 
 
 # --- requests ------------------------------------------------------------------
@@ -240,8 +256,14 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
         raise UserError(f"--batch-edits must be at least 1, got {options.batch_edits}")
     if options.limit is not None and options.limit < 1:
         raise UserError(f"--limit must be at least 1, got {options.limit}")
+    if save is not None:
+        _check_save_target(adapter, save)
     _seed(options.seed)
-    layers, layer_source = (options.layers, "--layers") if options.layers else default_layers(adapter, options.trace_stats)
+    if options.layers:
+        layers, layer_source = list(options.layers), "--layers"
+    else:
+        layers, layer_source = default_layers(adapter, data, out, options)
+    check_layers(adapter, layers)
     methods = [make_method(name, key_position=options.key_position, **options.method_options.get(name, {}))
                for name in options.methods]
     requests, skipped_records, source = make_requests(adapter, data, options)
@@ -295,6 +317,7 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
         "sweep": sweep,
         "versions": _versions(),
     }
+    validate_results(document)
     out.mkdir(parents=True, exist_ok=True)
     write_lines_atomic(out / EDITS_FILE, lines)
     write_json_atomic(out / RESULTS_FILE, document)
@@ -306,12 +329,23 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     return document
 
 
+def results_schema() -> dict:
+    from importlib import resources
+
+    return json.loads(resources.files("editing").joinpath("schemas", "editing_results.schema.json").read_text("utf-8"))
+
+
+def validate_results(document: dict) -> None:
+    """Check a results document against the shipped schema (a failure here is a bug, not bad input)."""
+    import jsonschema
+
+    jsonschema.validate(document, results_schema())
+
+
 def save_edited(adapter, method: EditMethod, requests, layers, target: str | Path) -> Path:
     """Apply all requests at once with ``method`` and save the edited model to ``target`` (never over the source)."""
     target = Path(target)
-    source = Path(str(adapter.name_or_path))
-    if source.exists() and target.resolve() == source.resolve():
-        raise UserError(f"--save {target}: that is the model's own folder; choose another")
+    _check_save_target(adapter, target)
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     handle = method.apply(adapter, requests, layers)
@@ -327,6 +361,12 @@ def save_edited(adapter, method: EditMethod, requests, layers, target: str | Pat
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def _check_save_target(adapter, target: str | Path) -> None:
+    source = Path(str(adapter.name_or_path))
+    if source.exists() and Path(target).resolve() == source.resolve():
+        raise UserError(f"--save {target}: that is the model's own folder; choose another")
 
 
 def _count_reasons(reasons: list[str]) -> dict:

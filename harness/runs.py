@@ -28,15 +28,15 @@ RUN_FILE = "run.json"
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
 
-# Identity keys whose difference means "a different evaluation"; batch size is
-# deliberately absent (results do not depend on it), so a resume may change it.
+# Identity keys whose difference means "a different evaluation". The batch size
+# is deliberately absent (results do not depend on it), and so is the data's
+# path: the fingerprints say whether it is the same data, wherever it now lives.
 IDENTITY_KEYS = (
     "format_version",
     "model",
     "model_revision",
     "model_fingerprint",
     "dtype",
-    "data",
     "data_revision",
     "split",
     "configs",

@@ -193,9 +193,9 @@ class HFBackend:
                 full = _encode(adapter, request.prompt, answer=request.continuation)
                 if not full.answer_positions:
                     raise ValueError(f"continuation {request.continuation!r} maps to no token")
-                # The answer is the tail of the teacher-forced input; score all of it.
+                # Score every answer token (and nothing a tokenizer may append after it, such as EOS).
                 encodeds.append(full)
-                spans.append((full.answer_positions[0], full.length))
+                spans.append((full.answer_positions[0], full.answer_positions[-1] + 1))
             batch = _collate(adapter, encodeds, "right")
             logits = adapter.model(**batch).logits
             for row, (start, end) in enumerate(spans):

@@ -25,7 +25,7 @@ def evaluate_args(model, data, out, *extra):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--config", "nonsense"], "unknown config 'nonsense'"),
+        (["--config", "nonsense"], "--config 'nonsense': unknown config"),
         (["--split", "train"], "no split 'train'"),
         (["--shard", "3/3"], "--shard '3/3': I must be in 0..2"),
         (["--shard", "one"], "expected I/N"),

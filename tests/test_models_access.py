@@ -30,14 +30,15 @@ QUESTION = "What is the capital of the country whose flag is in this image, an a
 
 
 @pytest.fixture(scope="session")
-def adapters(tmp_path_factory):
+def adapters(tmp_path_factory, tiny_model_dirs):
     root = tmp_path_factory.mktemp("tiny-access")
     cache = {}
 
     def get(variant: str):
         if variant not in cache:
             family, options = VARIANTS[variant]
-            cache[variant] = load_model(build_tiny(family, root / variant, **options), device="cpu")
+            folder = build_tiny(family, root / variant, **options) if options else tiny_model_dirs(family)
+            cache[variant] = load_model(folder, device="cpu")
         return cache[variant]
 
     return get
@@ -101,6 +102,8 @@ def test_image_tokens_match_processor_and_vision_features(adapters, variant):
     with torch.no_grad(), record_outputs({"img": adapter.image_features_module()}) as seen:
         adapter.model(**encoded.inputs)
     assert seen["img"].shape[-1] == adapter.model.config.text_config.hidden_size
+    if variant != "llava_next":  # LLaVA-NeXT unpads tiles and adds newline rows after the projector
+        assert seen["img"].numel() // seen["img"].shape[-1] == len(encoded.image_positions)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

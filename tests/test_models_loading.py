@@ -121,3 +121,59 @@ def test_batched_generation_matches_single(tiny_llava):
     for row, encoded in enumerate(encodeds):
         alone = tiny_llava.model.generate(**encoded.inputs, **settings)[0, encoded.length :]
         assert alone.tolist() == together[row].tolist()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batched_logits_equal_single_logits_other_families(tiny_model_dirs, family, padding_side):
+    adapter = load_model(tiny_model_dirs(family), device="cpu")
+    encodeds = [adapter.encode(q, im, answer="Paris") for q, im in zip(QUESTIONS[:4], images(4))]
+    batch = adapter.collate(encodeds, padding_side=padding_side)
+    offsets = batch_offsets(encodeds, padding_side)
+    with torch.no_grad():
+        batched = adapter.model(**batch).logits
+        for row, (encoded, offset) in enumerate(zip(encodeds, offsets)):
+            alone = adapter.model(**encoded.inputs).logits[0]
+            assert (alone - batched[row, offset : offset + encoded.length]).abs().max().item() < 1e-4
+
+
+def test_hub_id_resolves_from_the_local_cache_with_its_commit(tiny_model_dirs, tmp_path, monkeypatch):
+    """A Hub id loads offline from a Hub-layout cache, and its revision is the snapshot's commit hash."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny--text-lm"
+    shutil.copytree(tiny_model_dirs("text"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert load_model(repo / "snapshots" / commit, device="cpu").revision == commit
+    adapter = load_model("tiny/text-lm", device="cpu")
+    assert adapter.revision == commit and adapter.name_or_path == "tiny/text-lm"
+
+
+def test_remote_code_is_refused_without_the_flag(tiny_model_dirs, tmp_path):
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_model_dirs("text"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "my-custom-lm"
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trust-remote-code"):
+        load_model(folder, device="cpu")
+
+
+def test_text_lm_chat_template_prompt_and_answer_without_space(tmp_path):
+    from harness.models.tiny import build_tiny
+
+    adapter = load_model(build_tiny("text", tmp_path / "chat", chat_template=True), device="cpu")
+    question = "What is the capital of France?"
+    prompt, start = adapter.build_prompt(question)
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert prompt[start : start + len(question)] == question
+    encoded = adapter.encode(question, answer="Paris")
+    assert encoded.text == prompt + "Paris"  # no space after the template's newline
+    assert adapter.tokenizer.decode(encoded.input_ids[0, encoded.answer_positions]) == "Paris"
+    positions = encoded.positions_for_question_span(question.index("France"), question.index("?"))
+    assert adapter.tokenizer.decode(encoded.input_ids[0, positions]).strip() == "France"

@@ -137,7 +137,7 @@ def build(
     names = _resolve_sources(sources, paths)
     _check_destination(out_dir)
 
-    records: list[Record] = []
+    records: list[tuple[Record, dict]] = []  # each with its encoded, checked row
     skipped: list[tuple[str, str]] = []
     rows_by_source: dict[str, int] = {}
     for name in names:
@@ -153,9 +153,9 @@ def build(
         raise UserError(f"sources {', '.join(names)} produced no valid records; nothing to build")
     _fold_small_validation_splits(records)
 
-    groups: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for record in records:
-        groups[(record.config, record.split)].append(record)
+    groups: dict[tuple[str, str], list[tuple[Record, dict]]] = defaultdict(list)
+    for record, row in records:
+        groups[(record.config, record.split)].append((record, row))
     tmp_dir = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
@@ -173,7 +173,8 @@ def build(
             "skipped": len(skipped),
         }
         (tmp_dir / "build_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", "utf-8")
-        (tmp_dir / "README.md").write_text(render_card(layout, groups, info, DEFAULT_CONFIG), "utf-8")
+        by_split = {key: [record for record, _ in pairs] for key, pairs in groups.items()}
+        (tmp_dir / "README.md").write_text(render_card(layout, by_split, info, DEFAULT_CONFIG), "utf-8")
         files = sorted(p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file())
         _move_into_place(tmp_dir, out_dir)
     except BaseException:
@@ -208,11 +209,9 @@ def _is_build(folder: Path) -> bool:
     return (folder / "README.md").is_file() and (folder / "build_info.json").is_file()
 
 
-def _accept(candidates, context: SourceContext) -> list[Record]:
-    """Keep the records that pass every row check; the rest go to ``context.reject``.
-
-    Each kept record carries its encoded row (``_row``) so images are encoded once.
-    """
+def _accept(candidates, context: SourceContext) -> list[tuple[Record, dict]]:
+    """Keep the records that pass every row check, with their encoded rows (images
+    are encoded once); the rest go to ``context.reject``."""
     accepted = []
     for record in candidates:
         try:
@@ -225,15 +224,14 @@ def _accept(candidates, context: SourceContext) -> list[Record]:
             field_name, message = problems[0]
             context.reject(f"source {context.name} record {record.id} field {field_name!r}", message)
             continue
-        record._row = row
-        accepted.append(record)
+        accepted.append((record, row))
     return accepted
 
 
-def _drop_duplicate_ids(records: list[Record], skip_invalid: bool, skipped: list) -> list[Record]:
+def _drop_duplicate_ids(records: list[tuple[Record, dict]], skip_invalid: bool, skipped: list) -> list:
     seen: dict[str, Record] = {}
     kept = []
-    for record in records:
+    for record, row in records:
         if record.id in seen:
             location = f"source {record.source} record {record.id} field 'id'"
             reason = f"duplicate id (also used by a {seen[record.id].source} {seen[record.id].config} record)"
@@ -242,27 +240,27 @@ def _drop_duplicate_ids(records: list[Record], skip_invalid: bool, skipped: list
             skipped.append((location, reason))
             continue
         seen[record.id] = record
-        kept.append(record)
+        kept.append((record, row))
     return kept
 
 
-def _fold_small_validation_splits(records: list[Record]) -> None:
+def _fold_small_validation_splits(records: list[tuple[Record, dict]]) -> None:
     """A source with few rows in a config contributes only to `test`."""
-    sizes = Counter((r.source, r.config) for r in records)
-    for record in records:
+    sizes = Counter((r.source, r.config) for r, _ in records)
+    for record, row in records:
         if record.split == "validation" and sizes[(record.source, record.config)] < MIN_ROWS_FOR_VALIDATION:
-            record.split = "test"
+            record.split = row["split"] = "test"
 
 
-def _write_shards(folder: Path, groups: dict[tuple[str, str], list[Record]]) -> dict[str, dict[str, list[str]]]:
+def _write_shards(folder: Path, groups: dict[tuple[str, str], list[tuple[Record, dict]]]) -> dict[str, dict[str, list[str]]]:
     """Write every (config, split) as parquet shards; return config -> split -> shard paths."""
     layout: dict[str, dict[str, list[str]]] = {}
     for config in CONFIGS:
         for split in SPLITS:
-            records = groups.get((config, split))
-            if not records:
+            pairs = groups.get((config, split))
+            if not pairs:
                 continue
-            rows = [_final_row(r) for r in records]
+            rows = [row for _, row in pairs]
             size = sum(len(r["image"]["bytes"]) + sum(len(v["bytes"]) for v in r["other_views"]) for r in rows)
             n_shards = max(1, math.ceil(size / MAX_SHARD_BYTES))
             per_shard = math.ceil(len(rows) / n_shards)
@@ -273,11 +271,6 @@ def _write_shards(folder: Path, groups: dict[tuple[str, str], list[Record]]) -> 
                 _to_parquet(chunk, folder / relative)
                 layout.setdefault(config, {}).setdefault(split, []).append(relative)
     return layout
-
-
-def _final_row(record: Record) -> dict:
-    row = getattr(record, "_row", None) or record.to_row()
-    return {**row, "split": record.split}  # the split may have been folded after checking
 
 
 def _to_parquet(rows: list[dict], path: Path) -> None:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from vqa_constraints import CONFIGS
+from vqa_constraints.errors import UserError
+
 TEMPLATE_NAME = "dataset_card.md"
 
 
@@ -19,7 +22,7 @@ def template_path() -> Path:
     """The card template at the repository root (next to pyproject.toml)."""
     path = Path(__file__).resolve().parents[1] / TEMPLATE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the dataset card template is missing from this installation")
+        raise UserError(f"{path}: the dataset card template is missing; install from a source checkout")
     return path
 
 
@@ -58,7 +61,7 @@ def _size_category(total: int) -> str:
 def statistics_table(groups) -> str:
     """Markdown table: config, split, rows, per-source rows, constraint types."""
     lines = ["| config | split | rows | sources | constraint types |", "|---|---|---:|---|---|"]
-    for (config, split), records in sorted(groups.items()):
+    for (config, split), records in sorted(groups.items(), key=_config_order):
         sources = Counter(r.source for r in records)
         types = Counter(r.constraint_types for r in records)
         lines.append(
@@ -72,7 +75,7 @@ def statistics_table(groups) -> str:
 def examples_table(groups) -> str:
     """One example question per config (from its test split), for readers of the card."""
     lines = ["| config | question | answers | constraints |", "|---|---|---|---|"]
-    for (config, split), records in sorted(groups.items()):
+    for (config, split), records in sorted(groups.items(), key=_config_order):
         if split != "test":
             continue
         record = records[0]
@@ -80,6 +83,11 @@ def examples_table(groups) -> str:
         answers = ", ".join(record.answers[:5]) + (" ..." if len(record.answers) > 5 else "")
         lines.append(f"| {config} | {_cell(record.question)} | {_cell(answers)} | {_cell(constraints)} |")
     return "\n".join(lines)
+
+
+def _config_order(item) -> tuple[int, str]:
+    (config, split), _ = item
+    return (CONFIGS.index(config) if config in CONFIGS else len(CONFIGS), split)
 
 
 def _cell(text: str) -> str:

@@ -62,10 +62,8 @@ class EditMethod:
 # --- checks ------------------------------------------------------------------
 
 
-def check_inputs(adapter, requests: Sequence[EditRequest], layers: Sequence[int]) -> list[nn.Linear]:
-    """The output projections to edit; UserError for an empty request list, bad layers or no projection."""
-    if not requests:
-        raise UserError("no edit requests: nothing to edit (check --track, --limit and the data)")
+def check_layers(adapter, layers: Sequence[int]) -> list[nn.Linear]:
+    """The output projections of ``layers``; UserError for no layers, a bad index or no recognised projection."""
     if not layers:
         raise UserError("no layers to edit: pass --layers")
     count = adapter.num_layers
@@ -73,6 +71,13 @@ def check_inputs(adapter, requests: Sequence[EditRequest], layers: Sequence[int]
         if not 0 <= int(layer) < count:
             raise UserError(f"layer {layer} is out of range: the model has {count} layers (0..{count - 1})")
     return [adapter.mlp_out_proj(int(layer)) for layer in layers]
+
+
+def check_inputs(adapter, requests: Sequence[EditRequest], layers: Sequence[int]) -> list[nn.Linear]:
+    """``check_layers``, and UserError for an empty request list."""
+    if not requests:
+        raise UserError("no edit requests: nothing to edit (check --track, --limit and the data)")
+    return check_layers(adapter, layers)
 
 
 def weights_hash(module: nn.Module) -> str:

@@ -81,6 +81,18 @@ def local_revision(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def hub_revision(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit hash of the cached snapshot ``repo_id`` was loaded from (None when unknown)."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(repo_id, "config.json", revision=revision)
+    except (OSError, ValueError):
+        return None
+    match = _SNAPSHOT.search(str(path).replace("\\", "/")) if path else None
+    return match.group(1) if match else None
+
+
 def load_model(
     name_or_path: str | Path,
     dtype: str | torch.dtype = "auto",
@@ -107,8 +119,13 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(name, **common)
     except (OSError, ValueError, KeyError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise UserError(
+                f"--model {name}: the checkpoint needs its own Python code; pass --trust-remote-code only if you trust it"
+            ) from None
         raise UserError(f"--model {name}: cannot read its config: {_one_line(exc)}") from None
     adapter_class, model_class = registry.resolve(config, name)
+    processor, tokenizer = _load_processor(name, adapter_class, common)  # cheap; fail before loading weights
     # On CUDA the weights go straight to the GPU; on CPU they load in place.
     placement = {"device_map": str(target)} if target.type == "cuda" else {}
     try:
@@ -118,11 +135,10 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise UserError(f"--model {name}: cannot load {model_class.__name__} weights (safetensors only): {_one_line(exc)}") from None
     model.to(target).eval()
-    processor, tokenizer = _load_processor(name, adapter_class, common)
     if local:
         rev = local_revision(folder)
     else:
-        rev = getattr(config, "_commit_hash", None) or revision
+        rev = hub_revision(name, revision) or getattr(config, "_commit_hash", None) or revision
     return adapter_class(model, processor, tokenizer, name, rev)
 
 
@@ -148,3 +164,18 @@ def _load_processor(name: str, adapter_class, common: dict):
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text[:300]
+
+
+def add_model_arguments(parser, required: bool = True) -> None:
+    """The ``--model/--dtype/--device/--revision/--trust-remote-code`` options every command shares."""
+    parser.add_argument("--model", required=required, help="local model folder or Hub id")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
+
+
+def load_from_args(args) -> ModelAdapter:
+    """``load_model`` with the options ``add_model_arguments`` defined."""
+    return load_model(args.model, dtype=args.dtype, device=args.device,
+                      trust_remote_code=args.trust_remote_code, revision=args.revision)

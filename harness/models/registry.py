@@ -26,9 +26,21 @@ MULTIMODAL: dict[str, type[ModelAdapter]] = {
 }
 
 
+# For configs saved without ``architectures``: the class each multimodal model_type loads as.
+MODEL_TYPES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+}
+
+
 def model_class_name(config) -> str:
     architectures = getattr(config, "architectures", None) or []
-    return architectures[0] if architectures else f"<no architectures; model_type {config.model_type!r}>"
+    if architectures:
+        return architectures[0]
+    model_type = getattr(config, "model_type", None)
+    return MODEL_TYPES.get(model_type, f"<no architectures in config.json; model_type {model_type!r}>")
 
 
 def resolve(config, where: str) -> tuple[type[ModelAdapter], type]:

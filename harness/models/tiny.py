@@ -251,10 +251,19 @@ class _SavedTogether:
         self.parts.tokenizer.save_pretrained(out)
 
 
-def build_text(out: Path) -> None:
+TEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_text(out: Path, chat_template: bool = False) -> None:
+    """A Llama causal LM; ``chat_template`` adds a ChatML template over plain-string messages (SmolLM2's kind)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = bpe_tokenizer([])
+    tokenizer = bpe_tokenizer(["<|im_start|>", "<|im_end|>"] if chat_template else [])
+    if chat_template:
+        tokenizer.chat_template = TEXT_CHAT_TEMPLATE
     _save(LlamaForCausalLM(LlamaConfig(**_text_config_kwargs(len(tokenizer)))), tokenizer, out)
 
 

@@ -27,6 +27,8 @@ def add_attention(subparsers) -> None:
     parser.add_argument("--draws", type=int, default=5, help="random k-token draws per question (default 5)")
     parser.add_argument("--layers-for-auroc", type=int, default=3, dest="n_layers",
                         help="layers summed for failure prediction, chosen on a held-out half (default 3)")
+    parser.add_argument("--knockout-layers", default=None, metavar="A-B|L,L,...",
+                        help="layers where the knockout cuts attention (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -46,14 +48,32 @@ def run_attention(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    knockout_layers = parse_layers(args.knockout_layers)
     split = load_split(args.data, args.config, args.split, revision=args.data_revision)
     adapter = load_model(args.model, dtype=args.dtype, device=args.device,
                          trust_remote_code=args.trust_remote_code, revision=args.revision)
     options = StudyOptions(top_k=args.top_k, draws=args.draws, seed=args.seed, n_layers=args.n_layers,
-                           limit=args.limit, progress=not args.no_progress)
+                           limit=args.limit, knockout_layers=knockout_layers, progress=not args.no_progress)
     stats = run_attention_study(adapter, split, args.out, options, dtype=args.dtype)
     print_summary(stats, args.out)
     return 0
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"2-5" -> (2, 3, 4, 5); "0,3" -> (0, 3); None -> None."""
+    if text is None:
+        return None
+    try:
+        if "-" in text:
+            start, end = (int(part) for part in text.split("-", 1))
+            layers = tuple(range(start, end + 1))
+        else:
+            layers = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise UserError(f"--knockout-layers {text!r}: expected A-B or a comma-separated list of layer numbers") from None
+    if not layers:
+        raise UserError(f"--knockout-layers {text!r} names no layer")
+    return layers
 
 
 def _fmt(cell: dict | None) -> str:

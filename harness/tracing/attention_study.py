@@ -59,6 +59,7 @@ class StudyOptions:
     n_layers: int = 3  # layers summed for failure prediction
     selection_fraction: float = 0.5  # share of questions used to choose those layers
     limit: int | None = None
+    knockout_layers: tuple[int, ...] | None = None  # layers where edges are cut (default: all)
     progress: bool = True
 
 
@@ -118,6 +119,7 @@ def analyse_questions(adapter, records: list, options: StudyOptions) -> tuple[li
                 result = knockout(
                     adapter.model, blocks, encoded.inputs, qc.answer_token, positions, qc.image_positions,
                     scores, options.top_k, rng, options.draws, target, p_clean=qc.p_answer,
+                    layers=options.knockout_layers,
                 )
                 row[f"knockout_{target}_top_sources"] = result.top_sources
                 row[f"knockout_{target}_p_top"] = result.p_top
@@ -235,6 +237,10 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
     """Analyse ``split`` (a ``LoadedSplit``) with ``adapter``; write the outputs into ``out``; return the stats."""
     if not getattr(adapter, "is_multimodal", True):
         raise UserError(f"{adapter.name_or_path}: attention contributions from image tokens need a multimodal model")
+    if options.knockout_layers is not None:
+        bad = [l for l in options.knockout_layers if not 0 <= l < adapter.num_layers]
+        if bad:
+            raise UserError(f"knockout layers {bad} are out of range: the model has {adapter.num_layers} layers")
     torch.manual_seed(options.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +259,7 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
         "options": {
             "top_k": options.top_k, "draws": options.draws, "seed": options.seed, "n_layers": options.n_layers,
             "selection_fraction": options.selection_fraction, "limit": options.limit,
+            "knockout_layers": None if options.knockout_layers is None else list(options.knockout_layers),
         },
         "versions": _versions(),
     }

@@ -37,6 +37,10 @@ from vqa_constraints.sources.planted_world import IMAGE_SIZE, PlantedWorld
 
 ZOO_NAME = "planted"
 ACCURACY_FILE = "zoo_accuracy.json"
+# Builds run on one CPU thread: float sums then happen in the same order on
+# every machine (byte-identical weights for a recipe), and a tiny model gains
+# little from more threads while suffering badly on a busy machine.
+BUILD_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class PlantedRecipe:
     phase1_lr: float = 3e-3
     phase2_steps: int = 500
     phase2_lr: float = 3e-3
+    naming_fraction: float = 0.25  # share of each phase-1 batch that asks a creature's name
     replay_fraction: float = 0.5  # share of each phase-2 batch drawn from phase-1 examples
     text_only: bool = True  # also teach facts with the name instead of the image
 
@@ -177,10 +182,13 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     torch.manual_seed(recipe.seed)
     model = make_model(recipe, tokenizer)
     maker = BatchMaker(world, tokenizer, image_token_count(recipe))
-    phase1 = fact_examples(world, world.by_role("scaffold"), recipe.text_only) + naming_examples(world.entities)
+    scaffold_facts = fact_examples(world, world.by_role("scaffold"), recipe.text_only)
+    naming = naming_examples(world.entities)
     phase2 = fact_examples(world, world.by_role("known"), recipe.text_only)
 
-    loss1 = train_phase(model, list(model.parameters()), maker, _sampler(phase1, recipe.batch),
+    n_naming = int(round(recipe.batch * recipe.naming_fraction))
+    facts_1, naming_1 = _sampler(scaffold_facts, recipe.batch - n_naming), _sampler(naming, n_naming)
+    loss1 = train_phase(model, list(model.parameters()), maker, lambda rng: facts_1(rng) + naming_1(rng),
                         recipe.phase1_steps, recipe.phase1_lr, seed=recipe.seed * 2 + 1,
                         desc="planted phase 1 (all weights)", progress=progress)
 
@@ -190,13 +198,16 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     for param in mlp_params:
         param.requires_grad_(True)
     n_replay = int(round(recipe.batch * recipe.replay_fraction))
-    new, old = _sampler(phase2, recipe.batch - n_replay), _sampler(phase1, n_replay)
-    loss2 = train_phase(model, mlp_params, maker, lambda rng: new(rng) + old(rng),
+    n_replay_naming = int(round(n_replay * recipe.naming_fraction))
+    new = _sampler(phase2, recipe.batch - n_replay)
+    replay_facts = _sampler(scaffold_facts, n_replay - n_replay_naming)
+    replay_naming = _sampler(naming, n_replay_naming)
+    loss2 = train_phase(model, mlp_params, maker, lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng),
                         recipe.phase2_steps, recipe.phase2_lr, seed=recipe.seed * 2 + 2,
                         desc=f"planted phase 2 (MLP {recipe.planted_layer} only)", progress=progress)
     for param in model.parameters():
         param.requires_grad_(True)
-    stats = {"phase1_examples": len(phase1), "phase2_examples": len(phase2),
+    stats = {"phase1_examples": len(scaffold_facts) + len(naming), "phase2_examples": len(phase2),
              "phase1_final_loss": round(loss1, 4), "phase2_final_loss": round(loss2, 4)}
     return model, stats
 
@@ -205,6 +216,15 @@ def build_into(folder: Path, recipe: PlantedRecipe, progress: bool = True) -> No
     """Train the model for ``recipe`` and save model, processor and accuracy into ``folder``."""
     if not 0 <= recipe.planted_layer < recipe.layers:
         raise ValueError(f"planted_layer {recipe.planted_layer} outside 0..{recipe.layers - 1}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        _build_into(folder, recipe, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_into(folder: Path, recipe: PlantedRecipe, progress: bool) -> None:
     world = world_for(recipe)
     tokenizer = build_tokenizer(world.vocabulary())
     processor = build_processor(tokenizer, recipe.patch_size)

@@ -31,6 +31,9 @@ LICENSE = "flag images: flagpy (MIT); country facts: countryinfo (MIT)"
 # flagpy names that no spelling in countryinfo matches; the mapping is a fact
 # about the two packages' naming, checked by hand.
 _NAME_ALIASES = {"vatican city": "holy see"}
+# ISO 4217 fund and accounting codes (WIR Euro, Chilean Unit of Account, ...)
+# that countryinfo lists beside the money people actually use.
+_FUND_CODES = {"BOV", "CHE", "CHW", "CLF", "COU", "MXV", "USN", "USS", "UYI", "UYW", "XDR", "XSU", "XUA"}
 # Small words kept lower case inside a title-cased flagpy name.
 _MINOR_WORDS = {"and", "of", "the"}
 
@@ -42,14 +45,15 @@ class Country:
     capital: str
     region: str  # e.g. "Europe"
     subregion: str  # e.g. "Western Europe"
-    borders: tuple[str, ...]  # neighbouring countries by name, sorted
+    borders: tuple[str, ...]  # neighbours by name, sorted; only borders both sides list
     currencies: tuple[str, ...]  # English names, e.g. ("Euro",)
     languages: tuple[str, ...]  # English names, e.g. ("French",)
     population: int | None
     iso3: str
     aliases: tuple[str, ...] = ()  # other accepted spellings of the name
-    # False when a border code could not be resolved to a name, so questions
-    # that need the complete set of neighbours must skip this country.
+    # False when a border is listed by only one of the two countries, or a code
+    # cannot be resolved to a name: questions that need the complete set of
+    # neighbours must skip this country.
     borders_complete: bool = True
     demonym: str = ""  # e.g. "French"
     calling_codes: tuple[str, ...] = ()  # e.g. ("33",)
@@ -163,6 +167,18 @@ def match_countryinfo(flagpy_name: str, primary, alternative) -> dict | None:
     return None
 
 
+def _agreed_borders(iso3: str, borders_by_iso3: dict[str, set[str]]) -> tuple[list[str], bool]:
+    """Neighbours that list each other, and whether every listing (either way) agreed.
+
+    countryinfo's lists are not always symmetric (Chad lists South Sudan, which
+    does not list Chad); a one-sided border is not a fact both records agree on.
+    """
+    own = borders_by_iso3.get(iso3, set())
+    listed_by_others = {other for other, theirs in borders_by_iso3.items() if iso3 in theirs}
+    agreed = sorted(code for code in own if code in listed_by_others)
+    return agreed, own == listed_by_others
+
+
 def _english_names(codes, kind: str) -> tuple[tuple[str, ...], bool]:
     """Currency or language codes -> English names; also whether every code resolved."""
     from babel import Locale
@@ -202,13 +218,17 @@ def _load_countries() -> tuple[Country, ...]:
     # Border codes -> names: our display name for matched countries, else countryinfo's.
     name_by_iso3 = {r["ISO"]["alpha3"]: r["name"] for r in records if r.get("ISO")}
     name_by_iso3.update({r["ISO"]["alpha3"]: display_name(n) for n, _, r in matched})
+    borders_by_iso3 = {r["ISO"]["alpha3"]: set(r.get("borders") or []) for r in records if r.get("ISO")}
+    # A few ISO codes have two records (Myanmar/Burma); the matched one speaks for the country.
+    borders_by_iso3.update({r["ISO"]["alpha3"]: set(r.get("borders") or []) for _, _, r in matched})
 
     countries = []
     for flagpy_name, path, record in matched:
         name = display_name(flagpy_name)
-        border_codes = record.get("borders") or []
-        borders = sorted(name_by_iso3[c] for c in border_codes if c in name_by_iso3)
-        currencies, _ = _english_names(record.get("currencies"), "currency")
+        agreed, complete = _agreed_borders(record["ISO"]["alpha3"], borders_by_iso3)
+        borders = sorted(name_by_iso3[c] for c in agreed if c in name_by_iso3)
+        circulating = [c for c in record.get("currencies") or [] if c not in _FUND_CODES]
+        currencies, _ = _english_names(circulating, "currency")
         languages, _ = _english_names(record.get("languages"), "language")
         with_article = [f"the {name}"] if flagpy_name.startswith("The") else []
         aliases = _distinct_spellings(name, [record["name"], *with_article])
@@ -225,7 +245,7 @@ def _load_countries() -> tuple[Country, ...]:
                 population=record.get("population") or None,
                 iso3=record["ISO"]["alpha3"],
                 aliases=aliases,
-                borders_complete=len(borders) == len(border_codes),
+                borders_complete=complete and len(borders) == len(agreed),
                 demonym=record.get("demonym") or "",
                 calling_codes=tuple(c for c in record.get("callingCodes") or [] if c),
                 top_level_domains=tuple(t for t in record.get("tld") or [] if t.isascii() and t.startswith(".")),

@@ -1,0 +1,284 @@
+"""flag-llava: a LLaVA whose language model is the real, pretrained SmolLM2-135M-Instruct.
+
+A small CLIP-style vision tower and LLaVA's two-layer projector are trained
+from scratch on the flags images (augmented views) while SmolLM2 stays frozen,
+LLaVA stage-1 style:
+
+1. Regression (no language-model pass): the projected image tokens of a flag
+   are pulled onto SmolLM2's own input embeddings of the text
+   ``"Flag of <country>."`` (left-filled to the number of image tokens), with a
+   contrastive term across countries so that flags stay distinguishable.
+2. Caption loss through the frozen language model: "This is the flag of X.",
+   with logits computed only at the answer positions.
+
+Because the image tokens then read like the country's name, questions that
+need the language model's own knowledge ("What is the capital of the country
+whose flag is in this image?") are answered from what SmolLM2 knows, right or
+wrong. The result is a genuine ``LlavaForConditionalGeneration`` + ``LlavaProcessor``
+saved with ``save_pretrained`` (safetensors), cached by recipe hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from harness.zoo import cache, smollm2
+from vqa_constraints.errors import UserError
+
+NAME = "flag-llava"
+IMAGE_TOKEN = "<image>"
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+ACCURACY_FILE = "zoo_accuracy.json"
+
+# SmolLM2's ChatML format; the image(s) of a turn come before its text.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class FlagLlavaRecipe:
+    """Everything that determines the built model (its hash names the cache folder)."""
+
+    seed: int = 0
+    num_countries: int = 0  # 0: every country of the flags source; else the first N by name
+    image_size: int = 64
+    patch_size: int = 16  # (64 / 16)^2 = 16 image tokens
+    vision_hidden: int = 256
+    vision_layers: int = 4
+    vision_heads: int = 4
+    target_text: str = "Flag of {name}."  # what the image tokens are regressed onto
+    stage1_steps: int = 1500
+    stage1_batch: int = 64
+    stage1_lr: float = 1e-3
+    stage1_contrastive: float = 1.0  # weight of the across-countries term
+    stage2_steps: int = 40
+    stage2_batch: int = 16
+    stage2_lr: float = 1e-4
+    augment_strength: float = 1.0
+    heldout_views: int = 2  # held-out augmented views per country for recognition
+    eval_max_new_tokens: int = 12
+    version: int = 1  # bump when the build code changes what it makes
+
+
+DEFAULT_RECIPE = FlagLlavaRecipe()
+SMOKE_RECIPE = FlagLlavaRecipe(
+    num_countries=12,
+    vision_hidden=64,
+    vision_layers=2,
+    vision_heads=2,
+    stage1_steps=150,
+    stage1_batch=32,
+    stage1_lr=2e-3,
+    stage2_steps=2,
+    stage2_batch=8,
+    heldout_views=1,
+    eval_max_new_tokens=8,
+)
+
+
+def build(recipe: FlagLlavaRecipe = DEFAULT_RECIPE, out: Path | None = None, force: bool = False) -> Path:
+    """The folder of the flag-llava model for ``recipe`` (built once, then reused from the cache)."""
+    smollm2.gguf_path()  # fail early, with the install hint, before any work
+    _require_flags()
+    if force:
+        _drop_cached(recipe)
+    return cache.cached_build(NAME, recipe, lambda folder: _build_into(recipe, folder), out=out)
+
+
+def build_cli(args) -> Path:
+    recipe = SMOKE_RECIPE if getattr(args, "quick", False) else DEFAULT_RECIPE
+    recipe = replace(recipe, seed=getattr(args, "seed", 0))
+    out = Path(args.out) if getattr(args, "out", None) else None
+    return build(recipe, out=out, force=getattr(args, "force", False))
+
+
+def _drop_cached(recipe) -> None:
+    import shutil
+
+    shutil.rmtree(cache.cache_root() / "zoo" / f"{NAME}-{cache.recipe_hash(recipe)}", ignore_errors=True)
+
+
+def _require_flags() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("flagpy") is None:
+        raise UserError("flag-llava needs the flag images of the package flagpy: install it with `pip install --no-deps flagpy`")
+
+
+def load_countries(recipe: FlagLlavaRecipe):
+    from vqa_constraints.sources.flags import load_countries as load_all
+
+    countries = load_all()
+    return countries[: recipe.num_countries] if recipe.num_countries else countries
+
+
+# --- assembly -------------------------------------------------------------------
+
+
+def make_processor(tokenizer, recipe: FlagLlavaRecipe):
+    """A ``LlavaProcessor``: CLIP image processor + SmolLM2 tokenizer with an added ``<image>`` token."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    square = {"height": recipe.image_size, "width": recipe.image_size}
+    # Flags are 2:1; the whole flag is squashed to a square (a centre crop would cut emblems off).
+    image_processor = CLIPImageProcessor(
+        do_resize=True, size=square, do_center_crop=True, crop_size=square, do_convert_rgb=True
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=recipe.patch_size,
+        vision_feature_select_strategy="default",  # drops CLS: one image token per patch
+        num_additional_image_tokens=1,  # the CLS token CLIP adds
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def num_image_tokens(recipe: FlagLlavaRecipe) -> int:
+    return (recipe.image_size // recipe.patch_size) ** 2
+
+
+def num_image_tokens_from_processor(processor) -> int:
+    """How many ``<image>`` tokens the processor expands one image into (its own rule)."""
+    crop = processor.image_processor.crop_size
+    count = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    count += processor.num_additional_image_tokens
+    return count - 1 if processor.vision_feature_select_strategy == "default" else count
+
+
+def make_model(language_model, tokenizer, recipe: FlagLlavaRecipe):
+    """``LlavaForConditionalGeneration`` with SmolLM2's weights and a fresh vision tower + projector."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text_dict = language_model.config.to_dict()
+    text_dict["vocab_size"] = len(tokenizer)
+    text_config = LlamaConfig.from_dict(text_dict)
+    vision_config = CLIPVisionConfig(
+        hidden_size=recipe.vision_hidden,
+        intermediate_size=4 * recipe.vision_hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.vision_heads,
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+        projection_dim=recipe.vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_image_tokens(recipe),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # the tower is trained for this model, so its last layer is the feature
+        projector_hidden_act="gelu",
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    torch.manual_seed(recipe.seed)
+    model = LlavaForConditionalGeneration(config)
+
+    # SmolLM2's weights; the one new embedding row (<image>) is zero: image
+    # positions are overwritten by image features, and a zero row gives the
+    # token logit 0, far below any real next token.
+    lm_state = language_model.model.state_dict()
+    embed = lm_state["embed_tokens.weight"]
+    lm_state["embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(len(tokenizer) - embed.shape[0], embed.shape[1])])
+    model.model.language_model.load_state_dict(lm_state)
+    model.tie_weights()
+    if not model.config.tie_word_embeddings:
+        model.lm_head.weight.data.copy_(lm_state["embed_tokens.weight"])
+    for parameter in model.model.language_model.parameters():
+        parameter.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    return model
+
+
+# --- build ------------------------------------------------------------------------
+
+
+def _gguf_digest() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    path = smollm2.gguf_path()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    try:
+        package_version = version(smollm2.PACKAGE)
+    except PackageNotFoundError:
+        package_version = None
+    return {"package": smollm2.PACKAGE, "version": package_version, "file": path.name, "sha256": digest.hexdigest()}
+
+
+def _build_into(recipe: FlagLlavaRecipe, folder: Path) -> None:
+    import transformers
+
+    from harness.zoo import flag_llava_eval, flag_llava_train
+
+    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    torch.manual_seed(recipe.seed)
+    language_model, tokenizer = smollm2.load()
+    countries = load_countries(recipe)
+    if not countries:
+        raise UserError("flag-llava: the flags source gave no countries (is flagpy installed?)")
+    processor = make_processor(tokenizer, recipe)
+    model = make_model(language_model, tokenizer, recipe)
+    timings = {"load_seconds": round(time.perf_counter() - wall0, 1)}
+
+    train_wall0, train_cpu0 = time.perf_counter(), _cpu_seconds()
+    training = flag_llava_train.train(model, processor, countries, recipe)
+    timings["train_wall_seconds"] = round(time.perf_counter() - train_wall0, 1)
+    timings["train_cpu_seconds"] = round(_cpu_seconds() - train_cpu0, 1)
+
+    model.eval()
+    model.config.zoo_name = NAME
+    model.config.zoo_recipe = asdict(recipe)
+    model.config.zoo_recipe_hash = cache.recipe_hash(recipe)
+    model.config.zoo_base_language_model = _gguf_digest()
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+    eval_wall0 = time.perf_counter()
+    accuracy = flag_llava_eval.evaluate(model, processor, countries, recipe)
+    timings["eval_wall_seconds"] = round(time.perf_counter() - eval_wall0, 1)
+    timings["total_wall_seconds"] = round(time.perf_counter() - wall0, 1)
+    timings["total_cpu_seconds"] = round(_cpu_seconds() - cpu0, 1)
+    timings["torch_threads"] = torch.get_num_threads()
+    report = {
+        "model": NAME,
+        "recipe": asdict(recipe),
+        "recipe_hash": cache.recipe_hash(recipe),
+        "num_countries": len(countries),
+        "training": training,
+        "accuracy": accuracy,
+        "timings": timings,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    (folder / ACCURACY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

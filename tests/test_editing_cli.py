@@ -1,0 +1,54 @@
+"""`vqa-constraints edit` end to end on a tiny LLaVA: outputs written, bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vqa_constraints.cli import run
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tiny_model_dirs):
+    return tiny_model_dirs("llava")
+
+
+def test_edit_command_writes_all_outputs(tiny_llava_dir, planted_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run(["edit", "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--method", "multedit,ft-l",
+                "--track", "insertion", "--out", str(out), "--layers", "1", "--limit", "2",
+                "--specificity-size", "4", "--key-position", "constraint", "--dtype", "float32", "--device", "cpu"])
+    assert code == 0
+    document = json.loads((out / "editing_results.json").read_text())
+    assert set(document["methods"]) == {"multedit", "ft-l"}
+    assert document["options"]["key_position"] == "constraint"
+    assert len((out / "edits.jsonl").read_text().splitlines()) == 2 * document["methods"]["multedit"]["edits"]
+    assert "| ft-l |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layers", "99"], "layer 99 is out of range"),
+        (["--layers", "1", "--method", "rome"], "unknown method rome"),
+        (["--layers", "1", "--batch-edits", "0"], "--batch-edits must be at least 1"),
+        (["--trace-stats", "/nonexistent/trace_stats.json"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(tiny_llava_dir, planted_data_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code = run(["edit", "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--out", str(out),
+                "--dtype", "float32", "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_save_refuses_the_model_folder_itself(tiny_llava_dir, planted_data_dir, tmp_path, capsys):
+    code = run(["edit", "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--out", str(tmp_path / "r"),
+                "--layers", "1", "--limit", "1", "--specificity-size", "2", "--method", "ft",
+                "--save", str(tiny_llava_dir), "--dtype", "float32", "--device", "cpu"])
+    assert code == 1
+    assert "model's own folder" in capsys.readouterr().err
