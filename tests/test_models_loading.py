@@ -22,7 +22,13 @@ def tiny_llava(tiny_model_dirs):
 
 
 def test_text_lm_loads_as_text_only_adapter(tiny_model_dirs):
-    adapter = load_model(tiny_model_dirs("text"), device="cpu")
+    import argparse
+
+    from harness.models.loading import add_model_arguments, load_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    adapter = load_from_args(parser.parse_args(["--model", str(tiny_model_dirs("text")), "--device", "cpu"]))
     assert isinstance(adapter, TextLMAdapter) and not adapter.is_multimodal
     assert adapter.num_layers == adapter.model.config.num_hidden_layers
     assert adapter.dtype == torch.float32 and not adapter.model.training

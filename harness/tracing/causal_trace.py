@@ -358,6 +358,8 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
         stats.write_json(out / "trace_stats.json", document)
     if rows:
         plots.plot_all(document, out)
+        if options.positions == "all":
+            plots.plot_examples(document, rows, out)
     return out
 
 

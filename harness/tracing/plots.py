@@ -80,3 +80,30 @@ def curve_plot(document: dict, groups: list[dict], path: Path, what: str) -> Pat
     ax.legend(fontsize=8)
     _save(fig, path)
     return path
+
+
+def plot_examples(document: dict, rows: list[dict], out: Path, limit: int = 3) -> list[Path]:
+    """Paper-style heatmaps for the first ``limit`` traced questions: every text token (y) x layer (x),
+    one panel per kind, colour = p(answer) after restoring that single state."""
+    written = []
+    ids = list(dict.fromkeys(r["id"] for r in rows if r["target"] == "position"))[:limit]
+    for record_id in ids:
+        mine = [r for r in rows if r["id"] == record_id and r["target"] in ("position", "last token")]
+        for corrupted in sorted({r["corrupted"] for r in mine}):
+            cells = [r for r in mine if r["corrupted"] == corrupted]
+            kinds = list(dict.fromkeys(r["kind"] for r in cells))
+            fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.28 * len(cells) / len(kinds) + 1.8),
+                                     squeeze=False)
+            for ax, kind in zip(axes[0], kinds):
+                ordered = sorted((r for r in cells if r["kind"] == kind), key=lambda r: r["target_positions"][0])
+                values = np.array([r["p_restored"] for r in ordered])
+                image = ax.imshow(values, aspect="auto", cmap={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}.get(kind))
+                ax.set_yticks(range(len(ordered)), [r["target_text"].strip() or "·" for r in ordered], fontsize=7)
+                ax.set_xlabel("layer")
+                ax.set_title(f"{kind} restored", fontsize=9)
+                fig.colorbar(image, ax=ax, fraction=0.05)
+            fig.suptitle(_title(document, f"{record_id}: {corrupted} corrupted, p(answer) per restored state"), fontsize=9)
+            path = out / f"example_{_slug(record_id)}_{_slug(corrupted)}.png"
+            _save(fig, path)
+            written.append(path)
+    return written

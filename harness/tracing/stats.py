@@ -29,9 +29,15 @@ def is_affected(p_clean: float, p_corrupt: float) -> bool:
 
 
 def summarise(rows: list[dict], threshold: float, bootstrap: int = 1000, seed: int = 0) -> list[dict]:
-    """One summary per (corrupted, target, kind, num_constraints) group, plus the same over all constraint counts."""
+    """One summary per (corrupted, target, kind, num_constraints) group, plus the same over all constraint counts.
+
+    Rows restored at a single text position (``--positions all``) are left out:
+    position i means a different token in each question.
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
+        if row["target"] == "position":
+            continue  # single positions are per-example heatmaps (plots.py), not averaged across questions
         for count in ("all", str(row["num_constraints"])):
             groups[(row["corrupted"], row["target"], row["kind"], count)].append(row)
     rng = np.random.default_rng(seed)

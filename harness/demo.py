@@ -1,0 +1,192 @@
+"""`vqa-constraints demo`: the whole study in one command.
+
+Builds the bundled dataset, builds (or reuses) the zoo models, evaluates them,
+traces them (with the image and as a text-only LLM), measures attention
+contributions, runs the editing track and writes ``report.md``.
+
+Every step is an ordinary subcommand run through the same CLI a user types
+(the printed command lines can be copied), writing into its own run folder
+under ``DIR/runs``. A step whose output file already exists is reused, so an
+interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vqa_constraints.errors import UserError
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much of the study to run: --quick is what CI runs (planted model only)."""
+
+    sources: str
+    models: tuple[str, ...]
+    eval_limit: int | None
+    trace_limit: int
+    attention_limit: int
+    edit_limit: int
+    sweep_layers: bool
+
+
+QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=40, trace_limit=16,
+                 attention_limit=16, edit_limit=8, sweep_layers=True)
+FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=None, trace_limit=60,
+                attention_limit=60, edit_limit=40, sweep_layers=True)
+
+
+@dataclass
+class Step:
+    name: str  # also the run folder's name under DIR/runs
+    argv: list[str]  # a `vqa-constraints` command line
+    output: str  # the file whose presence means the step is done
+    seconds: float | None = None
+    reused: bool = False
+    notes: dict = field(default_factory=dict)
+
+
+def add_demo(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="run the whole study and write DIR/report.md")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--quick", action="store_true", help="planted model only, small limits (a few minutes on 2 cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_demo_cli)
+
+
+def run_demo_cli(args: argparse.Namespace) -> int:
+    report = run_demo(args.out, quick=args.quick, seed=args.seed)
+    print(report)
+    return 0
+
+
+def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: DemoSize, seed: int) -> list[Step]:
+    """The evaluate / trace / attention / edit steps for one zoo model."""
+    model, data_arg, seed_arg = str(model_dir), str(data), str(seed)
+    common = ["--model", model, "--data", data_arg, "--seed", seed_arg]
+
+    def limit(value):
+        return [] if value is None else ["--limit", str(value)]
+
+    steps = [
+        Step(f"{model_name}-evaluate",
+             ["evaluate", *common, "--out", str(runs / f"{model_name}-evaluate"), *limit(size.eval_limit),
+              "--no-progress"],
+             "results.json"),
+    ]
+    if model_name == "planted":
+        # The planted model reads the picture from the final token (see the
+        # tracing section of the README), so the image itself is corrupted.
+        mllm_trace = ["--corruption", "image-noise", "--positions", "last"]
+        text_trace = ["--corruption", "noise", "--positions", "constraint"]
+        edit_track, key_position = "insertion", "last"
+    else:
+        mllm_trace = ["--corruption", "replace", "--positions", "constraint"]
+        text_trace = ["--corruption", "replace", "--positions", "constraint"]
+        edit_track, key_position = "correction", "constraint"
+    steps += [
+        Step(f"{model_name}-trace-mllm",
+             ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", "hidden,mlp,attn",
+              "--out", str(runs / f"{model_name}-trace-mllm"), *limit(size.trace_limit), "--no-progress"],
+             "trace_stats.json"),
+        Step(f"{model_name}-trace-text-only",
+             ["trace", *common, "--config", "single_constraint", "--text-only", *text_trace,
+              "--kinds", "hidden,mlp,attn", "--out", str(runs / f"{model_name}-trace-text-only"),
+              *limit(size.trace_limit), "--no-progress"],
+             "trace_stats.json"),
+        Step(f"{model_name}-trace-multi",
+             ["trace", *common, "--config", "multi_constraint", "--corruption", "noise", "--positions", "constraint",
+              "--kinds", "mlp", "--out", str(runs / f"{model_name}-trace-multi"), *limit(size.trace_limit),
+              "--no-progress"],
+             "trace_stats.json"),
+        Step(f"{model_name}-attention",
+             ["attention", *common, "--config", "single_constraint", "--out", str(runs / f"{model_name}-attention"),
+              *limit(size.attention_limit), "--no-progress"],
+             "attention_stats.json"),
+        Step(f"{model_name}-edit",
+             ["edit", *common, "--method", "multedit,ft,ft-l", "--track", edit_track,
+              "--key-position", key_position, "--trace-stats",
+              str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
+              "--out", str(runs / f"{model_name}-edit"), *limit(size.edit_limit),
+              *(["--sweep-layers"] if size.sweep_layers else [])],
+             "editing_results.json"),
+    ]
+    return steps
+
+
+def run_step(step: Step, folder: Path) -> None:
+    """Run one subcommand through the CLI, unless ``folder`` already holds its output."""
+    from vqa_constraints.cli import run
+
+    if (folder / step.output).exists():
+        step.reused = True
+        console.print(f"[dim]reusing {folder}[/dim]")
+        return
+    console.rule(f"[bold]{step.name}")
+    console.print(f"$ vqa-constraints {shlex.join(step.argv)}", highlight=False)
+    started = time.perf_counter()
+    code = run(step.argv)
+    step.seconds = time.perf_counter() - started
+    if code != 0:
+        raise UserError(f"demo step {step.name!r} failed (exit {code}); fix the error above and rerun to continue")
+
+
+def build_zoo_model(name: str, quick: bool) -> Path:
+    if name == "planted":
+        from harness.zoo.planted import DEFAULT_RECIPE, build
+
+        return Path(build(DEFAULT_RECIPE))
+    from harness.zoo.flag_llava import DEFAULT_RECIPE, build
+
+    return Path(build(DEFAULT_RECIPE))
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
+    from harness.report import write_report
+
+    size = QUICK if quick else FULL
+    out = Path(out)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    all_steps: list[Step] = []
+
+    build_step = Step("dataset", ["build", "--out", str(data), "--sources", size.sources, "--seed", str(seed)],
+                      "README.md")
+    run_step(build_step, data)
+    all_steps.append(build_step)
+
+    models: dict[str, Path] = {}
+    for name in size.models:
+        console.rule(f"[bold]zoo: {name}")
+        started = time.perf_counter()
+        models[name] = build_zoo_model(name, quick)
+        all_steps.append(Step(f"zoo-{name}", ["zoo", "build", name], "config.json",
+                              seconds=time.perf_counter() - started))
+        for step in model_steps(name, models[name], data, runs, size, seed):
+            run_step(step, runs / step.name)
+            all_steps.append(step)
+
+    report = write_report(out, models={k: str(v) for k, v in models.items()}, steps=all_steps, quick=quick)
+    print_summary(all_steps, report)
+    return report
+
+
+def print_summary(steps: list[Step], report: Path) -> None:
+    table = Table(title="vqa-constraints demo")
+    table.add_column("step")
+    table.add_column("time")
+    for step in steps:
+        when = "reused" if step.reused else (f"{step.seconds:.1f} s" if step.seconds is not None else "")
+        table.add_row(step.name, when)
+    console.print(table)
+    console.print(f"report: {report}")
