@@ -59,6 +59,7 @@ class EditOptions:
     seed: int = 0
     split: str = "test"
     specificity_size: int = 32
+    preserve_size: int = 0  # MultEdit: validation questions whose keys the edit must leave mapped as before
     max_new_tokens: int = 8
     batch_size: int = 16
     trace_stats: str | None = None  # a finished trace whose peak MLP layer is the default layer
@@ -144,6 +145,31 @@ def specificity_sample(data: str, options: EditOptions) -> list:
     # A few spare so that dropping the edited subjects still leaves about ``specificity_size``.
     chosen = sorted(indices[: options.specificity_size + 8])
     return [split.record(i) for i in chosen]
+
+
+def preservation_requests(data: str, options: EditOptions, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """A seeded sample of single-constraint *validation* questions (never the test questions that
+    specificity is measured on), about subjects no request edits."""
+    from editing.requests import request_from_record
+
+    if options.preserve_size <= 0:
+        return []
+    try:
+        split = load_split(data, SPECIFICITY_CONFIG, "validation")
+    except UserError:
+        log.warning("%s has no %s/validation split: MultEdit runs without preserved keys", data, SPECIFICITY_CONFIG)
+        return []
+    subjects = {r.subject for r in requests}
+    indices = list(range(len(split)))
+    random.Random(options.seed + 1).shuffle(indices)
+    chosen = []
+    for index in indices:
+        record = split.record(index)
+        if record.subject not in subjects:
+            chosen.append(request_from_record(record, "preserve"))
+        if len(chosen) == options.preserve_size:
+            break
+    return chosen
 
 
 # --- running one method ----------------------------------------------------------
@@ -277,6 +303,11 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
         raise UserError(f"{data}: every request was skipped: {skipped_requests[0]['reason']}")
     log.info("%d edit requests (%d records skipped), layers %s from %s", len(requests), len(skipped_records), layers, layer_source)
 
+    preserved = preservation_requests(data, options, requests)
+    for method in methods:
+        if hasattr(method, "preserve"):
+            method.preserve(preserved)
+
     unrelated = specificity_sample(data, options)
     ctx = Context(adapter, options, {}, unrelated,
                   generate_answers(adapter, unrelated, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size))
@@ -313,6 +344,7 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
                     "reasons": _count_reasons([s.reason for s in skipped_records] +
                                               [s["reason"] for s in skipped_requests])},
         "specificity_questions": len(unrelated),
+        "preserved_questions": len(preserved),
         "methods": results,
         "sweep": sweep,
         "versions": _versions(),

@@ -193,12 +193,15 @@ def score_batch(backend, adapter, records: list[Record], tasks: list[Task], opti
                 owners.append(row)
         for owner, result in zip(owners, backend.loglikelihood(requests, batch_size=options.batch_size)):
             answer_scores[owner].append(result)
+    if options.scoring == "logprob":
+        # The prompt alone, as generation would see it (a teacher-forced input may tokenize its end differently).
+        next_token = backend.next_token_confidence(prompts, batch_size=options.batch_size)
     samples = []
     for task, record, generation, scores in zip(tasks, records, generations, answer_scores):
         prompt_text = adapter.build_prompt(record.question, with_image=True)[0] if adapter else backend.prompt_text(
             scoring.Prompt(record.question, record.image)
         )
-        confidence = generation.confidence if generation else (scores[0].confidence if scores else None)
+        confidence = generation.confidence if generation else next_token[len(samples)]
         logprobs = [round(s.logprob, 6) for s in scores]
         samples.append(
             {

@@ -34,7 +34,7 @@ def run_options(model_dir, data_dir, out, **overrides) -> EvalOptions:
         data=str(data_dir),
         out=Path(out),
         limit=LIMIT,
-        batch_size=4,
+        batch_size=8,
         scoring="both",
         progress=False,
         show_table=False,
@@ -45,7 +45,7 @@ def run_options(model_dir, data_dir, out, **overrides) -> EvalOptions:
 
 @pytest.fixture(scope="session")
 def small_run(planted_model_dir, planted_data_dir, planted_adapter, tmp_path_factory):
-    """An uninterrupted run: LIMIT questions of each config, scoring both ways, batch size 4."""
+    """An uninterrupted run: LIMIT questions of each config, scoring both ways, batch size 8."""
     out = tmp_path_factory.mktemp("runs") / "small"
     return evaluate(run_options(planted_model_dir, planted_data_dir, out), adapter=planted_adapter)
 

@@ -52,7 +52,7 @@ def test_results_record_provenance_and_metrics(small_run, planted_data_dir, plan
     assert schema_errors("results", results, "results.json") == []
     assert results["model"]["revision"].startswith("sha256:")
     assert results["model"]["dtype"] == "float32" and results["model"]["device"] == "cpu"
-    assert results["options"]["batch_size"] == 4 and results["options"]["seed"] == 0
+    assert results["options"]["batch_size"] == 8 and results["options"]["seed"] == 0
     assert results["package"]["version"]
     assert results["versions"]["torch"] and results["timing"]["seconds"] > 0
     for config in CONFIGS:
@@ -91,8 +91,7 @@ def test_same_seed_gives_byte_identical_samples_and_batch_size_does_not_matter(
     assert (again / "samples.jsonl").read_bytes() == (small_run / "samples.jsonl").read_bytes()
 
     one = evaluate(run_options(planted_model_dir, planted_data_dir, tmp_path / "b1", batch_size=1), adapter=planted_adapter)
-    eight = evaluate(run_options(planted_model_dir, planted_data_dir, tmp_path / "b8", batch_size=8), adapter=planted_adapter)
-    for a, b in zip(read_samples(one), read_samples(eight)):
+    for a, b in zip(read_samples(one), read_samples(small_run)):  # batch size 1 vs 8
         assert a["prediction"] == b["prediction"] and a["correct"] == b["correct"]
         assert a["gold_logprob"] == pytest.approx(b["gold_logprob"], abs=1e-4)
         assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-4)
@@ -109,7 +108,7 @@ def _interrupted_copy(small_run: Path, target: Path, keep: int, corrupt_middle: 
     (target / "samples.jsonl").write_text("".join(kept) + lines[keep][: len(lines[keep]) // 2])
 
 
-@pytest.mark.parametrize("keep, corrupt_middle", [(0, False), (5, False), (7, True)])
+@pytest.mark.parametrize("keep, corrupt_middle", [(4, False), (11, True)])
 def test_resume_after_a_crash_gives_the_uninterrupted_files(
     small_run, planted_model_dir, planted_data_dir, planted_adapter, tmp_path, caplog, keep, corrupt_middle
 ):
@@ -126,7 +125,7 @@ def test_killed_cli_run_resumes_to_identical_files(small_run, planted_model_dir,
     run = tmp_path / "killed"
     command = [
         str(Path(sys.executable).parent / "vqa-constraints"), "evaluate", "--model", str(planted_model_dir),
-        "--data", str(planted_data_dir), "--out", str(run), "--limit", str(LIMIT), "--batch-size", "1", "--no-progress",
+        "--data", str(planted_data_dir), "--out", str(run), "--limit", str(LIMIT), "--batch-size", "8", "--no-progress",
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     samples = run / "samples.jsonl"

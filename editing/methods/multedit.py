@@ -62,6 +62,28 @@ class MultEdit(EditMethod):
 
     name = "multedit"
 
+    def preserve(self, requests: Sequence[EditRequest]) -> None:
+        """Questions whose current values the edit must keep: their keys join K with V* = W0 k.
+
+        That is still argmin ||W K - V*||^2 + lam ||W - W0||^2, with more columns;
+        it stops an edit from spilling onto inputs whose keys resemble the edited one.
+        """
+        self._preserve = list(requests)
+        self._preserve_keys = {}
+
+    def _preserved_keys(self, adapter, module, layer: int) -> torch.Tensor | None:
+        requests = getattr(self, "_preserve", [])
+        if not requests:
+            return None
+        cache = self._preserve_keys
+        if layer not in cache:  # read once, with the original weights
+            keys = []
+            for request in requests:
+                prompt = request_prompts(adapter, request, self.key_position)[0]
+                keys.append(_key_and_value(adapter, module, prompt)[0])
+            cache[layer] = torch.stack(keys, 1)
+        return cache[layer]
+
     def apply(self, adapter, requests: Sequence[EditRequest], layers: Sequence[int]) -> EditHandle:
         modules = check_inputs(adapter, requests, layers)
         prompts = [request_prompts(adapter, r, self.key_position) for r in requests]
@@ -77,7 +99,12 @@ class MultEdit(EditMethod):
                     keys.append(key)
                     deltas.append(delta * share)
                     losses.append(loss)
-                self._write(module, torch.stack(keys, 1), torch.stack(deltas, 1))
+                K, D = torch.stack(keys, 1), torch.stack(deltas, 1)
+                kept = self._preserved_keys(adapter, module, int(layers[index]))
+                if kept is not None:
+                    K = torch.cat([K, kept.to(K.device)], 1)
+                    D = torch.cat([D, torch.zeros(D.shape[0], kept.shape[1], dtype=D.dtype, device=D.device)], 1)
+                self._write(module, K, D)
                 handle.info["per_layer"].append({"layer": int(layers[index]), "final_nll": losses})
         except Exception:
             handle.restore()
@@ -122,7 +149,7 @@ class MultEdit(EditMethod):
     def _write(self, module, K: torch.Tensor, deltas: torch.Tensor) -> None:
         W0 = module.weight.float()
         K = K.float().to(W0.device)
-        lam = self.lam * float(K.pow(2).sum(0).mean())
+        lam = self.lam * float(K.pow(2).sum(0).mean())  # relative, so lam means the same for any model
         V = W0 @ K + deltas.to(W0.device)
         if not torch.isfinite(V).all():
             raise SkipEdit("the optimised value is not finite")

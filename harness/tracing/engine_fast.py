@@ -111,10 +111,8 @@ class FastEngine:
         inputs = inputs[:, offset:].repeat(n, 1, 1)
         cache = None
         if offset > 0:
-            cache = DynamicCache(
-                [(k[:, :, :offset].repeat(n, 1, 1, 1), v[:, :, :offset].repeat(n, 1, 1, 1))
-                 for k, v in prepared.extra["corrupt_kv"]]
-            )
+            cache = DynamicCache([(_tile(k[:, :, :offset], n), _tile(v[:, :, :offset], n))
+                                  for k, v in prepared.extra["corrupt_kv"]])
         lm = prepared.adapter.language_model()
         with layers_from(lm, start_layer):
             out = lm(inputs_embeds=inputs, past_key_values=cache, use_cache=cache is not None)
@@ -157,6 +155,13 @@ def layers_from(lm: nn.Module, start: int):
         yield
     finally:
         lm.layers = full
+
+
+def _tile(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` copies along the batch (row i * samples + s = sample s); a view when there is one sample."""
+    if tensor.shape[0] == 1:
+        return tensor.expand(n, *tensor.shape[1:])
+    return tensor.repeat(n, *([1] * (tensor.dim() - 1)))
 
 
 def _lm_head(prepared: Prepared):

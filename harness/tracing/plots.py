@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 KIND_COLOURS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
@@ -74,6 +75,7 @@ def curve_plot(document: dict, groups: list[dict], path: Path, what: str) -> Pat
         ax.plot(layers, g["mean_effect"], marker="o", ms=3, color=colour, label=f"{g['kind']} (n={g['n']})")
         ax.fill_between(layers, g["ci_low"], g["ci_high"], color=colour, alpha=0.2)
     ax.axhline(0, color="grey", lw=0.5)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("indirect effect on p(answer)")
     ax.set_title(_title(document, what), fontsize=9)
@@ -100,6 +102,7 @@ def plot_examples(document: dict, rows: list[dict], out: Path, limit: int = 3) -
                 image = ax.imshow(values, aspect="auto", cmap={"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}.get(kind))
                 ax.set_yticks(range(len(ordered)), [r["target_text"].strip() or "·" for r in ordered], fontsize=7)
                 ax.set_xlabel("layer")
+                ax.set_xticks(range(values.shape[1]))
                 ax.set_title(f"{kind} restored", fontsize=9)
                 fig.colorbar(image, ax=ax, fraction=0.05)
             fig.suptitle(_title(document, f"{record_id}: {corrupted} corrupted, p(answer) per restored state"), fontsize=9)
