@@ -35,7 +35,7 @@ SIZES = {
                            num_key_value_heads=3),
                  vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)),
 }
-QUESTION = "What is the capital of the country whose flag is in this image and that lies in Europe?"
+QUESTION = "What is the capital of the country whose flag is in this image?"
 CONSTRAINT = "the country whose flag is in this image"
 IMAGE_SIZE, PATCH = 336, 14
 
@@ -78,7 +78,8 @@ def bench(size: str, corruption: str, reference_cells: int, root: Path) -> dict:
     encoded = adapter.encode(QUESTION, image)
     start = QUESTION.index(CONSTRAINT)
     positions = encoded.positions_for_question_span(start, start + len(CONSTRAINT))
-    question_tokens = sum(1 for a, _ in encoded.token_char_spans if a >= encoded.question_start)
+    end = encoded.question_start + len(QUESTION)
+    question_tokens = sum(1 for a, b in encoded.token_char_spans if a >= encoded.question_start and b <= end)
     layers = adapter.num_layers
     sets = [ct.restore_set(kind, layer, pos, 1, layers)
             for pos in (positions, [encoded.last_position]) for kind in KINDS for layer in range(layers)]

@@ -33,7 +33,7 @@ from editing.methods import EditMethod, SkipEdit, make_method, weights_hash
 from editing.methods.base import check_inputs, check_layers, request_prompts
 from editing.requests import TRACK_CONFIG, TRACKS, EditRequest, Skipped, build_requests
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
-from harness.scoring import Prompt, answer_correct, generate_answers
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, generate_answers
 from vqa_constraints.errors import UserError
 from vqa_constraints.loading import load_split
 
@@ -60,7 +60,7 @@ class EditOptions:
     split: str = "test"
     specificity_size: int = 32
     preserve_size: int = 0  # MultEdit: validation questions whose keys the edit must leave mapped as before
-    max_new_tokens: int = 8
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 16
     trace_stats: str | None = None  # a finished trace whose peak MLP layer is the default layer
     trace_limit: int = 16  # questions traced to find the default layer when neither layers nor trace_stats is given

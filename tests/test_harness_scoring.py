@@ -49,8 +49,8 @@ def test_planted_model_answers_planted_questions(planted_adapter, planted_record
 
 
 def test_generation_is_batch_invariant(planted_adapter, planted_records):
-    one = scoring.generate(planted_adapter, planted_records, batch_size=1)
-    eight = scoring.generate(planted_adapter, planted_records, batch_size=8)
+    one = scoring.generate(planted_adapter, planted_records[:8], batch_size=1)
+    eight = scoring.generate(planted_adapter, planted_records[:8], batch_size=8)
     assert [g.text for g in one] == [g.text for g in eight]
     assert max(abs(a.confidence - b.confidence) for a, b in zip(one, eight)) < 1e-4
 

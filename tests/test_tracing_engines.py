@@ -57,8 +57,8 @@ def test_restoring_everything_gives_clean_and_nothing_gives_corrupt(tiny_llava, 
 def test_fast_and_reference_agree_on_every_cell(tiny_llava, example, mode, window):
     encoded, positions = example
     text = [q for q, (a, _) in enumerate(encoded.token_char_spans) if a >= 0]
-    # Constraint tokens together, the last token, and two single positions (one before the constraint).
-    targets = {"constraint": positions, "last": [encoded.last_position], "early": [text[0]], "inside": [positions[1]]}
+    # Constraint tokens together, the last token, and a single position before the constraint.
+    targets = {"constraint": positions, "last": [encoded.last_position], "early": [text[0]]}
     results = {}
     for name in ("fast", "reference"):
         engine = ct.make_engine(name, max_batch=5) if name == "fast" else ct.make_engine(name)
@@ -70,6 +70,25 @@ def test_fast_and_reference_agree_on_every_cell(tiny_llava, example, mode, windo
     assert spread > 1e-3, "restorations must differ from each other for the comparison to bite"
     for name in targets:
         np.testing.assert_allclose(fast[name], ref[name], atol=1e-4, rtol=0)
+
+
+def test_whole_answer_probability_agrees_and_is_exact(tiny_llava, example):
+    encoded, positions = example
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    with_answer = tiny_llava.encode(QUESTION, image, answer="Paris is the capital")
+    assert len(with_answer.answer_positions) > 1 and with_answer.last_position == encoded.last_position
+    everything = frozenset(("hidden", l, q) for l in range(tiny_llava.num_layers) for q in range(with_answer.length))
+    targets = {"constraint": positions, "last": [with_answer.last_position]}
+    results = []
+    for name in ("fast", "reference"):
+        engine = ct.make_engine(name)
+        prepared = ct.prepare(tiny_llava, with_answer, engine, "noise", positions, seed=1, samples=2)
+        assert prepared.score_positions == [q - 1 for q in with_answer.answer_positions]
+        p_all, p_none = engine.score(prepared, [everything, frozenset()])
+        assert p_all == pytest.approx(prepared.p_clean, abs=1e-7) and p_none == pytest.approx(prepared.p_corrupt, abs=1e-7)
+        results.append(ct.trace_example(prepared, engine, targets, ["mlp", "attn"], 1))
+    for name in targets:
+        np.testing.assert_allclose(results[0][name], results[1][name], atol=1e-4, rtol=1e-3)
 
 
 def test_window_layers_are_centred_and_clipped():

@@ -19,10 +19,15 @@ TEMPLATE_NAME = "dataset_card.md"
 
 
 def template_path() -> Path:
-    """The card template at the repository root (next to pyproject.toml)."""
-    path = Path(__file__).resolve().parents[1] / TEMPLATE_NAME
+    """The card template shipped in the package.
+
+    ``vqa_constraints/dataset_card.md`` is a link to the repository's root
+    ``dataset_card.md`` (where readers look for it); building a wheel copies the
+    linked file's content, so installed packages carry the template too.
+    """
+    path = Path(__file__).resolve().parent / TEMPLATE_NAME
     if not path.is_file():
-        raise UserError(f"{path}: the dataset card template is missing; install from a source checkout")
+        raise UserError(f"{path}: the dataset card template is missing from the installed package")
     return path
 
 

@@ -35,11 +35,12 @@ from vqa_constraints.errors import UserError
 
 from .engine_fast import FastEngine
 from .engine_reference import ReferenceEngine
-from .patching import KINDS, Corruption, Prepared, RestoreSet, module_for
+from .patching import KINDS, Corruption, Prepared, RestoreSet, answer_probability, module_for
 
 log = logging.getLogger(__name__)
 
 CORRUPTIONS = ("replace", "noise", "image-noise")
+ANSWER_SCORES = ("first-token", "full")
 POSITIONS = ("constraint", "last", "all")
 ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
 NOISE_SCALE = 3.0  # noise std as a multiple of the embedding (or image-feature) std, as in ROME
@@ -49,24 +50,34 @@ DEFAULT_REPLACE_TOKEN = " Paris"
 # --- 1. clean run -------------------------------------------------------------
 
 
-def clean_run(adapter: ModelAdapter, encoded: Encoded) -> tuple[dict, torch.Tensor, int, float]:
-    """Clean activations (kind -> per-layer [T, H]), the language model's input embeddings
-    [1, T, H], the answer token (the model's own top prediction) and its probability."""
+def clean_run(adapter: ModelAdapter, encoded: Encoded) -> tuple[dict, torch.Tensor, list[int], list[int], float]:
+    """Clean activations (kind -> per-layer [T, H]), the language model's input embeddings [1, T, H],
+    the answer tokens, the positions predicting them, and p_clean.
+
+    Without an answer in ``encoded`` the answer is the model's own top next token;
+    with one (``encode(..., answer=...)``) it is every answer token, teacher forced.
+    """
     names = {f"{kind}.{layer}": module_for(adapter, kind, layer) for kind in KINDS for layer in range(adapter.num_layers)}
     names["embed"] = adapter.embed_tokens()
     image_module = adapter.image_features_module() if encoded.image_positions else None
     if image_module is not None:
         names["image"] = image_module
     with torch.no_grad(), record_outputs(names) as seen:
-        logits = adapter.model(**encoded.inputs).logits[:, -1]
-    probs = torch.softmax(logits.float(), dim=-1)[0]
-    token = int(probs.argmax())
+        logits = adapter.model(**encoded.inputs).logits
+    answer_positions = list(getattr(encoded, "answer_positions", None) or [])
+    if answer_positions:
+        tokens = [int(encoded.input_ids[0, q]) for q in answer_positions]
+        score_positions = [q - 1 for q in answer_positions]
+    else:
+        score_positions = [encoded.last_position]
+        tokens = [int(logits[0, -1].argmax())]
+    p_clean = float(answer_probability(logits[:, score_positions], tokens)[0])
     clean = {kind: [seen[f"{kind}.{layer}"][0] for layer in range(adapter.num_layers)] for kind in KINDS}
     # The language model sees token embeddings with the projected image features scattered in.
     embeds = seen["embed"].clone()
     if image_module is not None:
         embeds[0, encoded.image_positions] = seen["image"].reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-    return clean, embeds, token, float(probs[token])
+    return clean, embeds, tokens, score_positions, p_clean
 
 
 # --- 2. corrupted run ---------------------------------------------------------
@@ -116,9 +127,9 @@ def prepare(
     replace_token: str = DEFAULT_REPLACE_TOKEN,
 ) -> Prepared:
     """Clean run + corrupted run of one example: everything restored runs need."""
-    clean, embeds, token, p_clean = clean_run(adapter, encoded)
+    clean, embeds, tokens, score_positions, p_clean = clean_run(adapter, encoded)
     corruption = make_corruption(adapter, mode, constraint_positions, encoded, embeds, seed, samples, replace_token)
-    prepared = Prepared(adapter, encoded.inputs, embeds, corruption, clean, token, p_clean)
+    prepared = Prepared(adapter, encoded.inputs, embeds, corruption, clean, tokens, score_positions, p_clean)
     engine.prepare(prepared)
     return prepared
 
@@ -181,6 +192,7 @@ class TraceOptions:
     kinds: tuple[str, ...] = KINDS
     window: int = 1
     positions: str = "constraint"  # constraint (+ last token) | last | all (every text position)
+    answer: str = "first-token"  # first-token: p of the answer's first token | full: p of the whole answer
     limit: int | None = None
     text_only: bool = False
     engine: str = "fast"
@@ -198,6 +210,8 @@ class TraceOptions:
     def check(self) -> None:
         if self.corruption not in CORRUPTIONS:
             raise UserError(f"--corruption {self.corruption!r}: choose from {', '.join(CORRUPTIONS)}")
+        if self.answer not in ANSWER_SCORES:
+            raise UserError(f"--answer {self.answer!r}: choose from {', '.join(ANSWER_SCORES)}")
         if self.positions not in POSITIONS:
             raise UserError(f"--positions {self.positions!r}: choose from {', '.join(POSITIONS)}")
         unknown = [k for k in self.kinds if k not in KINDS]
@@ -252,21 +266,25 @@ def example_seed(seed: int, record_id: str, unit: int) -> int:
 
 def trace_targets(located, encoded: Encoded, positions: str) -> list[tuple[str, int, list[int]]]:
     """(target kind, index, positions) restored as one unit: each constraint's tokens together, the
-    last token, and with ``all`` every text position on its own."""
+    last token, and with ``all`` every text position of the prompt on its own."""
+    last = encoded.last_position  # the prompt's last token, also when an answer is teacher forced
     targets = []
     if positions in ("constraint", "all"):
         targets += [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
-    targets.append(("last token", 0, [encoded.last_position]))
+    targets.append(("last token", 0, [last]))
     if positions == "all":
-        text = [q for q, (a, b) in enumerate(encoded.token_char_spans) if a >= 0 and q != encoded.last_position]
+        text = [q for q, (a, b) in enumerate(encoded.token_char_spans[:last]) if a >= 0]
         targets += [("position", q, [q]) for q in text]
     return targets
 
 
-def trace_record(adapter, record, engine, options: TraceOptions, bar=None) -> list[dict]:
-    """All trace rows of one correctly answered record."""
+def trace_record(adapter, record, engine, options: TraceOptions, bar=None, prediction: str | None = None) -> list[dict]:
+    """All trace rows of one correctly answered record (``prediction``: the model's answer, scored
+    whole with ``--answer full``)."""
     question = record.text_only_question if options.text_only else record.question
-    encoded = adapter.encode(question) if options.text_only else adapter.encode(question, record.image)
+    answer = (prediction or record.answers[0]) if options.answer == "full" else None
+    image = None if options.text_only else record.image
+    encoded = adapter.encode(question, answer=answer) if image is None else adapter.encode(question, image, answer=answer)
     located = locate_constraints(record, encoded, options.text_only)
     if options.corruption == "image-noise":
         units = [("image", 0, [])]
@@ -295,7 +313,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None) -> li
                     "corrupted": corrupted, "corrupted_index": corrupted_index,
                     "target": target, "target_index": index, "target_positions": list(pos),
                     "target_text": "".join(encoded.prompt[a:b] for a, b in (encoded.token_char_spans[q] for q in pos) if a >= 0),
-                    "kind": kind, "window": options.window, "answer_token": prepared.target_token,
+                    "kind": kind, "window": options.window, "answer_tokens": list(prepared.target_tokens),
                     "p_clean": prepared.p_clean, "p_corrupt": prepared.p_corrupt,
                     "p_restored": [float(x) for x in p[k]],
                     "effect": [float(x) for x in effect],
@@ -346,7 +364,7 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
                 skips.add("wrong_answer", f"{record.id}: answered {prediction!r}, expected {record.answers[0]!r}")
                 continue
             try:
-                rows.extend(trace_record(adapter, record, engine, options, bar))
+                rows.extend(trace_record(adapter, record, engine, options, bar, prediction))
             except UserError as error:
                 skips.add("constraint_not_found", f"{record.id}: {error}")
                 continue

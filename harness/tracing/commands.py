@@ -23,6 +23,8 @@ def add_trace(subparsers) -> None:
     parser.add_argument("--window", type=int, default=1, help="consecutive layers restored together")
     parser.add_argument("--positions", default="constraint", choices=POSITIONS,
                         help="constraint: each constraint's tokens and the last token; last: last token only; all: also every text position")
+    parser.add_argument("--answer", default="first-token", choices=("first-token", "full"),
+                        help="score p of the answer's first token (the model's own top token) or of the whole answer")
     parser.add_argument("--limit", type=int, default=None, help="trace at most the first N questions")
     parser.add_argument("--text-only", action="store_true", help="trace the language model alone on text_only_question")
     parser.add_argument("--engine", default="fast", choices=sorted(ENGINES))
@@ -43,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, config=args.config, out=Path(args.out), split=args.split,
         corruption=args.corruption, replace_token=args.replace_token,
         kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), window=args.window,
-        positions=args.positions, limit=args.limit, text_only=args.text_only, engine=args.engine, seed=args.seed,
+        positions=args.positions, answer=args.answer, limit=args.limit, text_only=args.text_only, engine=args.engine, seed=args.seed,
         noise_samples=args.noise_samples, dtype=args.dtype, device=args.device, revision=args.revision,
         trust_remote_code=args.trust_remote_code, threshold=args.threshold, max_batch=args.max_batch,
         progress=not args.no_progress,

@@ -55,11 +55,11 @@ class FastEngine:
         layers = {str(i): layer for i, layer in enumerate(adapter.layers())}
         with torch.no_grad(), record_outputs(layers) as hidden:
             out = adapter.language_model()(inputs_embeds=embeds, use_cache=True)
-            logits = _lm_head(prepared)(out.last_hidden_state[:, -1])
+            logits = _lm_head(prepared)(out.last_hidden_state[:, prepared.score_positions])
         prepared.extra["corrupt_embeds"] = embeds
         prepared.extra["corrupt_hidden"] = [hidden[str(i)] for i in range(len(layers))]
         prepared.extra["corrupt_kv"] = _key_values(out.past_key_values)
-        prepared.p_corrupt = float(answer_probability(logits, prepared.target_token).mean())
+        prepared.p_corrupt = float(answer_probability(logits, prepared.target_tokens).mean())
         prepared.extra["can_skip_layers"] = self.layer_buckets > 1 and self._skipping_is_exact(prepared, logits)
 
     def score(self, prepared: Prepared, restore_sets: list[RestoreSet], progress=None) -> np.ndarray:
@@ -75,7 +75,7 @@ class FastEngine:
                 if progress is not None:
                     progress(1)
                 continue
-            offset = min((q for _, _, q in cells), default=prepared.length - 1)
+            offset = min([q for _, _, q in cells] + [prepared.score_positions[0]])
             groups[(offset, self._start_layer(prepared, cells))].append(i)
         for (offset, start_layer), indices in sorted(groups.items()):
             size = self._chunk_size(prepared, offset)
@@ -102,7 +102,7 @@ class FastEngine:
         return max(1, min(self.max_batch, rows // prepared.corruption.samples))
 
     def _forward(self, prepared: Prepared, n: int, offset: int, start_layer: int) -> torch.Tensor:
-        """Last-position logits of ``n`` copies of the corrupted run, recomputed from ``offset`` and
+        """Logits at the score positions of ``n`` copies of the corrupted run, recomputed from ``offset`` and
         ``start_layer`` on (row ``i * samples + s`` continues noise sample ``s``)."""
         if start_layer == 0:
             inputs = prepared.extra["corrupt_embeds"]
@@ -116,14 +116,14 @@ class FastEngine:
         lm = prepared.adapter.language_model()
         with layers_from(lm, start_layer):
             out = lm(inputs_embeds=inputs, past_key_values=cache, use_cache=cache is not None)
-        return _lm_head(prepared)(out.last_hidden_state[:, -1])
+        return _lm_head(prepared)(out.last_hidden_state[:, [q - offset for q in prepared.score_positions]])
 
     def _run_suffix(self, prepared: Prepared, restore_sets: list[RestoreSet], offset: int, start_layer: int) -> np.ndarray:
         samples = prepared.corruption.samples
         n = len(restore_sets)
         with torch.no_grad(), restoring(prepared, restore_sets, offset=offset, samples=samples):
             logits = self._forward(prepared, n, offset, start_layer)
-        probs = answer_probability(logits, prepared.target_token)
+        probs = answer_probability(logits, prepared.target_tokens)
         return probs.view(n, samples).mean(dim=1).cpu().numpy()
 
     def _skipping_is_exact(self, prepared: Prepared, corrupt_logits: torch.Tensor) -> bool:
@@ -133,7 +133,7 @@ class FastEngine:
             return False
         try:
             with torch.no_grad():
-                logits = self._forward(prepared, 1, prepared.length - 1, middle)
+                logits = self._forward(prepared, 1, prepared.score_positions[0], middle)
         except (TypeError, ValueError, RuntimeError, AttributeError):
             return False
         return bool(torch.allclose(logits.float(), corrupt_logits.float(), atol=1e-3, rtol=1e-3))

@@ -34,8 +34,8 @@ class ReferenceEngine:
             with ExitStack() as stack, torch.no_grad():
                 stack.enter_context(corrupting(prepared))
                 stack.enter_context(restoring(prepared, [cells], offset=0, samples=samples))
-                logits = prepared.adapter.model(**inputs).logits
-            out[i] = answer_probability(logits, prepared.target_token).mean().item()
+                logits = prepared.adapter.model(**inputs).logits[:, prepared.score_positions]
+            out[i] = answer_probability(logits, prepared.target_tokens).mean().item()
             if progress is not None:
                 progress(1)
         return out

@@ -67,10 +67,15 @@ class Prepared:
     clean_embeds: torch.Tensor  # [1, T, H] what the language model receives on the clean run
     corruption: Corruption
     clean: dict[str, list[torch.Tensor]]  # kind -> per layer [T, H]
-    target_token: int
+    target_tokens: list[int]  # the answer's first token, or all its tokens (teacher forced)
+    score_positions: list[int]  # the positions whose next-token distribution predicts each target token
     p_clean: float
     p_corrupt: float = float("nan")
     extra: dict = field(default_factory=dict)  # engine-private state (e.g. the corrupted KV cache)
+
+    @property
+    def target_token(self) -> int:
+        return self.target_tokens[0]
 
     @property
     def length(self) -> int:
@@ -121,8 +126,8 @@ def restoring(prepared: Prepared, restore_sets: list[RestoreSet], offset: int, s
         yield
 
 
-def answer_probability(logits: torch.Tensor, token: int) -> torch.Tensor:
-    """Probability of ``token`` after the last position: logits [B, T, V] or [B, V] -> [B]."""
-    if logits.dim() == 3:
-        logits = logits[:, -1]
-    return torch.softmax(logits.float(), dim=-1)[:, token]
+def answer_probability(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Probability of the answer tokens, logits [B, len(tokens), V] at the score positions -> [B]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(tokens, device=logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    return logprobs.gather(-1, index).squeeze(-1).sum(dim=-1).exp()

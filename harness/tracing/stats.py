@@ -129,7 +129,7 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
         "target_text": pa.string(),
         "kind": pa.string(),
         "window": pa.int32(),
-        "answer_token": pa.int64(),
+        "answer_tokens": pa.list_(pa.int64()),
         "p_clean": pa.float64(),
         "p_corrupt": pa.float64(),
         "p_restored": pa.list_(pa.float64()),

@@ -41,6 +41,7 @@ ACCURACY_FILE = "zoo_accuracy.json"
 # every machine (byte-identical weights for a recipe), and a tiny model gains
 # little from more threads while suffering badly on a busy machine.
 BUILD_THREADS = 1
+VISION_TEMPERATURE = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,12 @@ class PlantedRecipe:
     heads: int = 4
     intermediate: int = 512
     planted_layer: int = 2
+    tie_embeddings: bool = True
     # training
     seed: int = 0
+    vision_steps: int = 300  # phase 0: align image features with the name embeddings
+    vision_lr: float = 3e-3
+    vision_batch: int = 128
     batch: int = 64
     phase1_steps: int = 700
     phase1_lr: float = 3e-3
@@ -116,7 +121,7 @@ def make_model(recipe: PlantedRecipe, tokenizer) -> LlavaForConditionalGeneratio
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=recipe.tie_embeddings,
     )
     vision_config = CLIPVisionConfig(
         hidden_size=recipe.vision_hidden,
@@ -134,6 +139,7 @@ def make_model(recipe: PlantedRecipe, tokenizer) -> LlavaForConditionalGeneratio
         image_seq_length=image_token_count(recipe),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
+        tie_word_embeddings=recipe.tie_embeddings,
     )
     return LlavaForConditionalGeneration(config)
 
@@ -174,6 +180,45 @@ def train_phase(model, params, maker: BatchMaker, draw, steps: int, lr: float, s
     return loss_value
 
 
+def _image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    features = model.model.get_image_features(pixel_values=pixels)
+    features = getattr(features, "pooler_output", features)
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def align_vision(model, world: PlantedWorld, maker: BatchMaker, tokenizer, recipe: PlantedRecipe, progress: bool) -> float:
+    """Phase 0: train the vision tower and projector so every image feature points
+    towards the (frozen) input embedding of the pictured creature's name.
+
+    A contrastive loss over all creatures' names, with no pass through the
+    language model: cheap, and afterwards the decoder sees a picture much as it
+    sees the name, so phase 1 only has to learn to use it.
+    """
+    names = torch.tensor(tokenizer.convert_tokens_to_ids([e.name for e in world.entities]))
+    targets = torch.nn.functional.normalize(model.get_input_embeddings().weight[names].detach(), dim=-1)
+    params = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, recipe.vision_steps))
+    loss_value = float("nan")
+    bar = tqdm(range(recipe.vision_steps), desc="planted phase 0 (vision)", disable=not progress, leave=False)
+    for step in bar:
+        rng = np.random.default_rng([recipe.seed * 2, step])
+        chosen = rng.integers(0, len(world.entities), size=recipe.vision_batch)
+        pixels = torch.stack([maker.pixels(world.render_array(world.entities[i], rng)) for i in chosen])
+        features = torch.nn.functional.normalize(_image_features(model, pixels), dim=-1)
+        logits = VISION_TEMPERATURE * features @ targets.T  # images x tokens x names
+        labels = torch.from_numpy(chosen).long()[:, None].expand(logits.shape[:2])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_value = float(loss.detach())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    return loss_value
+
+
 def _sampler(pool: list[Example], count: int):
     return lambda rng: [pool[i] for i in rng.integers(0, len(pool), size=count)]
 
@@ -186,6 +231,8 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     naming = naming_examples(world.entities)
     phase2 = fact_examples(world, world.by_role("known"), recipe.text_only)
 
+    loss0 = align_vision(model, world, maker, tokenizer, recipe, progress)
+    model.train()
     n_naming = int(round(recipe.batch * recipe.naming_fraction))
     facts_1, naming_1 = _sampler(scaffold_facts, recipe.batch - n_naming), _sampler(naming, n_naming)
     loss1 = train_phase(model, list(model.parameters()), maker, lambda rng: facts_1(rng) + naming_1(rng),
@@ -208,7 +255,7 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     for param in model.parameters():
         param.requires_grad_(True)
     stats = {"phase1_examples": len(scaffold_facts) + len(naming), "phase2_examples": len(phase2),
-             "phase1_final_loss": round(loss1, 4), "phase2_final_loss": round(loss2, 4)}
+             "phase0_final_loss": round(loss0, 4), "phase1_final_loss": round(loss1, 4), "phase2_final_loss": round(loss2, 4)}
     return model, stats
 
 
