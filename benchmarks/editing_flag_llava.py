@@ -23,6 +23,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a flag-llava folder (default: build or reuse the zoo's)")
     parser.add_argument("--data", default=None, help="a VQA-Constraints build with the flags source (default: build one)")
     parser.add_argument("--out", type=Path, default=None, help="where the run folders go (default: a temp folder)")
     parser.add_argument("--limit", type=int, default=None, help="at most N edits per track (default: all wrong answers)")
@@ -51,7 +52,7 @@ def main() -> None:
         if not (data / "README.md").exists():
             build(data, sources=["flags"], seed=0)
     started = time.perf_counter()
-    adapter = load_model(flag_llava.build(), dtype=args.dtype, device=args.device)
+    adapter = load_model(args.model or flag_llava.build(), dtype=args.dtype, device=args.device)
     print(f"flag-llava loaded on {adapter.device} ({adapter.dtype}) in {time.perf_counter() - started:.1f}s")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     trace_stats = args.trace_stats

@@ -109,3 +109,18 @@ def test_bad_options_are_one_line_user_errors(tiny_llava, tmp_path):
     with pytest.raises(UserError, match="larger than the model"):
         ct.run_trace(options, adapter=tiny_llava)
 
+
+
+def test_a_constraint_missing_from_the_prompt_is_a_counted_skip_reason(tiny_llava, planted_data_dir, tmp_path):
+    import dataclasses
+
+    from vqa_constraints.loading import load_split
+
+    record = load_split(str(planted_data_dir), "single_constraint").record(0)
+    ghost = dataclasses.replace(record, subject="zzzqqq")  # the text-only question never names it
+    options = ct.TraceOptions(model="-", data="-", config="single_constraint", out=tmp_path, corruption="noise",
+                              text_only=True, kinds=("mlp",), noise_samples=1)
+    with pytest.raises(ct.ConstraintNotFound, match="does not occur"):
+        ct.trace_record(tiny_llava.text_only(), ghost, ct.make_engine("fast"), options)
+    rows = ct.trace_record(tiny_llava.text_only(), record, ct.make_engine("fast"), options)
+    assert {r["target"] for r in rows} == {"visual constraint", "last token"}

@@ -227,6 +227,10 @@ class TraceOptions:
             raise UserError("--corruption image-noise corrupts the image: it cannot be combined with --text-only")
 
 
+class ConstraintNotFound(UserError):
+    """A constraint of one question maps to no token of its prompt: that question is skipped and counted."""
+
+
 @dataclass
 class Skips:
     """Questions not traced, by reason (reported in trace_stats.json)."""
@@ -285,7 +289,10 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
     answer = (prediction or record.answers[0]) if options.answer == "full" else None
     image = None if options.text_only else record.image
     encoded = adapter.encode(question, answer=answer) if image is None else adapter.encode(question, image, answer=answer)
-    located = locate_constraints(record, encoded, options.text_only)
+    try:
+        located = locate_constraints(record, encoded, options.text_only)
+    except UserError as error:
+        raise ConstraintNotFound(str(error)) from None
     if options.corruption == "image-noise":
         units = [("image", 0, [])]
     else:
@@ -365,7 +372,7 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
                 continue
             try:
                 rows.extend(trace_record(adapter, record, engine, options, bar, prediction))
-            except UserError as error:
+            except ConstraintNotFound as error:
                 skips.add("constraint_not_found", f"{record.id}: {error}")
                 continue
             traced += 1

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from harness.hooks import record_outputs
+from vqa_constraints.errors import UserError
 
 from .patching import Prepared, RestoreSet, answer_probability, restoring
 
@@ -46,10 +47,14 @@ class FastEngine:
         self.max_batch = max_batch
         self.cache_budget_bytes = cache_budget_bytes
         self.layer_buckets = layer_buckets
+        self._verified: set[int] = set()
 
     def prepare(self, prepared: Prepared) -> None:
         """One corrupted run (all noise samples at once): its cache, hidden states and p_corrupt."""
         adapter = prepared.adapter
+        if id(adapter.model) not in self._verified:
+            self._verify_language_model_alone(prepared)
+            self._verified.add(id(adapter.model))
         samples = prepared.corruption.samples
         embeds = prepared.corruption.apply(prepared.clean_embeds.expand(samples, -1, -1))
         layers = {str(i): layer for i, layer in enumerate(adapter.layers())}
@@ -125,6 +130,19 @@ class FastEngine:
             logits = self._forward(prepared, n, offset, start_layer)
         probs = answer_probability(logits, prepared.target_tokens)
         return probs.view(n, samples).mean(dim=1).cpu().numpy()
+
+    def _verify_language_model_alone(self, prepared: Prepared) -> None:
+        """The fast engine feeds the language model embeddings directly; models that add something
+        outside it (e.g. Qwen2-VL's multimodal rotary positions) would silently give wrong numbers."""
+        with torch.no_grad():
+            out = prepared.adapter.language_model()(inputs_embeds=prepared.clean_embeds)
+            logits = _lm_head(prepared)(out.last_hidden_state[:, prepared.score_positions])
+        p = float(answer_probability(logits, prepared.target_tokens)[0])
+        if abs(p - prepared.p_clean) > 1e-3 + 1e-2 * prepared.p_clean:
+            raise UserError(
+                f"{prepared.adapter.name_or_path}: the fast engine does not support this model (its language model "
+                f"alone gives p={p:.4g}, the full model {prepared.p_clean:.4g}); use --engine reference"
+            )
 
     def _skipping_is_exact(self, prepared: Prepared, corrupt_logits: torch.Tensor) -> bool:
         """Does starting at a middle layer from the corrupted hidden states reproduce the corrupted run?"""

@@ -66,10 +66,11 @@ class PlantedRecipe:
     tie_embeddings: bool = True
     # training
     seed: int = 0
-    vision_steps: int = 300  # phase 0: align image features with the name embeddings
+    vision_steps: int = 400  # phase 0: align image features with the name embeddings
     vision_lr: float = 3e-3
     vision_batch: int = 128
     batch: int = 64
+    phase1_fact_entities: int = 40  # scaffold creatures whose facts phase 1 teaches (fewer = faster routing)
     phase1_steps: int = 700
     phase1_lr: float = 3e-3
     phase2_steps: int = 500
@@ -80,8 +81,11 @@ class PlantedRecipe:
 
 
 DEFAULT_RECIPE = PlantedRecipe()
-# `--quick`: same world and architecture, fewer steps (a smoke build, not a good model).
-QUICK_RECIPE = replace(DEFAULT_RECIPE, phase1_steps=150, phase2_steps=100)
+# `--quick`: the same world, a smaller network and a few steps: a smoke build, not a good model.
+QUICK_RECIPE = replace(
+    DEFAULT_RECIPE, hidden=64, intermediate=128, layers=2, planted_layer=1,
+    vision_steps=20, phase1_steps=20, phase2_steps=10,
+)
 # What the test suite builds (tests/conftest.py): it must be good enough to trace and edit.
 TEST_RECIPE = DEFAULT_RECIPE
 
@@ -223,11 +227,14 @@ def _sampler(pool: list[Example], count: int):
     return lambda rng: [pool[i] for i in rng.integers(0, len(pool), size=count)]
 
 
-def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool = True) -> tuple[LlavaForConditionalGeneration, dict]:
+def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool = True,
+          on_phase_end=None) -> tuple[LlavaForConditionalGeneration, dict]:
+    """Phases 0-2 (see the module docstring); ``on_phase_end(name, model)`` is called after each."""
     torch.manual_seed(recipe.seed)
     model = make_model(recipe, tokenizer)
     maker = BatchMaker(world, tokenizer, image_token_count(recipe))
-    scaffold_facts = fact_examples(world, world.by_role("scaffold"), recipe.text_only)
+    scaffold = world.by_role("scaffold")[: recipe.phase1_fact_entities]
+    scaffold_facts = fact_examples(world, scaffold, recipe.text_only)
     naming = naming_examples(world.entities)
     phase2 = fact_examples(world, world.by_role("known"), recipe.text_only)
 
@@ -239,6 +246,8 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
                         recipe.phase1_steps, recipe.phase1_lr, seed=recipe.seed * 2 + 1,
                         desc="planted phase 1 (all weights)", progress=progress)
 
+    if on_phase_end:
+        on_phase_end("phase1", model)
     for param in model.parameters():
         param.requires_grad_(False)
     mlp_params = list(planted_mlp(model, recipe.planted_layer).parameters())
