@@ -40,7 +40,7 @@ def insertion_run(planted, planted_model_dir, planted_data_dir, tmp_path_factory
     files_before = _files_digest(planted_model_dir)
     weights_before = weights_hash(planted.model)
     options = EditOptions(methods=["multedit"], track="insertion", key_position="last", limit=N_EDITS,
-                          sweep_layers=True, specificity_size=24)
+                          specificity_size=24, trace_limit=12)
     document = run_editing(planted, str(planted_data_dir), out, options)
     return {
         "document": document,
@@ -63,8 +63,17 @@ def test_multedit_inserts_facts_at_the_planted_layer(insertion_run, planted):
     assert result["logprob_gain"]["mean"] > 0
 
 
-def test_layer_sweep_peaks_at_or_next_to_the_planted_layer(insertion_run, planted):
-    rows = insertion_run["document"]["sweep"]["multedit"]
+@pytest.fixture(scope="module")
+def sweep_run(planted, planted_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("edit-sweep")
+    options = EditOptions(methods=["multedit"], track="insertion", limit=10, sweep_layers=True,
+                          specificity_size=4, layers=[0])
+    return run_editing(planted, str(planted_data_dir), out, options), out
+
+
+def test_layer_sweep_peaks_at_or_next_to_the_planted_layer(sweep_run, planted):
+    document, out = sweep_run
+    rows = document["sweep"]["multedit"]
     assert [row["layer"] for row in rows] == list(range(planted.num_layers))
     # Any layer can be pushed to say the answer to the edited question itself;
     # generalizing to paraphrases and other views is what the storing layer buys.
@@ -84,8 +93,7 @@ def test_outputs_are_complete_and_valid(insertion_run, planted):
     jsonschema.validate(on_disk, results_schema())
     assert on_disk["data"]["fingerprint"] == document["data"]["fingerprint"]
     lines = [json.loads(line) for line in (out / "edits.jsonl").read_text().splitlines()]
-    edits = document["methods"]["multedit"]["edits"]
-    assert len(lines) == edits * (1 + planted.num_layers)
+    assert len(lines) == document["methods"]["multedit"]["edits"]
     first = lines[0]
     assert first["request"]["target"] and first["pre"]["question"] is not None
     # The per-edit rows average to the reported means.
@@ -95,6 +103,13 @@ def test_outputs_are_complete_and_valid(insertion_run, planted):
     # Insertion requests are questions the unedited model got wrong.
     assert not any(answer_correct(l["request"]["current"], [l["request"]["target"]]) for l in main)
     assert "| multedit |" in (out / "comparison.md").read_text()
+    assert (out / "trace" / "trace_stats.json").exists()  # the default layer came from a real trace
+
+
+def test_sweep_outputs(sweep_run, planted):
+    document, out = sweep_run
+    lines = [json.loads(line) for line in (out / "edits.jsonl").read_text().splitlines()]
+    assert sum(l["sweep"] for l in lines) == document["methods"]["multedit"]["edits"] * planted.num_layers
     assert (out / "efficacy_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

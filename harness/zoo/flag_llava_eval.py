@@ -74,9 +74,12 @@ def _score(outputs, expected, questions) -> dict:
 def evaluate(model, processor, countries, recipe) -> dict:
     """Accuracies (with a few example outputs) of the trained model; see the module docstring."""
     n_new = recipe.eval_max_new_tokens
+    bare_countries = countries
+    if recipe.eval_countries:
+        countries = countries[: recipe.eval_countries]
     names = [[c.name, *c.aliases] for c in countries]
     flags = flags_tensor([c.flag for c in countries])
-    index, views = heldout_views(flags, recipe, recipe.heldout_views)
+    index, views = heldout_views(flags, recipe, 1)
     view_images = to_pil(views)
     plain_images = [c.flag for c in countries]
     report = {}
@@ -85,10 +88,10 @@ def evaluate(model, processor, countries, recipe) -> dict:
     outputs = generate(model, processor, [prompt] * len(view_images), view_images, n_new)
     report["recognition_heldout_views"] = _score(outputs, [names[i] for i in index.tolist()], [RECOGNITION_QUESTION] * len(outputs))
 
-    for key, question, answers in (
-        ("capital", CAPITAL_IMAGE_QUESTION, [[c.capital] for c in countries]),
-        ("region", REGION_IMAGE_QUESTION, [region_answers(c.region) for c in countries]),
-    ):
+    tasks = [("capital", CAPITAL_IMAGE_QUESTION, [[c.capital] for c in countries])]
+    if recipe.eval_region:
+        tasks.append(("region", REGION_IMAGE_QUESTION, [region_answers(c.region) for c in countries]))
+    for key, question, answers in tasks:
         prompt = chat_prompt(processor, question, True)
         outputs = generate(model, processor, [prompt] * len(countries), plain_images, n_new)
         report[f"{key}_from_image"] = _score(outputs, answers, [question] * len(outputs))
@@ -97,7 +100,8 @@ def evaluate(model, processor, countries, recipe) -> dict:
         outputs = generate(model, processor, [chat_prompt(processor, q, False) for q in questions], None, n_new)
         report[f"{key}_from_text"] = _score(outputs, answers, questions)
 
-    prompts = [BARE_CAPITAL_PROMPT.format(name=c.name) for c in countries]
-    outputs = generate(model, processor, prompts, None, 6)
-    report["capital_bare_completion"] = _score(outputs, [[c.capital] for c in countries], prompts)
+    # The language model alone on every country (the number to compare with ~26% measured before).
+    prompts = [BARE_CAPITAL_PROMPT.format(name=c.name) for c in bare_countries]
+    outputs = generate(model, processor, prompts, None, 6, batch_size=48)
+    report["capital_bare_completion"] = _score(outputs, [[c.capital] for c in bare_countries], prompts)
     return report

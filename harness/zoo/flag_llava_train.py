@@ -81,7 +81,10 @@ def train(model, processor, countries, recipe) -> dict:
 
 def _stage1(model, processor, flags, targets, trainable, recipe, generator) -> dict:
     count = flags.shape[0]
-    flat_targets = F.normalize(targets.flatten(1), dim=-1)
+    # Similarities on targets centred across countries: the shared filler
+    # slots would otherwise make every country look alike.
+    centre = targets.mean(0, keepdim=True)
+    flat_targets = F.normalize((targets - centre).flatten(1), dim=-1)
     scale = targets.pow(2).mean()
     optimizer = torch.optim.AdamW(trainable, lr=recipe.stage1_lr, weight_decay=0.01)
     warmup = max(1, recipe.stage1_steps // 20)
@@ -93,7 +96,7 @@ def _stage1(model, processor, flags, targets, trainable, recipe, generator) -> d
         index = torch.randint(count, (recipe.stage1_batch,), generator=generator)
         features = image_features(model, _pixels(flags, index, recipe, generator, processor))
         regression = (features - targets[index]).pow(2).mean() / scale
-        similarity = F.normalize(features.flatten(1), dim=-1) @ flat_targets.T
+        similarity = F.normalize((features - centre).flatten(1), dim=-1) @ flat_targets.T
         contrastive = F.cross_entropy(similarity / 0.05, index)
         loss = regression + recipe.stage1_contrastive * contrastive
         optimizer.zero_grad(set_to_none=True)
@@ -182,5 +185,6 @@ def feature_match_accuracy(model, processor, flags, targets, recipe) -> float:
     features = torch.cat(
         [image_features(model, normalise(chunk, ip.image_mean, ip.image_std)) for chunk in views.split(128)]
     )
-    similarity = F.normalize(features.flatten(1), dim=-1) @ F.normalize(targets.flatten(1), dim=-1).T
+    centre = targets.mean(0, keepdim=True)
+    similarity = F.normalize((features - centre).flatten(1), dim=-1) @ F.normalize((targets - centre).flatten(1), dim=-1).T
     return round(float((similarity.argmax(-1) == index).float().mean()), 4)
