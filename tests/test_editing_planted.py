@@ -116,7 +116,8 @@ def test_sweep_outputs(sweep_run, planted):
 def test_batched_edits_and_save(planted, planted_model_dir, planted_data_dir, tmp_path):
     from harness.models.loading import load_model
 
-    options = EditOptions(methods=["multedit"], track="insertion", limit=10, batch_edits=10, specificity_size=16)
+    options = EditOptions(methods=["multedit"], track="insertion", limit=10, batch_edits=10, specificity_size=16,
+                          layers=[planted.model.config.planted_layer])
     saved = tmp_path / "edited-model"
     document = run_editing(planted, str(planted_data_dir), tmp_path / "run", options, save=saved)
     result = document["methods"]["multedit"]
@@ -131,7 +132,8 @@ def test_batched_edits_and_save(planted, planted_model_dir, planted_data_dir, tm
 
 
 def test_correction_track_edits_only_wrong_answers(planted, planted_data_dir, tmp_path):
-    options = EditOptions(methods=["ft", "ft-l"], track="correction", limit=3, specificity_size=8)
+    options = EditOptions(methods=["ft", "ft-l"], track="correction", limit=3, specificity_size=8,
+                          layers=[planted.model.config.planted_layer])
     document = run_editing(planted, str(planted_data_dir), tmp_path, options)
     assert document["data"]["config"] == "single_constraint"
     lines = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]

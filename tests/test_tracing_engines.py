@@ -124,3 +124,6 @@ def test_a_constraint_missing_from_the_prompt_is_a_counted_skip_reason(tiny_llav
         ct.trace_record(tiny_llava.text_only(), ghost, ct.make_engine("fast"), options)
     rows = ct.trace_record(tiny_llava.text_only(), record, ct.make_engine("fast"), options)
     assert {r["target"] for r in rows} == {"visual constraint", "last token"}
+    # Text-only tracing restores at the subject's name, which stands in for the visual constraint.
+    named = [r for r in rows if r["target"] == "visual constraint"]
+    assert named and all(r["target_text"].strip().lower() == record.subject.lower() for r in named)

@@ -70,17 +70,3 @@ def test_same_inputs_give_byte_identical_outputs(planted_model_dir, planted_data
     for name in ("trace_stats.json", "traces.parquet"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
 
-
-def test_text_only_trace_restores_at_the_subject_name(planted_model_dir, planted_data_dir, tmp_path):
-    out = run_trace(_options(planted_model_dir, planted_data_dir, tmp_path, corruption="noise", text_only=True,
-                             positions="constraint", limit=8))
-    stats = json.loads((out / "trace_stats.json").read_text())
-    assert stats["options"]["text_only"] is True
-    rows = pq.read_table(out / "traces.parquet").to_pylist()
-    assert rows, f"nothing traced: {stats['counts']}"
-    from vqa_constraints.loading import load_split
-
-    subjects = {r.id: r.subject for r in load_split(str(planted_data_dir), "single_constraint").records(8)}
-    for row in rows:
-        if row["target"] == "visual constraint":
-            assert row["target_text"].strip().lower() == subjects[row["id"]].lower()

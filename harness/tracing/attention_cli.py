@@ -79,7 +79,11 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 def _fmt(cell: dict | None) -> str:
     if not cell or cell.get("value") is None:
         return "–"
-    return f"{cell['value']:.3f} [{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]"
+    return f"{cell['value']:.3g} [{cell['ci_low']:.3g}, {cell['ci_high']:.3g}]"
+
+
+def _mean(cell: dict | None) -> str:
+    return "–" if not cell or cell.get("value") is None else f"{cell['value']:.3f}"
 
 
 def print_summary(stats: dict, out: Path) -> None:
@@ -102,14 +106,14 @@ def print_summary(stats: dict, out: Path) -> None:
     for layer in range(len(columns[0]) if columns and columns[0] else 0):
         layers.add_row(str(layer), *(_fmt(col[layer]) for col in columns))
     console.print(layers)
-    knock = Table(title=f"knockout of image tokens (k={stats['options']['top_k']}): p(answer), correct answers only")
-    for column in ("target", "n", "p clean", "p top-k blocked", "p random-k blocked", "drop top-k", "drop random-k",
-                   "top ≥ random"):
-        knock.add_column(column)
+    knock = Table(title=f"knockout of k={stats['options']['top_k']} image tokens: mean p(answer), correct answers "
+                  "(95% CIs in attention_stats.json)")
+    for column in ("target", "n", "clean", "top-k cut", "random-k cut", "drop top-k", "drop random-k", "top ≥ random"):
+        knock.add_column(column, no_wrap=True)
     for target, result in stats["knockout"].items():
         share = result["share_top_hurts_at_least_as_much"]
-        knock.add_row(target, str(result["n"]), _fmt(result["p_clean"]), _fmt(result["p_top"]),
-                      _fmt(result["p_random"]), _fmt(result["drop_top"]), _fmt(result["drop_random"]),
+        knock.add_row(target, str(result["n"]), _mean(result["p_clean"]), _mean(result["p_top"]),
+                      _mean(result["p_random"]), _mean(result["drop_top"]), _mean(result["drop_random"]),
                       "–" if share is None else f"{share:.0%}")
     console.print(knock)
     fp = stats["failure_prediction"]

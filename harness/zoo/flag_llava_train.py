@@ -103,9 +103,9 @@ def _stage1(model, processor, flags, targets, trainable, recipe, generator) -> d
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 25 == 0:
-            bar.set_postfix(regression=f"{float(regression):.3f}", contrastive=f"{float(contrastive):.3f}")
+            bar.set_postfix(regression=f"{float(regression.detach()):.3f}", contrastive=f"{float(contrastive.detach()):.3f}")
     return {"steps": recipe.stage1_steps, "first_loss": round(losses[0], 4), "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4)}
 
 
@@ -164,8 +164,8 @@ def _stage2(model, processor, countries, flags, trainable, recipe, generator) ->
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     return {"steps": recipe.stage2_steps, "first_loss": round(losses[0], 4), "last_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)}
 
 
