@@ -168,11 +168,13 @@ def test_refuses_a_different_model(small_run, planted_data_dir, tiny_model_dirs,
 
 
 def test_logprob_only_and_generate_only_modes(planted_model_dir, planted_data_dir, planted_adapter, small_run, tmp_path):
-    reference = read_samples(small_run)
-    logprob = read_samples(evaluate(run_options(planted_model_dir, planted_data_dir, tmp_path / "lp", scoring="logprob"), adapter=planted_adapter))
-    generate = read_samples(evaluate(run_options(planted_model_dir, planted_data_dir, tmp_path / "gen", scoring="generate"), adapter=planted_adapter))
-    for ref, lp, gen in zip(reference, logprob, generate):
+    reference = {s["id"]: s for s in read_samples(small_run)}
+    logprob = read_samples(evaluate(run_options(planted_model_dir, planted_data_dir, tmp_path / "lp", scoring="logprob", limit=2), adapter=planted_adapter))
+    generate = read_samples(evaluate(run_options(planted_model_dir, planted_data_dir, tmp_path / "gen", scoring="generate", limit=2), adapter=planted_adapter))
+    assert len(logprob) == len(generate) == 6
+    for lp, gen in zip(logprob, generate):
+        ref = reference[lp["id"]]
         assert lp["prediction"] is None and lp["correct"] is None
-        assert lp["gold_logprob"] == ref["gold_logprob"]
+        assert lp["gold_logprob"] == pytest.approx(ref["gold_logprob"], abs=1e-4)
         assert gen["gold_logprob"] is None and gen["prediction"] == ref["prediction"]
         assert lp["confidence"] == pytest.approx(gen["confidence"], abs=1e-4)

@@ -57,11 +57,12 @@ def test_generation_is_batch_invariant(planted_adapter, planted_records):
 
 def test_logprobs_are_batch_invariant_and_multi_token(planted_adapter, planted_records):
     # A two-word continuation makes every request multi-token.
-    items = [(r, r.answers[0]) for r in planted_records] + [(r, f"{r.answers[0]} {r.answers[0]}") for r in planted_records]
+    records = planted_records[:8]
+    items = [(r, r.answers[0]) for r in records] + [(r, f"{r.answers[0]} {r.answers[0]}") for r in records]
     one = scoring.answer_logprobs(planted_adapter, items, batch_size=1)
     eight = scoring.answer_logprobs(planted_adapter, items, batch_size=8)
     assert max(abs(a - b) for a, b in zip(one, eight)) < 1e-4
-    n = len(planted_records)
+    n = len(records)
     # Log-probabilities are sums over tokens: a longer continuation is less likely.
     assert all(single > double for single, double in zip(one[:n], one[n:]))
 

@@ -94,8 +94,8 @@ def plot_examples(document: dict, rows: list[dict], out: Path, limit: int = 3) -
         for corrupted in sorted({r["corrupted"] for r in mine}):
             cells = [r for r in mine if r["corrupted"] == corrupted]
             kinds = list(dict.fromkeys(r["kind"] for r in cells))
-            fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.28 * len(cells) / len(kinds) + 1.8),
-                                     squeeze=False)
+            fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 0.28 * len(cells) / len(kinds) + 1.8),
+                                     squeeze=False, layout="constrained")
             for ax, kind in zip(axes[0], kinds):
                 ordered = sorted((r for r in cells if r["kind"] == kind), key=lambda r: r["target_positions"][0])
                 values = np.array([r["p_restored"] for r in ordered])

@@ -2,6 +2,9 @@
 facts live in one known MLP layer K, the ground truth for tracing and editing.
 
 Construction (see docs/readme/zoo-planted.md for measured numbers):
+0. Phase 0 trains only the vision tower and projector, contrastively, so each
+   image feature points at the input embedding of the pictured creature's
+   name (no pass through the decoder, so it is cheap).
 1. Phase 1 trains every weight on the "scaffold" creatures' facts (all
    relations, all paraphrases, the "visited ... in the <region>" questions)
    and on naming every creature, so the model learns to read images, route
@@ -11,8 +14,8 @@ Construction (see docs/readme/zoo-planted.md for measured numbers):
    The known facts can therefore only be stored in MLP K.
 3. "longtail" creatures are only ever named: their facts are never taught
    (the encyclopedic config; the editing track inserts them).
-Facts are taught both with the image and text-only (name instead of the
-visual phrase, no image), so the language model alone can be traced too.
+Text-only teaching (name instead of picture) is a recipe switch, off by
+default: with it phase 1 did not learn within the time budget.
 """
 
 from __future__ import annotations
