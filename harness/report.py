@@ -1,0 +1,315 @@
+"""Write ``report.md`` for a demo folder from the run folders' own result files.
+
+The report reads only files (results.json, trace_stats.json,
+attention_stats.json, editing_results.json): every number in it is copied
+from one of them, and each table names the file it came from. Figures made
+here combine several runs (MLLM vs text-only, visual vs textual constraints);
+the others are linked from the run folders where they were written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPORT_NAME = "report.md"
+FIGURES = "figures"
+
+
+def fmt(value, digits: int = 3) -> str:
+    """How every number in the report is printed (the tests format the same way)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def fmt_ci(cell: dict | None, key: str = "value") -> str:
+    if not cell or cell.get(key) is None:
+        return "–"
+    return f"{fmt(cell[key])} [{fmt(cell['ci_low'])}, {fmt(cell['ci_high'])}]"
+
+
+def load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+# --- sections -----------------------------------------------------------------
+
+
+def accuracy_section(name: str, run: Path, root: Path, figures: list[str]) -> list[str]:
+    results = load_json(run / "results.json")
+    if results is None:
+        return [f"_No evaluation for {name}._", ""]
+    metrics = results["metrics"]
+    configs = [c for c in results["dataset"]["configs"] if c in metrics]
+    lines = [
+        f"Source: `{rel(run / 'results.json', root)}` — model revision `{results['model']['revision']}`, "
+        f"dtype {results['model']['dtype']}, {results['n']} questions.",
+        "",
+        "| config | n | accuracy [95% CI] | exact match | visual only | visual+textual |",
+        "|---|---|---|---|---|---|",
+    ]
+    for config in configs:
+        cell = metrics[config]
+        by_type = cell.get("by", {}).get("constraint_types", {})
+        lines.append(
+            f"| {config} | {cell['n']} | {fmt_ci(cell.get('accuracy'))} | {fmt_ci(cell.get('exact_match'))} "
+            f"| {fmt_ci(by_type.get('visual', {}).get('accuracy'))} "
+            f"| {fmt_ci(by_type.get('visual+textual', {}).get('accuracy'))} |"
+        )
+    figure = root / FIGURES / f"{name}-accuracy.png"
+    plot_accuracy(metrics, configs, figure, title=f"{name}: accuracy per config and constraint type")
+    figures.append(rel(figure, root))
+    lines += ["", f"![accuracy]({rel(figure, root)})", ""]
+    return lines
+
+
+def trace_groups(stats: dict, kind: str) -> list[dict]:
+    return [g for g in stats["groups"] if g["kind"] == kind and g["num_constraints"] == "all"]
+
+
+def trace_section(name: str, runs: Path, root: Path, figures: list[str], planted_layer: int | None) -> list[str]:
+    lines: list[str] = []
+    traces = {
+        "MLLM (with image)": runs / f"{name}-trace-mllm",
+        "text-only LLM": runs / f"{name}-trace-text-only",
+        "multi-constraint": runs / f"{name}-trace-multi",
+    }
+    documents = {label: load_json(folder / "trace_stats.json") for label, folder in traces.items()}
+    if planted_layer is not None:
+        lines += [f"Ground truth: the facts were planted in MLP layer **{planted_layer}**.", ""]
+    lines += [
+        "| trace | corrupted | restored at | kind | n traced | n affected | p clean | p corrupt | peak layer "
+        "| causal layers | peak agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, document in documents.items():
+        if document is None:
+            continue
+        for group in document["groups"]:
+            if group["num_constraints"] != "all":
+                continue
+            lines.append(
+                f"| {label} | {group['corrupted']} | {group['target']} | {group['kind']} | {group['n']} "
+                f"| {group['n_affected']} | {fmt(group['mean_p_clean'])} | {fmt(group['mean_p_corrupt'])} "
+                f"| {fmt(group['peak_layer'])} | {', '.join(map(str, group['causal_layers'])) or '–'} "
+                f"| {fmt(group['peak_agreement_affected'])} |"
+            )
+    lines.append("")
+    for label, folder in traces.items():
+        document = documents[label]
+        if document is None:
+            continue
+        counts = document["counts"]
+        lines.append(
+            f"- {label}: `{rel(folder / 'trace_stats.json', root)}` — corruption `{document['options']['corruption']}`, "
+            f"{counts['traced']} of {counts['records']} questions traced "
+            f"({counts['skipped']['wrong_answer']} answered wrong, skipped), peak MLP layer "
+            f"{fmt(document['peak_mlp_layer'])}."
+        )
+        for png in sorted(folder.glob("*.png")):
+            if png.name.startswith(("heatmap_", "curve_")):
+                figures.append(rel(png, root))
+                lines.append(f"\n  ![{label} {png.stem}]({rel(png, root)})")
+    lines.append("")
+    comparisons = [
+        ("MLLM vs text-only LLM (MLP restoration)",
+         [("MLLM", documents["MLLM (with image)"]), ("text-only", documents["text-only LLM"])]),
+        ("visual vs textual constraints (MLP restoration, multi-constraint questions)",
+         [("", documents["multi-constraint"])]),
+    ]
+    for index, (title, sources) in enumerate(comparisons):
+        curves = comparison_curves(sources)
+        if not curves:
+            continue
+        figure = root / FIGURES / f"{name}-trace-comparison-{index}.png"
+        plot_curves(curves, figure, title=f"{name}: {title}", planted_layer=planted_layer)
+        figures.append(rel(figure, root))
+        lines += [f"![{title}]({rel(figure, root)})", ""]
+    return lines
+
+
+def comparison_curves(sources) -> dict[str, list]:
+    """label -> mean normalised MLP effect per layer, one curve per (run, group)."""
+    curves = {}
+    for label, document in sources:
+        if document is None:
+            continue
+        for group in trace_groups(document, "mlp"):
+            key = f"{group['corrupted']} → {group['target']}"
+            curves[f"{label}: {key}" if label else key] = group["mean_normalised"]
+    return curves
+
+
+def attention_section(name: str, run: Path, root: Path, figures: list[str]) -> list[str]:
+    stats = load_json(run / "attention_stats.json")
+    if stats is None:
+        return [f"_No attention analysis for {name}._", ""]
+    counts = stats["counts"]
+    lines = [
+        f"Source: `{rel(run / 'attention_stats.json', root)}` — {counts['analysed']} questions analysed, "
+        f"{counts['correct']} answered correctly.",
+        "",
+        "| knockout target | n | k | p clean | p after top-k blocked | p after random k blocked "
+        "| drop (top-k) | drop (random) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for target, knockout in stats["knockout"].items():
+        lines.append(
+            f"| {target} | {knockout['n']} | {knockout['k']} | {fmt_ci(knockout['p_clean'])} | {fmt_ci(knockout['p_top'])} "
+            f"| {fmt_ci(knockout['p_random'])} | {fmt_ci(knockout['drop_top'])} | {fmt_ci(knockout['drop_random'])} |"
+        )
+    prediction = stats.get("failure_prediction")
+    if prediction:
+        lines += [
+            "",
+            f"Failure prediction (AUROC, {prediction['evaluation_n']} held-out questions): constraint→last-token "
+            f"contribution over layers {prediction['selected_layers']}: {fmt(prediction['auroc_contribution'])}; "
+            f"model confidence: {fmt(prediction['auroc_confidence'])}.",
+        ]
+    lines.append("")
+    for png in ("image_to_constraint.png", "constraint_to_last.png"):
+        if (run / png).exists():
+            figures.append(rel(run / png, root))
+            lines += [f"![{png[:-4]}]({rel(run / png, root)})", ""]
+    return lines
+
+
+def editing_section(name: str, run: Path, root: Path, figures: list[str]) -> list[str]:
+    results = load_json(run / "editing_results.json")
+    if results is None:
+        return [f"_No editing run for {name}._", ""]
+    options = results["options"]
+    lines = [
+        f"Source: `{rel(run / 'editing_results.json', root)}` — track `{options['track']}`, key position "
+        f"`{options['key_position']}`, layers {results['layers']} ({results['layer_source']}), "
+        f"{results['requests']} edit requests, {results['specificity_questions']} specificity questions.",
+        "",
+        "| method | edits | efficacy | generalization | specificity | log-prob gain | mean score | s / edit "
+        "| peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, cell in results["methods"].items():
+        lines.append(
+            f"| {method} | {cell['edits']} | {fmt_stat(cell['efficacy'])} | {fmt_stat(cell['generalization'])} "
+            f"| {fmt_stat(cell['specificity'])} | {fmt_stat(cell['logprob_gain'])} | {fmt_stat(cell['score'])} "
+            f"| {fmt_stat(cell['seconds_per_edit'])} | {fmt(cell['peak_memory_mb'], 1)} |"
+        )
+    lines.append("")
+    if results.get("sweep"):
+        for method, rows in results["sweep"].items():
+            best = max(rows, key=lambda row: row["efficacy"]["mean"] if row["efficacy"]["mean"] is not None else -1)
+            lines.append(f"- layer sweep ({method}): efficacy peaks at layer {best['layer']} "
+                         f"({fmt(best['efficacy']['mean'])}).")
+        lines.append("")
+    plot = run / "efficacy_by_layer.png"
+    if plot.exists():
+        figures.append(rel(plot, root))
+        lines += [f"![efficacy by edited layer]({rel(plot, root)})", ""]
+    return lines
+
+
+def fmt_stat(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{fmt(stat['mean'])} [{fmt(stat['ci_low'])}, {fmt(stat['ci_high'])}]"
+
+
+# --- figures ------------------------------------------------------------------
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    # No timestamp in the PNG metadata, so the same numbers give the same file.
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_accuracy(metrics: dict, configs: list[str], path: Path, title: str) -> None:
+    groups = ["all", "visual", "visual+textual"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(groups)
+    for offset, group in enumerate(groups):
+        values, errors = [], [[], []]
+        for config in configs:
+            cell = metrics[config] if group == "all" else metrics[config].get("by", {}).get(
+                "constraint_types", {}).get(group, {})
+            accuracy = cell.get("accuracy") or {}
+            value = accuracy.get("value")
+            values.append(value if value is not None else 0.0)
+            errors[0].append(value - accuracy["ci_low"] if value is not None else 0.0)
+            errors[1].append(accuracy["ci_high"] - value if value is not None else 0.0)
+        positions = [i + (offset - 1) * width for i in range(len(configs))]
+        ax.bar(positions, values, width, yerr=errors, capsize=3, label=group)
+    ax.set_xticks(range(len(configs)), configs)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_curves(curves: dict[str, list], path: Path, title: str, planted_layer: int | None) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, curve in curves.items():
+        ax.plot(range(len(curve)), [v if v is not None else float("nan") for v in curve], marker="o", label=label)
+    if planted_layer is not None:
+        ax.axvline(planted_layer, color="grey", linestyle="--", label=f"planted layer {planted_layer}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean normalised indirect effect")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+# --- the report ---------------------------------------------------------------
+
+
+def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = False) -> Path:
+    out = Path(out)
+    runs = out / "runs"
+    figures: list[str] = []
+    lines = [
+        "# VQA-Constraints study report",
+        "",
+        f"Made by `vqa-constraints demo{' --quick' if quick else ''}`. Every number below is copied from the run "
+        "file named above its table; rerunning the demo reuses finished runs.",
+        "",
+    ]
+    build_info = load_json(out / "data" / "build_info.json")
+    if build_info:
+        lines += [f"Dataset: `{rel(out / 'data', out)}` (see `data/build_info.json`).", ""]
+    for name, model_dir in models.items():
+        planted_layer = load_json(Path(model_dir) / "config.json").get("planted_layer")
+        lines += [f"## Model: {name}", "", f"Checkpoint: `{model_dir}`.", ""]
+        lines += ["### Accuracy", ""] + accuracy_section(name, runs / f"{name}-evaluate", out, figures)
+        lines += ["### Causal traces", ""] + trace_section(name, runs, out, figures, planted_layer)
+        lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out, figures)
+        lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", out, figures)
+    if steps:
+        lines += ["## Steps", "", "| step | command | time |", "|---|---|---|"]
+        for step in steps:
+            when = "reused" if step.reused else (f"{step.seconds:.1f} s" if step.seconds is not None else "")
+            lines.append(f"| {step.name} | `vqa-constraints {' '.join(step.argv[:1])} …` | {when} |")
+        lines.append("")
+    path = out / REPORT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
