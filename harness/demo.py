@@ -36,13 +36,15 @@ class DemoSize:
     trace_limit: int
     attention_limit: int
     edit_limit: int
+    specificity_size: int
     sweep_layers: bool
 
 
-QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=40, trace_limit=16,
-                 attention_limit=16, edit_limit=8, sweep_layers=True)
-FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=None, trace_limit=60,
-                attention_limit=60, edit_limit=40, sweep_layers=True)
+QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=40, trace_limit=12,
+                 attention_limit=12, edit_limit=3, specificity_size=8, sweep_layers=True)
+# flag-llava's 30 layers make tracing ~100x dearer than the planted model's 6 on a CPU: limits stay modest.
+FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=200, trace_limit=30,
+                attention_limit=30, edit_limit=20, specificity_size=32, sweep_layers=True)
 
 
 @dataclass
@@ -117,6 +119,7 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
               "--key-position", key_position, "--trace-stats",
               str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
               "--out", str(runs / f"{model_name}-edit"), *limit(size.edit_limit),
+              "--specificity-size", str(size.specificity_size),
               *(["--sweep-layers"] if size.sweep_layers else [])],
              "editing_results.json"),
     ]

@@ -243,10 +243,10 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     shard = parse_shard(options.shard)
     started = time.time()
     splits = load_splits(options)
-    tasks = plan_tasks(splits, options.limit)
-    total = len(tasks)
+    all_tasks = plan_tasks(splits, options.limit)
+    total = len(all_tasks)
     start, end = shard.bounds(total) if shard else (0, total)
-    tasks = tasks[start:end]
+    tasks = all_tasks[start:end]
     identity = {
         "format_version": RUN_FORMAT_VERSION,
         "model": options.model,
@@ -283,7 +283,7 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     scored_now = 0
     if pending:
         backend = make_backend(options, adapter)
-        scored_now = _score_pending(run, backend, adapter, splits, pending, len(tasks), options)
+        scored_now = _score_pending(run, backend, adapter, splits, all_tasks, pending, len(tasks), options)
     samples = run.finalize_samples([t.id for t in tasks])
     finished = time.time()
     results = build_results(options, identity, samples, adapter, started, finished, scored_now, splits)
@@ -293,7 +293,22 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     return run.path
 
 
-def _score_pending(run, backend, adapter, splits, pending: list[Task], size: int, options: EvalOptions) -> int:
+def aligned_batches(all_tasks: list[Task], pending_ids: set[str], batch_size: int):
+    """Batches fixed by position in the whole question list: ``all_tasks[k*B:(k+1)*B]``.
+
+    Each batch that holds a pending question is yielded whole (with the ids to
+    keep), so a question is always computed alongside the same neighbours:
+    a resumed run or a shard gives bit-identical numbers to an uninterrupted,
+    unsharded run with the same batch size.
+    """
+    for begin in range(0, len(all_tasks), batch_size):
+        batch = all_tasks[begin : begin + batch_size]
+        keep = [t.id for t in batch if t.id in pending_ids]
+        if keep:
+            yield batch, set(keep)
+
+
+def _score_pending(run, backend, adapter, splits, all_tasks, pending: list[Task], size: int, options: EvalOptions) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -304,13 +319,12 @@ def _score_pending(run, backend, adapter, splits, pending: list[Task], size: int
         disable=not options.progress,
         dynamic_ncols=True,
     )
-    step = options.batch_size
     try:
-        for begin in range(0, len(pending), step):
-            batch = pending[begin : begin + step]
+        for batch, keep in aligned_batches(all_tasks, {t.id for t in pending}, options.batch_size):
             records = [splits[t.config].record(t.index) for t in batch]
-            run.append(score_batch(backend, adapter, records, batch, options))
-            bar.update(len(batch))
+            samples = score_batch(backend, adapter, records, batch, options)
+            run.append([sample for sample in samples if sample["id"] in keep])
+            bar.update(len(keep))
     finally:
         bar.close()
     return len(pending)

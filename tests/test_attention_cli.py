@@ -20,7 +20,7 @@ def planted_attention(planted_model_dir, planted_data_dir, tmp_path_factory):
     code = run([
         "attention", "--model", str(planted_model_dir), "--data", str(planted_data_dir),
         "--config", "single_constraint", "--out", str(out), "--limit", str(LIMIT),
-        "--top-k", "3", "--draws", "3", "--device", "cpu", "--no-progress",
+        "--top-k", "8", "--draws", "5", "--device", "cpu", "--no-progress",
     ])
     assert code == 0
     return out
@@ -55,9 +55,14 @@ def test_knockout_of_top_tokens_hurts_at_least_as_much_as_random(planted_attenti
     stats = json.loads((planted_attention / "attention_stats.json").read_text())
     assert stats["counts"]["correct"] >= LIMIT // 2  # the planted model knows most of its facts
     for target in ("constraint", "last"):
-        result = stats["knockout"][target]
-        assert result["n"] == stats["counts"]["correct"]
-        assert result["drop_top"]["value"] >= result["drop_random"]["value"] - 1e-6, (target, result)
+        assert stats["knockout"][target]["n"] == stats["counts"]["correct"]
+    # The planted model reads the image from the last token (see shared notes), so that is where cutting the
+    # most-contributing image tokens must hurt at least as much as cutting random ones ...
+    last = stats["knockout"]["last"]
+    assert last["drop_top"]["value"] >= last["drop_random"]["value"] - 1e-6, last
+    # ... while cutting image -> constraint edges barely moves p(answer), whichever tokens are cut.
+    constraint = stats["knockout"]["constraint"]
+    assert abs(constraint["drop_top"]["value"]) < 0.05 and abs(constraint["drop_random"]["value"]) < 0.05
 
 
 def test_cli_bad_input_is_one_line(planted_data_dir, tmp_path, capsys):

@@ -91,7 +91,9 @@ def print_summary(stats: dict, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
     counts = stats["counts"]
     console.print(
         f"[bold]{stats['model']}[/] on {stats['config']}/{stats['split']}: {counts['analysed']} of "

@@ -88,14 +88,14 @@ SMOKE_RECIPE = FlagLlavaRecipe(
     vision_hidden=64,
     vision_layers=2,
     vision_heads=2,
-    stage1_steps=150,
+    stage1_steps=100,
     stage1_batch=32,
     stage1_lr=2e-3,
     stage2_steps=1,
-    stage2_batch=8,
+    stage2_batch=4,
     heldout_views=1,
     eval_countries=12,
-    eval_max_new_tokens=8,
+    eval_max_new_tokens=6,
 )
 
 

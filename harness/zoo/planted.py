@@ -83,12 +83,6 @@ class PlantedRecipe:
     # Also teach facts text-only (name instead of picture, no image). Off: with it
     # phase 1 had learnt almost nothing after 600-900 steps (see docs/readme/zoo-planted.md).
     text_only: bool = False
-    # Keep the MLPs of the layers after K at exactly zero output (zero down_proj,
-    # never trained). Without this, phase 1 taught those MLPs to write answers
-    # too, and they amplified what MLP K wrote: restoring MLP 4 or 5 also brought
-    # the answer back, so the trace peaked at K for only 79% of questions. With
-    # them silent only layers <= K can store a fact, the known facts only in K.
-    silent_mlps_after_planted: bool = False
 
 
 DEFAULT_RECIPE = PlantedRecipe()
@@ -234,23 +228,6 @@ def align_vision(model, world: PlantedWorld, maker: BatchMaker, tokenizer, recip
     return loss_value
 
 
-def silence_later_mlps(model, recipe: PlantedRecipe) -> list[torch.nn.Parameter]:
-    """With ``recipe.silent_mlps_after_planted``: zero the down_proj of every MLP
-    after layer K and freeze those MLPs (they then output exactly zero, in a
-    stock checkpoint); returns the frozen parameters."""
-    if not recipe.silent_mlps_after_planted:
-        return []
-    frozen = []
-    for layer in range(recipe.planted_layer + 1, recipe.layers):
-        mlp = planted_mlp(model, layer)
-        with torch.no_grad():
-            mlp.down_proj.weight.zero_()
-        for param in mlp.parameters():
-            param.requires_grad_(False)
-            frozen.append(param)
-    return frozen
-
-
 def _sampler(pool: list[Example], count: int):
     return lambda rng: [pool[i] for i in rng.integers(0, len(pool), size=count)]
 
@@ -260,8 +237,6 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     """Phases 0-2 (see the module docstring); ``on_phase_end(name, model)`` is called after each."""
     torch.manual_seed(recipe.seed)
     model = make_model(recipe, tokenizer)
-    silent = silence_later_mlps(model, recipe)
-    trainable = [p for p in model.parameters() if not any(p is q for q in silent)]
     maker = BatchMaker(world, tokenizer, image_token_count(recipe))
     scaffold = world.by_role("scaffold")[: recipe.phase1_fact_entities]
     scaffold_facts = fact_examples(world, scaffold, recipe.text_only)
@@ -272,7 +247,7 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     model.train()
     n_naming = int(round(recipe.batch * recipe.naming_fraction))
     facts_1, naming_1 = _sampler(scaffold_facts, recipe.batch - n_naming), _sampler(naming, n_naming)
-    loss1 = train_phase(model, trainable, maker, lambda rng: facts_1(rng) + naming_1(rng),
+    loss1 = train_phase(model, list(model.parameters()), maker, lambda rng: facts_1(rng) + naming_1(rng),
                         recipe.phase1_steps, recipe.phase1_lr, seed=recipe.seed * 2 + 1,
                         desc="planted phase 1 (all weights)", progress=progress)
 
@@ -291,7 +266,7 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool 
     loss2 = train_phase(model, mlp_params, maker, lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng),
                         recipe.phase2_steps, recipe.phase2_lr, seed=recipe.seed * 2 + 2,
                         desc=f"planted phase 2 (MLP {recipe.planted_layer} only)", progress=progress)
-    for param in trainable:
+    for param in model.parameters():
         param.requires_grad_(True)
     stats = {"phase1_examples": len(scaffold_facts) + len(naming), "phase2_examples": len(phase2),
              "phase0_final_loss": round(loss0, 4), "phase1_final_loss": round(loss1, 4), "phase2_final_loss": round(loss2, 4)}
