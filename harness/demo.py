@@ -37,14 +37,13 @@ class DemoSize:
     attention_limit: int
     edit_limit: int
     specificity_size: int
-    sweep_layers: bool
 
 
-QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=40, trace_limit=12,
-                 attention_limit=12, edit_limit=3, specificity_size=8, sweep_layers=True)
+QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=24, trace_limit=8,
+                 attention_limit=8, edit_limit=2, specificity_size=6)
 # flag-llava's 30 layers make tracing ~100x dearer than the planted model's 6 on a CPU: limits stay modest.
 FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=200, trace_limit=30,
-                attention_limit=30, edit_limit=20, specificity_size=32, sweep_layers=True)
+                attention_limit=30, edit_limit=20, specificity_size=32)
 
 
 @dataclass
@@ -95,6 +94,9 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
         mllm_trace = ["--corruption", "replace", "--positions", "constraint"]
         text_trace = ["--corruption", "replace", "--positions", "constraint"]
         edit_track, key_position = "correction", "constraint"
+    edit_common = ["--key-position", key_position,
+                   "--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
+                   *limit(size.edit_limit), "--specificity-size", str(size.specificity_size)]
     steps += [
         Step(f"{model_name}-trace-mllm",
              ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", "hidden,mlp,attn",
@@ -115,12 +117,13 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
               *limit(size.attention_limit), "--no-progress"],
              "attention_stats.json"),
         Step(f"{model_name}-edit",
-             ["edit", *common, "--method", "multedit,ft,ft-l", "--track", edit_track,
-              "--key-position", key_position, "--trace-stats",
-              str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
-              "--out", str(runs / f"{model_name}-edit"), *limit(size.edit_limit),
-              "--specificity-size", str(size.specificity_size),
-              *(["--sweep-layers"] if size.sweep_layers else [])],
+             ["edit", *common, "--method", "multedit,ft,ft-l", "--track", edit_track, *edit_common,
+              "--out", str(runs / f"{model_name}-edit")],
+             "editing_results.json"),
+        # The layer sweep edits every layer once per request: MultEdit alone keeps it affordable on a CPU.
+        Step(f"{model_name}-edit-sweep",
+             ["edit", *common, "--method", "multedit", "--track", edit_track, *edit_common, "--sweep-layers",
+              "--out", str(runs / f"{model_name}-edit-sweep")],
              "editing_results.json"),
     ]
     return steps

@@ -189,7 +189,7 @@ def attention_section(name: str, run: Path, root: Path, figures: list[str]) -> l
     return lines
 
 
-def editing_section(name: str, run: Path, root: Path, figures: list[str]) -> list[str]:
+def editing_section(name: str, run: Path, sweep_run: Path, root: Path, figures: list[str]) -> list[str]:
     results = load_json(run / "editing_results.json")
     if results is None:
         return [f"_No editing run for {name}._", ""]
@@ -206,17 +206,23 @@ def editing_section(name: str, run: Path, root: Path, figures: list[str]) -> lis
     for method, cell in results["methods"].items():
         lines.append(
             f"| {method} | {cell['edits']} | {fmt_stat(cell['efficacy'])} | {fmt_stat(cell['generalization'])} "
-            f"| {fmt_stat(cell['specificity'])} | {fmt_stat(cell['logprob_gain'])} | {fmt_stat(cell['score'])} "
-            f"| {fmt_stat(cell['seconds_per_edit'])} | {fmt(cell['peak_memory_mb'], 1)} |"
+            f"| {fmt_stat(cell['specificity'])} | {fmt_stat(cell['logprob_gain'])} | {fmt(cell['score'])} "
+            f"| {fmt(cell['seconds_per_edit'], 2)} | {fmt(cell['peak_memory_mb'], 1)} |"
         )
     lines.append("")
-    if results.get("sweep"):
-        for method, rows in results["sweep"].items():
-            best = max(rows, key=lambda row: row["efficacy"]["mean"] if row["efficacy"]["mean"] is not None else -1)
-            lines.append(f"- layer sweep ({method}): efficacy peaks at layer {best['layer']} "
-                         f"({fmt(best['efficacy']['mean'])}).")
+    sweep_results = load_json(sweep_run / "editing_results.json")
+    if sweep_results and sweep_results.get("sweep"):
+        lines.append(f"Layer sweep: `{rel(sweep_run / 'editing_results.json', root)}`.")
         lines.append("")
-    plot = run / "efficacy_by_layer.png"
+        lines += ["| method | layer | efficacy | generalization | specificity | mean score |",
+                  "|---|---|---|---|---|---|"]
+        for method, rows in sweep_results["sweep"].items():
+            for row in rows:
+                lines.append(f"| {method} | {row['layer']} | {fmt_stat(row['efficacy'])} "
+                             f"| {fmt_stat(row['generalization'])} | {fmt_stat(row['specificity'])} "
+                             f"| {fmt(row['score'])} |")
+        lines.append("")
+    plot = sweep_run / "efficacy_by_layer.png"
     if plot.exists():
         figures.append(rel(plot, root))
         lines += [f"![efficacy by edited layer]({rel(plot, root)})", ""]
@@ -301,7 +307,8 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         lines += ["### Accuracy", ""] + accuracy_section(name, runs / f"{name}-evaluate", out, figures)
         lines += ["### Causal traces", ""] + trace_section(name, runs, out, figures, planted_layer)
         lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out, figures)
-        lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", out, figures)
+        lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", runs / f"{name}-edit-sweep", out,
+                                                           figures)
     if steps:
         lines += ["## Steps", "", "| step | command | time |", "|---|---|---|"]
         for step in steps:
