@@ -39,8 +39,8 @@ class DemoSize:
     specificity_size: int
 
 
-QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=24, trace_limit=8,
-                 attention_limit=8, edit_limit=2, specificity_size=6)
+QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=60, trace_limit=24,
+                 attention_limit=24, edit_limit=8, specificity_size=16)
 # flag-llava's 30 layers make tracing ~100x dearer than the planted model's 6 on a CPU: limits stay modest.
 FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=200, trace_limit=30,
                 attention_limit=30, edit_limit=20, specificity_size=32)

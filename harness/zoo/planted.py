@@ -1,7 +1,7 @@
 """The planted-knowledge LLaVA: a tiny genuine LlavaForConditionalGeneration whose
 facts live in one known MLP layer K, the ground truth for tracing and editing.
 
-Construction (see docs/readme/zoo-planted.md for measured numbers):
+Construction (see the README section on the planted model for measured numbers):
 0. Phase 0 trains only the vision tower and projector, contrastively, so each
    image feature points at the input embedding of the pictured creature's
    name (no pass through the decoder, so it is cheap).
@@ -81,7 +81,7 @@ class PlantedRecipe:
     naming_fraction: float = 0.25  # share of each phase-1 batch that asks a creature's name
     replay_fraction: float = 0.5  # share of each phase-2 batch drawn from phase-1 examples
     # Also teach facts text-only (name instead of picture, no image). Off: with it
-    # phase 1 had learnt almost nothing after 600-900 steps (see docs/readme/zoo-planted.md).
+    # phase 1 had learnt almost nothing after 600-900 steps (see the README section on the planted model).
     text_only: bool = False
 
 
