@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.models.loading import add_model_arguments
 from vqa_constraints.errors import UserError
 
 
@@ -22,7 +23,7 @@ def add_edit(subparsers) -> None:
         description="Edit requests from a VQA-Constraints build; writes edits.jsonl, editing_results.json, "
         "comparison.md and (with --sweep-layers) efficacy_by_layer.png. The model's files are never changed.",
     )
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
     parser.add_argument("--method", default="multedit", help="comma-separated: multedit, ft, ft-l (default: multedit)")
     parser.add_argument("--track", default="insertion", choices=["correction", "insertion"])
@@ -40,10 +41,6 @@ def add_edit(subparsers) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--save", default=None, metavar="DIR", help="also save the model with all edits (first method) applied")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--revision", default=None, help="model revision on the Hub")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
     parser.set_defaults(func=_run_edit)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.models.loading import add_model_arguments
 from vqa_constraints import CONFIGS
 
 from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
@@ -16,7 +17,7 @@ def add_evaluate(subparsers) -> None:
         help="score a model on VQA-Constraints (resumable; rerun the same command to continue)",
         description="Score a multimodal model; writes RUN_DIR/samples.jsonl and RUN_DIR/results.json.",
     )
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
     parser.add_argument("--config", action="append", dest="configs", metavar="C", help=f"repeatable; one of {', '.join(CONFIGS)} (default: all in the build)")
     parser.add_argument("--split", default="test")
@@ -28,11 +29,7 @@ def add_evaluate(subparsers) -> None:
     parser.add_argument("--shard", default=None, metavar="I/N", help="score slice I of N (0-based); combine with `merge`")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--revision", default=None, help="model revision on the Hub")
     parser.add_argument("--data-revision", default=None, help="dataset revision on the Hub")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_evaluate)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.models.loading import add_model_arguments
 from vqa_constraints import CONFIGS
 from vqa_constraints.errors import UserError
 
@@ -17,7 +18,7 @@ def add_attention(subparsers) -> None:
         "last token, a knockout of the top-k image tokens against k random ones, and how well the contribution "
         "and the model's confidence predict a correct answer (AUROC).",
     )
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
     parser.add_argument("--config", required=True, choices=CONFIGS)
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -30,11 +31,7 @@ def add_attention(subparsers) -> None:
     parser.add_argument("--knockout-layers", default=None, metavar="A-B|L,L,...",
                         help="layers where the knockout cuts attention (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--revision", default=None, help="model revision on the Hub")
     parser.add_argument("--data-revision", default=None, help="dataset revision on the Hub")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_attention)
 

@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from harness.models.loading import add_model_arguments
 from .causal_trace import CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, TraceOptions, run_trace
 
 
 def add_trace(subparsers) -> None:
     parser = subparsers.add_parser("trace", help="causal tracing (MultimodalCausalTrace) of correctly answered questions")
-    parser.add_argument("--model", required=True, help="model folder or Hub id")
+    add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
     parser.add_argument("--config", required=True, help="single_constraint | multi_constraint | encyclopedic")
     parser.add_argument("--out", required=True, help="output folder (trace_stats.json, traces.parquet, PNGs)")
@@ -32,10 +33,6 @@ def add_trace(subparsers) -> None:
     parser.add_argument("--noise-samples", type=int, default=5, help="noise draws averaged per example (noise corruptions)")
     parser.add_argument("--threshold", type=float, default=0.1, help="mean normalised effect above which a layer is causal")
     parser.add_argument("--max-batch", type=int, default=64, help="restorations per batch in the fast engine")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
 
