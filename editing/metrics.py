@@ -21,10 +21,8 @@ import numpy as np
 import torch
 
 from editing.requests import EditRequest
+from harness.bootstrap import bootstrap_interval
 from harness.scoring import Prompt, answer_correct, answer_logprobs, generate_answers, normalize_answer
-
-BOOTSTRAP_SAMPLES = 1000
-
 
 @dataclass(frozen=True)
 class Probe:
@@ -107,9 +105,7 @@ def summarise(values: Sequence[float | None], seed: int) -> dict:
     data = np.array([v for v in values if v is not None], dtype=float)
     if data.size == 0:
         return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(BOOTSTRAP_SAMPLES, data.size))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    low, high = bootstrap_interval(data, np.random.default_rng(seed))
     return {"mean": round(float(data.mean()), 6), "ci_low": round(float(low), 6),
             "ci_high": round(float(high), 6), "n": int(data.size)}
 

@@ -47,6 +47,16 @@ def _replace_first(output, tensor):
 
 
 @contextmanager
+def _removed_on_exit(handles: list) -> Iterator[None]:
+    """Remove the hooks when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def record_outputs(
     modules: dict[str, nn.Module], detach: bool = True, index: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -62,11 +72,8 @@ def record_outputs(
             tensor = _element(output, index)
             store[name] = tensor.detach() if detach and tensor is not None else tensor
         handles.append(module.register_forward_hook(hook))
-    try:
+    with _removed_on_exit(handles):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -80,11 +87,8 @@ def record_inputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterato
             tensor = _first_input(inputs, kwargs)
             store[name] = tensor.detach() if detach and tensor is not None else tensor
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
+    with _removed_on_exit(handles):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -97,11 +101,8 @@ def edit_outputs(edits: dict[nn.Module, TensorFn]) -> Iterator[None]:
             new = fn(tensor)
             return _replace_first(output, tensor if new is None else new)
         handles.append(module.register_forward_hook(hook))
-    try:
+    with _removed_on_exit(handles):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -115,11 +116,8 @@ def edit_inputs(edits: dict[nn.Module, TensorFn]) -> Iterator[None]:
                 return None
             return (new,) + tuple(inputs[1:])
         handles.append(module.register_forward_pre_hook(hook))
-    try:
+    with _removed_on_exit(handles):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 KwargsFn = Callable[[dict], dict | None]
@@ -135,8 +133,5 @@ def edit_kwargs(edits: dict[nn.Module, KwargsFn]) -> Iterator[None]:
             new = fn(dict(kwargs))
             return None if new is None else (args, new)
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
+    with _removed_on_exit(handles):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -47,6 +47,16 @@ def rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def source_line(path: Path, root: Path, details: str) -> str:
+    """The line above a table that names the file its numbers come from."""
+    return f"Source: `{rel(path, root)}` — {details}"
+
+
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header row and the separator row under it."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 # --- sections -----------------------------------------------------------------
 
 
@@ -57,11 +67,10 @@ def accuracy_section(name: str, run: Path, root: Path, figures: list[str]) -> li
     metrics = results["metrics"]
     configs = [c for c in results["dataset"]["configs"] if c in metrics]
     lines = [
-        f"Source: `{rel(run / 'results.json', root)}` — model revision `{results['model']['revision']}`, "
-        f"dtype {results['model']['dtype']}, {results['n']} questions.",
+        source_line(run / "results.json", root, f"model revision `{results['model']['revision']}`, "
+                    f"dtype {results['model']['dtype']}, {results['n']} questions."),
         "",
-        "| config | n | accuracy [95% CI] | exact match | visual only | visual+textual |",
-        "|---|---|---|---|---|---|",
+        *table_head("config", "n", "accuracy [95% CI]", "exact match", "visual only", "visual+textual"),
     ]
     for config in configs:
         cell = metrics[config]
@@ -92,11 +101,8 @@ def trace_section(name: str, runs: Path, root: Path, figures: list[str], planted
     documents = {label: load_json(folder / "trace_stats.json") for label, folder in traces.items()}
     if planted_layer is not None:
         lines += [f"Ground truth: the facts were planted in MLP layer **{planted_layer}**.", ""]
-    lines += [
-        "| trace | corrupted | restored at | kind | n traced | n affected | p clean | p corrupt | peak layer "
-        "| causal layers | peak agreement |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += table_head("trace", "corrupted", "restored at", "kind", "n traced", "n affected", "p clean", "p corrupt",
+                        "peak layer", "causal layers", "peak agreement")
     for label, document in documents.items():
         if document is None:
             continue
@@ -161,12 +167,11 @@ def attention_section(name: str, run: Path, root: Path, figures: list[str]) -> l
         return [f"_No attention analysis for {name}._", ""]
     counts = stats["counts"]
     lines = [
-        f"Source: `{rel(run / 'attention_stats.json', root)}` — {counts['analysed']} questions analysed, "
-        f"{counts['correct']} answered correctly.",
+        source_line(run / "attention_stats.json", root,
+                    f"{counts['analysed']} questions analysed, {counts['correct']} answered correctly."),
         "",
-        "| knockout target | n | k | p clean | p after top-k blocked | p after random k blocked "
-        "| drop (top-k) | drop (random) |",
-        "|---|---|---|---|---|---|---|---|",
+        *table_head("knockout target", "n", "k", "p clean", "p after top-k blocked", "p after random k blocked",
+                    "drop (top-k)", "drop (random)"),
     ]
     for target, knockout in stats["knockout"].items():
         lines.append(
@@ -195,13 +200,13 @@ def editing_section(name: str, run: Path, sweep_run: Path, root: Path, figures: 
         return [f"_No editing run for {name}._", ""]
     options = results["options"]
     lines = [
-        f"Source: `{rel(run / 'editing_results.json', root)}` — track `{options['track']}`, key position "
-        f"`{options['key_position']}`, layers {results['layers']} ({results['layer_source']}), "
-        f"{results['requests']} edit requests, {results['specificity_questions']} specificity questions.",
+        source_line(run / "editing_results.json", root,
+                    f"track `{options['track']}`, key position `{options['key_position']}`, layers "
+                    f"{results['layers']} ({results['layer_source']}), {results['requests']} edit requests, "
+                    f"{results['specificity_questions']} specificity questions."),
         "",
-        "| method | edits | efficacy | generalization | specificity | log-prob gain | mean score | s / edit "
-        "| peak memory (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table_head("method", "edits", "efficacy", "generalization", "specificity", "log-prob gain", "mean score",
+                    "s / edit", "peak memory (MB)"),
     ]
     for method, cell in results["methods"].items():
         lines.append(
@@ -214,8 +219,7 @@ def editing_section(name: str, run: Path, sweep_run: Path, root: Path, figures: 
     if sweep_results and sweep_results.get("sweep"):
         lines.append(f"Layer sweep: `{rel(sweep_run / 'editing_results.json', root)}`.")
         lines.append("")
-        lines += ["| method | layer | efficacy | generalization | specificity | mean score |",
-                  "|---|---|---|---|---|---|"]
+        lines += table_head("method", "layer", "efficacy", "generalization", "specificity", "mean score")
         for method, rows in sweep_results["sweep"].items():
             for row in rows:
                 lines.append(f"| {method} | {row['layer']} | {fmt_stat(row['efficacy'])} "
@@ -310,7 +314,7 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", runs / f"{name}-edit-sweep", out,
                                                            figures)
     if steps:
-        lines += ["## Steps", "", "| step | command | time |", "|---|---|---|"]
+        lines += ["## Steps", "", *table_head("step", "command", "time")]
         for step in steps:
             when = "reused" if step.reused else (f"{step.seconds:.1f} s" if step.seconds is not None else "")
             lines.append(f"| {step.name} | `vqa-constraints {' '.join(step.argv[:1])} …` | {when} |")

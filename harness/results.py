@@ -6,13 +6,17 @@ what lets ``merge`` and ``leaderboard validate`` recompute a run's numbers.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 
-BOOTSTRAP_RESAMPLES = 1000
+from harness.bootstrap import bootstrap_interval, keyed_rng
+
 CONFIDENCE_LEVEL = 0.95
+_TAIL = (1 - CONFIDENCE_LEVEL) / 2 * 100
+# Computed from the level, the lower bound is 2.500000000000002, not 2.5: kept so that
+# recomputed metrics (merge, leaderboard validate) equal the stored ones bit for bit.
+CI_PERCENTILES = (_TAIL, 100 - _TAIL)
 ALL = "all"
 
 # breakdown name -> how to read its key from a sample
@@ -32,21 +36,12 @@ MEAN_FIELDS = {
 }
 
 
-def _stream_seed(seed: int, *key: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the cell's name, not on the order cells are computed."""
-    digest = hashlib.sha256("\x1f".join((str(seed),) + key).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
 def mean_with_ci(values: list[float], rng: np.random.Generator) -> dict:
-    """Mean plus a percentile bootstrap interval (``CONFIDENCE_LEVEL``) over ``BOOTSTRAP_RESAMPLES`` resamples."""
+    """Mean plus a percentile bootstrap interval (``CONFIDENCE_LEVEL``)."""
     x = np.asarray(values, dtype=np.float64)
-    n = len(x)
-    if n == 0:
+    if len(x) == 0:
         return {"value": None, "ci_low": None, "ci_high": None}
-    means = x[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
-    tail = (1 - CONFIDENCE_LEVEL) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
+    low, high = bootstrap_interval(x, rng, percentiles=CI_PERCENTILES)
     return {"value": _round(x.mean()), "ci_low": _round(low), "ci_high": _round(high)}
 
 
@@ -61,7 +56,7 @@ def cell_metrics(samples: list[dict], seed: int, *key: str) -> dict:
     for metric, field in MEAN_FIELDS.items():
         values = [s[field] for s in samples if s.get(field) is not None]
         if values:
-            cell[metric] = mean_with_ci([float(v) for v in values], _stream_seed(seed, *key, metric))
+            cell[metric] = mean_with_ci([float(v) for v in values], keyed_rng(seed, *key, metric))
     return cell
 
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from harness.bootstrap import keyed_rng
 from harness.results import mean_with_ci
 from harness.runs import write_json_atomic
 from harness.scoring import answer_correct, generate
@@ -128,13 +129,6 @@ def analyse_questions(adapter, records: list, options: StudyOptions) -> tuple[li
     return rows, skipped
 
 
-def _rng(seed: int, *key: str) -> np.random.Generator:
-    import hashlib
-
-    digest = hashlib.sha256("\x1f".join((str(seed),) + key).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
 def per_layer_stats(rows: list[dict], field: str, seed: int, name: str) -> dict:
     """For each group (all / correct / incorrect): per layer n, mean and 95% bootstrap CI."""
     out = {}
@@ -144,7 +138,7 @@ def per_layer_stats(rows: list[dict], field: str, seed: int, name: str) -> dict:
         if chosen:
             values = np.asarray([r[field] for r in chosen], dtype=np.float64)
             for layer in range(values.shape[1]):
-                cell = mean_with_ci(values[:, layer].tolist(), _rng(seed, name, group, str(layer)))
+                cell = mean_with_ci(values[:, layer].tolist(), keyed_rng(seed, name, group, str(layer)))
                 layers.append({"layer": layer, "n": len(chosen), **cell})
         out[group] = layers
     return out
@@ -157,7 +151,7 @@ def knockout_stats(rows: list[dict], target: str, options: StudyOptions) -> dict
     p_random = [float(np.mean(r[f"knockout_{target}_p_random"])) for r in done]
     drop_top = [c - t for c, t in zip(p_clean, p_top)]
     drop_random = [c - r for c, r in zip(p_clean, p_random)]
-    cell = lambda values, key: mean_with_ci(values, _rng(options.seed, "knockout", target, key))  # noqa: E731
+    cell = lambda values, key: mean_with_ci(values, keyed_rng(options.seed, "knockout", target, key))  # noqa: E731
     return {
         "target": target,
         "n": len(done),

@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness.bootstrap import bootstrap_interval
+
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "trace_stats.schema.json"
 AFFECTED_RATIO = 0.5  # an example is "affected" when corruption at least halves p(answer)
@@ -51,8 +53,7 @@ def _summary(members, corrupted, target, kind, count, threshold, bootstrap, rng)
     effect = np.array([m["effect"] for m in members], dtype=np.float64)  # [n, layers]
     normalised = np.array([m["normalised"] for m in members], dtype=np.float64)
     n = effect.shape[0]
-    resampled = effect[rng.integers(0, n, size=(bootstrap, n))].mean(axis=1)  # [bootstrap, layers]
-    low, high = np.percentile(resampled, [2.5, 97.5], axis=0)
+    low, high = bootstrap_interval(effect, rng, resamples=bootstrap)  # one bound per layer
     finite = np.isfinite(normalised).any(axis=1)
     mean_normalised = normalised[finite].mean(axis=0) if finite.any() else np.full(effect.shape[1], np.nan)
     mean_effect = effect.mean(axis=0)

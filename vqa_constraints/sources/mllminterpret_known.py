@@ -15,28 +15,16 @@ Inputs: --source-path mllminterpret-known=CSV_OR_FOLDER
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from vqa_constraints.errors import UserError, where
-from vqa_constraints.records import Record, stable_id
-from vqa_constraints.sources.images import ImageProblem, load_image
-from vqa_constraints.sources.splits import split_of
-from vqa_constraints.sources.tabular import (
-    cell,
-    companion_file,
-    images_root,
-    locate_visual,
-    main_file,
-    read_csv,
-    read_json,
-    text_only,
-)
+from vqa_constraints.records import Record
+from vqa_constraints.sources.mllminterpret_csv import constrained_rows, row_record
+from vqa_constraints.sources.tabular import companion_file, images_root, main_file, read_json
 
 NAME = "mllminterpret-known"
 CSV_NAME = "multimodal_known.csv"
-COLUMNS = ("question", "subject", "main_entity", "image_url")
 KNOWN_FIELDS = ("subject", "attribute")
 LICENSE = "MIT (MLLMInterpret constraints; ROME known_1000 facts); images: their owners' terms"
 
@@ -75,55 +63,25 @@ def build_records(context) -> Iterator[Record]:
     known_path = companion_file(context, "known", ("known_1000.json",), csv_path)
     root = images_root(context, csv_path)
     facts = load_known_facts(known_path)
-    for number, row in read_csv(csv_path, COLUMNS):
-        location = where(csv_path, number)
-        question, subject = cell(row, "question"), cell(row, "subject")
-        main_entity, image_url = cell(row, "main_entity"), cell(row, "image_url")
-        empty = next((c for c, v in (("question", question), ("subject", subject), ("main_entity", main_entity)) if not v), None)
-        if empty:
-            context.reject(f"{location} field {empty!r}", "is empty")
-            continue
-        try:
-            constraint = locate_visual(question, main_entity, subject)
-        except ValueError as error:
-            context.reject(f"{location} field 'main_entity'", str(error))
-            continue
-        candidates = facts.get(subject)
+    for row in constrained_rows(context, csv_path, "subject", ("question", "subject", "main_entity")):
+        candidates = facts.get(row.subject)
         if not candidates:
-            context.reject(f"{location} field 'subject'", f"{subject!r} has no record in {known_path.name}")
+            context.reject(f"{row.location} field 'subject'", f"{row.subject!r} has no record in {known_path.name}")
             continue
-        fact = pick_fact(candidates, question, main_entity)
+        fact = pick_fact(candidates, row.question, row.main_entity)
         if fact is None:
             context.reject(
-                f"{location} field 'subject'",
-                f"{subject!r} has {len(candidates)} facts in {known_path.name} and none matches the question",
+                f"{row.location} field 'subject'",
+                f"{row.subject!r} has {len(candidates)} facts in {known_path.name} and none matches the question",
             )
             continue
         answer = str(fact["attribute"]).strip()
         if not answer:
-            context.reject(f"{location} field 'answers'", f"empty attribute in {known_path.name} for {subject!r}")
+            context.reject(f"{row.location} field 'answers'", f"empty attribute in {known_path.name} for {row.subject!r}")
             continue
-        try:
-            image = load_image(root, image_url)
-        except ImageProblem as error:
-            context.reject(f"{location} field 'image_url'", str(error))
-            continue
-        yield Record(
-            id=stable_id(NAME, "single_constraint", question, subject, image_url),
-            source=NAME,
-            config="single_constraint",
-            split=split_of(f"{NAME}:{subject}"),
-            image=image,
-            question=question,
+        yield from row_record(
+            context, root, NAME, LICENSE, row,
             answers=[answer],
-            constraints=[constraint],
-            subject=subject,
             relation=str(fact.get("relation_id") or "unknown"),
-            text_only_question=text_only(question, constraint, subject),
-            license=LICENSE,
-            meta=json.dumps(
-                {"csv_row": number, "known_id": fact.get("known_id"), "image_url": image_url,
-                 "rome_prompt": fact.get("prompt")},
-                sort_keys=True,
-            ),
+            meta={"known_id": fact.get("known_id"), "rome_prompt": fact.get("prompt")},
         )

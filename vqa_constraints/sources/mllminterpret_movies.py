@@ -14,28 +14,16 @@ Inputs: --source-path mllminterpret-movies=CSV_OR_FOLDER
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from vqa_constraints.errors import UserError, where
-from vqa_constraints.records import Record, stable_id
-from vqa_constraints.sources.images import ImageProblem, load_image
-from vqa_constraints.sources.splits import split_of
-from vqa_constraints.sources.tabular import (
-    cell,
-    companion_file,
-    images_root,
-    locate_visual,
-    main_file,
-    read_csv,
-    read_json,
-    text_only,
-)
+from vqa_constraints.errors import UserError
+from vqa_constraints.records import Record
+from vqa_constraints.sources.mllminterpret_csv import constrained_rows, row_record
+from vqa_constraints.sources.tabular import cell, companion_file, images_root, main_file, read_csv, read_json
 
 NAME = "mllminterpret-movies"
 CSV_NAME = "multimodal_movies.csv"
-COLUMNS = ("question", "director", "main_entity", "image_url")
 MAPPING_NAMES = ("director_movies.json", "director_movies.csv")
 LICENSE = "MIT (MLLMInterpret constraints); movie lists and images: their owners' terms"
 
@@ -62,40 +50,12 @@ def build_records(context) -> Iterator[Record]:
     mapping_path = companion_file(context, "movies", MAPPING_NAMES, csv_path)
     root = images_root(context, csv_path)
     movies = load_director_movies(mapping_path)
-    for number, row in read_csv(csv_path, COLUMNS):
-        location = where(csv_path, number)
-        question, director = cell(row, "question"), cell(row, "director")
-        main_entity, image_url = cell(row, "main_entity"), cell(row, "image_url")
-        if not question or not director:
-            context.reject(f"{location} field {'question' if not question else 'director'!r}", "is empty")
-            continue
-        try:
-            constraint = locate_visual(question, main_entity, director)
-        except ValueError as error:
-            context.reject(f"{location} field 'main_entity'", str(error))
-            continue
-        answers = movies.get(director) or []
+    # main_entity is not checked here: an empty one is rejected as an empty constraint.
+    for row in constrained_rows(context, csv_path, "director", ("question", "director")):
+        answers = movies.get(row.subject) or []
         if not answers:
-            context.reject(f"{location} field 'answers'", f"no movies for {director!r} in {mapping_path.name}")
+            context.reject(f"{row.location} field 'answers'", f"no movies for {row.subject!r} in {mapping_path.name}")
             continue
-        try:
-            image = load_image(root, image_url)
-        except ImageProblem as error:
-            context.reject(f"{location} field 'image_url'", str(error))
-            continue
-        yield Record(
-            id=stable_id(NAME, "single_constraint", question, director, image_url),
-            source=NAME,
-            config="single_constraint",
-            split=split_of(f"{NAME}:{director}"),
-            image=image,
-            question=question,
-            answers=answers,
-            answer_mode="any_of",
-            constraints=[constraint],
-            subject=director,
-            relation="director_of",
-            text_only_question=text_only(question, constraint, director),
-            license=LICENSE,
-            meta=json.dumps({"csv_row": number, "image_url": image_url}, sort_keys=True),
+        yield from row_record(
+            context, root, NAME, LICENSE, row, answers=answers, relation="director_of", meta={}, answer_mode="any_of"
         )
