@@ -36,7 +36,9 @@ def add_edit(subparsers) -> None:
                         help="where MultEdit reads its key: the visual constraint's last token or the final prompt token")
     parser.add_argument("--limit", type=int, default=None, help="at most N edit requests")
     parser.add_argument("--batch-edits", type=int, default=1, metavar="N", help="apply N edits at once (default 1: one at a time)")
-    parser.add_argument("--sweep-layers", action="store_true", help="also edit at every layer, one at a time, and plot efficacy by layer")
+    parser.add_argument("--sweep-layers", nargs="?", const=True, default=False, type=_int_list, metavar="LAYERS",
+                        help="also edit at every layer (or only LAYERS, e.g. 0,4,8: a 30-layer model on a CPU), "
+                             "one at a time, and plot efficacy by layer")
     parser.add_argument("--specificity-size", type=int, default=32, help="unrelated questions checked per edit")
     parser.add_argument("--split", default="test")
     parser.add_argument("--save", default=None, metavar="DIR", help="also save the model with all edits (first method) applied")

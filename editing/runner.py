@@ -55,7 +55,7 @@ class EditOptions:
     key_position: str = "last"
     limit: int | None = None
     batch_edits: int = 1
-    sweep_layers: bool = False
+    sweep_layers: bool | list[int] = False  # True: every layer; a list: those layers
     seed: int = 0
     split: str = "test"
     specificity_size: int = 32
@@ -273,6 +273,10 @@ def usable_requests(adapter, requests, methods, layers) -> tuple[list[EditReques
     return keep, skipped
 
 
+def sweep_layer_list(sweep_layers: bool | list[int], num_layers: int) -> list[int]:
+    return list(range(num_layers)) if sweep_layers is True else list(sweep_layers)
+
+
 def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save: str | Path | None = None) -> dict:
     """The whole experiment; returns the results document (also written to ``out``)."""
     from editing import report
@@ -290,6 +294,8 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     else:
         layers, layer_source = default_layers(adapter, data, out, options)
     check_layers(adapter, layers)
+    if options.sweep_layers:
+        check_layers(adapter, sweep_layer_list(options.sweep_layers, adapter.num_layers))
     methods = [make_method(name, key_position=options.key_position, **options.method_options.get(name, {}))
                for name in options.methods]
     requests, skipped_records, source = make_requests(adapter, data, options)
@@ -324,7 +330,7 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     if options.sweep_layers:
         for method in methods:
             sweep[method.name] = []
-            for layer in range(adapter.num_layers):
+            for layer in sweep_layer_list(options.sweep_layers, adapter.num_layers):
                 log.info("sweep %s: layer %d", method.name, layer)
                 summary = run_method(ctx, method, requests, [layer], 1, lines, sweep=True)
                 sweep[method.name].append({"layer": layer, **{k: summary[k] for k in (

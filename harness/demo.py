@@ -13,6 +13,7 @@ interrupted demo continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -37,13 +38,23 @@ class DemoSize:
     attention_limit: int
     edit_limit: int
     specificity_size: int
+    sweep_limit: int  # edit requests in the layer sweep, which repeats every edit at every swept layer
+    sweep_max_layers: int  # a deeper model is swept at evenly spaced layers
 
 
 QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=60, trace_limit=24,
-                 attention_limit=24, edit_limit=8, specificity_size=16)
+                 attention_limit=24, edit_limit=8, specificity_size=16, sweep_limit=8, sweep_max_layers=10)
 # flag-llava's 30 layers make tracing ~100x dearer than the planted model's 6 on a CPU: limits stay modest.
 FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=200, trace_limit=30,
-                attention_limit=30, edit_limit=20, specificity_size=32)
+                attention_limit=30, edit_limit=20, specificity_size=32, sweep_limit=5, sweep_max_layers=10)
+
+
+def sweep_layers(model_dir: Path, max_layers: int) -> str:
+    """Every layer of a shallow model; about ``max_layers`` evenly spaced ones of a deep one."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    count = config.get("text_config", config)["num_hidden_layers"]
+    stride = -(-count // max_layers)
+    return ",".join(str(layer) for layer in range(0, count, stride))
 
 
 @dataclass
@@ -96,7 +107,7 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
         edit_track, key_position = "correction", "constraint"
     edit_common = ["--key-position", key_position,
                    "--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
-                   *limit(size.edit_limit), "--specificity-size", str(size.specificity_size)]
+                   "--specificity-size", str(size.specificity_size)]
     steps += [
         Step(f"{model_name}-trace-mllm",
              ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", "hidden,mlp,attn",
@@ -118,12 +129,12 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
              "attention_stats.json"),
         Step(f"{model_name}-edit",
              ["edit", *common, "--method", "multedit,ft,ft-l", "--track", edit_track, *edit_common,
-              "--out", str(runs / f"{model_name}-edit")],
+              *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit")],
              "editing_results.json"),
         # The layer sweep edits every layer once per request: MultEdit alone keeps it affordable on a CPU.
         Step(f"{model_name}-edit-sweep",
-             ["edit", *common, "--method", "multedit", "--track", edit_track, *edit_common, "--sweep-layers",
-              "--out", str(runs / f"{model_name}-edit-sweep")],
+             ["edit", *common, "--method", "multedit", "--track", edit_track, *edit_common, *limit(size.sweep_limit),
+              "--sweep-layers", sweep_layers(model_dir, size.sweep_max_layers), "--out", str(runs / f"{model_name}-edit-sweep")],
              "editing_results.json"),
     ]
     return steps

@@ -18,12 +18,15 @@ def test_edit_command_writes_all_outputs(tiny_llava_dir, planted_data_dir, tmp_p
     out = tmp_path / "run"
     code = run(["edit", "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--method", "multedit,ft-l",
                 "--track", "insertion", "--out", str(out), "--layers", "1", "--limit", "2",
-                "--specificity-size", "4", "--key-position", "constraint", "--dtype", "float32", "--device", "cpu"])
+                "--specificity-size", "4", "--key-position", "constraint", "--dtype", "float32", "--device", "cpu",
+                "--sweep-layers", "0"])
     assert code == 0
     document = json.loads((out / "editing_results.json").read_text())
     assert set(document["methods"]) == {"multedit", "ft-l"}
+    assert [row["layer"] for row in document["sweep"]["multedit"]] == [0]  # only the layers asked for
     assert document["options"]["key_position"] == "constraint"
-    assert len((out / "edits.jsonl").read_text().splitlines()) == 2 * document["methods"]["multedit"]["edits"]
+    lines = [json.loads(line) for line in (out / "edits.jsonl").read_text().splitlines()]
+    assert sum(not line["sweep"] for line in lines) == 2 * document["methods"]["multedit"]["edits"]
     assert "| ft-l |" in capsys.readouterr().out
 
 
@@ -31,6 +34,7 @@ def test_edit_command_writes_all_outputs(tiny_llava_dir, planted_data_dir, tmp_p
     "extra, message",
     [
         (["--layers", "99"], "layer 99 is out of range"),
+        (["--layers", "1", "--sweep-layers", "0,99"], "layer 99 is out of range"),
         (["--layers", "1", "--method", "rome"], "unknown method rome"),
         (["--layers", "1", "--batch-edits", "0"], "--batch-edits must be at least 1"),
         (["--trace-stats", "/nonexistent/trace_stats.json"], "no such file"),

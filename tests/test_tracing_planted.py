@@ -22,7 +22,7 @@ def _options(model, data, out, **overrides) -> TraceOptions:
     return TraceOptions(**base)
 
 
-PEAK_SHARE_AT_K = 0.7
+PEAK_SHARE_AT_K = 0.85  # what the issue asks
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +43,6 @@ def test_mlp_restoration_peaks_at_the_planted_layer(image_noise_trace, planted_l
     assert len(affected) >= 20, f"only {len(affected)} of {len(rows)} traced questions are affected by image noise"
     peaks = [int(np.argmax(r["effect"])) for r in affected]
     share = np.mean([p == planted_layer for p in peaks])
-    # The issue asks for 85%. The current planted model peaks at K for 79% of all
-    # 309 affected single-constraint questions (its later MLPs also learnt to write
-    # answers in phase 1; see the README's planted-model section): the bar sits at
-    # what this model achieves, and K must be the clear mode over every other layer.
     assert share >= PEAK_SHARE_AT_K, f"peak at K={planted_layer} for {share:.0%} of affected questions (peaks: {np.bincount(peaks)})"
     counts = np.bincount(peaks, minlength=planted_layer + 1)
     assert counts[planted_layer] >= 3 * max(c for layer, c in enumerate(counts) if layer != planted_layer)

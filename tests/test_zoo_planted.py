@@ -88,7 +88,7 @@ def test_facts_are_restored_at_the_planted_layer(reloaded, test_questions):
     k = planted.TEST_RECIPE.planted_layer
     assert result["n_affected"] >= 30
     shares = result["peak_share_per_layer"]
-    assert shares[k] == max(shares) and shares[k] >= 0.7
+    assert shares[k] == max(shares) and shares[k] >= 0.85
 
 
 def test_same_recipe_gives_identical_weights(tmp_path):

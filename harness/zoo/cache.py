@@ -27,14 +27,18 @@ def recipe_hash(recipe) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def cached_build(name: str, recipe, build: Callable[[Path], None], out: Path | None = None) -> Path:
+def cached_build(name: str, recipe, build: Callable[[Path], None], out: Path | None = None,
+                 force: bool = False) -> Path:
     """Return a folder holding the model for ``recipe``, building it only if needed.
 
     The build writes into a temporary sibling folder that is renamed into place
     when complete, so an interrupted build never leaves a half-written model.
-    With ``out`` the finished model is also copied there.
+    With ``out`` the finished model is also copied there; ``force`` rebuilds
+    even when the cache holds the recipe.
     """
     folder = cache_root() / "zoo" / f"{name}-{recipe_hash(recipe)}"
+    if force:
+        shutil.rmtree(folder, ignore_errors=True)
     if not (folder / "config.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))

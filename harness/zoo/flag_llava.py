@@ -5,11 +5,12 @@ from scratch on the flags images (augmented views) while SmolLM2 stays frozen,
 LLaVA stage-1 style:
 
 1. Regression (no language-model pass): the projected image tokens of a flag
-   are pulled onto SmolLM2's own input embeddings of the text
-   ``"Flag of <country>."`` (left-filled to the number of image tokens), with a
-   contrastive term across countries so that flags stay distinguishable.
-2. Caption loss through the frozen language model: "This is the flag of X.",
-   with logits computed only at the answer positions.
+   are pulled onto SmolLM2's own input embeddings of ``" <country>"``
+   (right-aligned behind space filler), by mean-squared error plus a per-token
+   cosine term that keeps the few name slots from regressing to an average.
+2. Optional caption loss through the frozen language model ("This is the flag
+   of X.", logits only at the answer positions); off by default, since stage 1
+   alone makes the flags readable.
 
 Because the image tokens then read like the country's name, questions that
 need the language model's own knowledge ("What is the capital of the country
@@ -66,20 +67,25 @@ class FlagLlavaRecipe:
     vision_hidden: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
-    target_text: str = "Flag of {name}."  # what the image tokens are regressed onto
-    stage1_steps: int = 500
-    stage1_batch: int = 32
-    stage1_lr: float = 2e-3
-    stage1_contrastive: float = 1.0  # weight of the across-countries term
-    stage2_steps: int = 6
+    # What the image tokens are regressed onto, right-aligned behind " " filler. Only
+    # the name: constant words would land on different slots for names of other lengths.
+    target_text: str = " {name}"
+    stage1_steps: int = 8000
+    stage1_batch: int = 64
+    stage1_lr: float = 3e-3
+    stage1_cosine: float = 1.0  # weight of (1 - per-token cosine), which the name slots need most
+    stage1_contrastive: float = 0.0  # weight of an across-countries term (not needed with the cosine term)
+    stage2_steps: int = 0
     stage2_batch: int = 8
     stage2_lr: float = 1e-4
     augment_strength: float = 1.0
     heldout_views: int = 2  # held-out augmented views per country (feature-match accuracy)
-    eval_countries: int = 40  # generation metrics on the first N countries (0: all); CPU generation is slow
+    eval_countries: int = 0  # generation metrics on the first N countries (0: all)
     eval_region: bool = False  # also ask for the continent (two more generation passes)
-    eval_max_new_tokens: int = 10
-    version: int = 1  # bump when the build code changes what it makes
+    # With an image SmolLM2 often restates the question before answering
+    # ("The capital of the country whose flag is in this image is Kabul.").
+    eval_max_new_tokens: int = 24
+    version: int = 2  # bump when the build code changes what it makes
 
 
 DEFAULT_RECIPE = FlagLlavaRecipe()
@@ -90,7 +96,6 @@ SMOKE_RECIPE = FlagLlavaRecipe(
     vision_heads=2,
     stage1_steps=100,
     stage1_batch=32,
-    stage1_lr=2e-3,
     stage2_steps=1,
     stage2_batch=4,
     heldout_views=1,
@@ -103,9 +108,7 @@ def build(recipe: FlagLlavaRecipe = DEFAULT_RECIPE, out: Path | None = None, for
     """The folder of the flag-llava model for ``recipe`` (built once, then reused from the cache)."""
     smollm2.gguf_path()  # fail early, with the install hint, before any work
     _require_flags()
-    if force:
-        _drop_cached(recipe)
-    return cache.cached_build(NAME, recipe, lambda folder: _build_into(recipe, folder), out=out)
+    return cache.cached_build(NAME, recipe, lambda folder: _build_into(recipe, folder), out=out, force=force)
 
 
 def build_cli(args) -> Path:
@@ -113,12 +116,6 @@ def build_cli(args) -> Path:
     recipe = replace(recipe, seed=getattr(args, "seed", 0))
     out = Path(args.out) if getattr(args, "out", None) else None
     return build(recipe, out=out, force=getattr(args, "force", False))
-
-
-def _drop_cached(recipe) -> None:
-    import shutil
-
-    shutil.rmtree(cache.cache_root() / "zoo" / f"{NAME}-{cache.recipe_hash(recipe)}", ignore_errors=True)
 
 
 def _require_flags() -> None:
@@ -174,29 +171,17 @@ def num_image_tokens_from_processor(processor) -> int:
 
 def make_model(language_model, tokenizer, recipe: FlagLlavaRecipe):
     """``LlavaForConditionalGeneration`` with SmolLM2's weights and a fresh vision tower + projector."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, LlavaForConditionalGeneration
+
+    from harness.zoo.llava_config import clip_llava_config
 
     text_dict = language_model.config.to_dict()
     text_dict["vocab_size"] = len(tokenizer)
     text_config = LlamaConfig.from_dict(text_dict)
-    vision_config = CLIPVisionConfig(
-        hidden_size=recipe.vision_hidden,
-        intermediate_size=4 * recipe.vision_hidden,
-        num_hidden_layers=recipe.vision_layers,
-        num_attention_heads=recipe.vision_heads,
-        image_size=recipe.image_size,
-        patch_size=recipe.patch_size,
-        projection_dim=recipe.vision_hidden,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=num_image_tokens(recipe),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,  # the tower is trained for this model, so its last layer is the feature
-        projector_hidden_act="gelu",
-        tie_word_embeddings=text_config.tie_word_embeddings,
+    config = clip_llava_config(
+        text_config, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_size=recipe.image_size,
+        patch_size=recipe.patch_size, vision_hidden=recipe.vision_hidden, vision_layers=recipe.vision_layers,
+        vision_heads=recipe.vision_heads, vision_intermediate=4 * recipe.vision_hidden,
     )
     torch.manual_seed(recipe.seed)
     model = LlavaForConditionalGeneration(config)

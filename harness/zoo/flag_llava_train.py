@@ -34,7 +34,7 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def target_embeddings(model, tokenizer, countries, recipe) -> torch.Tensor:
-    """(countries, image tokens, hidden): embeddings of ``recipe.target_text``, left-filled with spaces."""
+    """(countries, image tokens, hidden): embeddings of ``recipe.target_text``, right-aligned behind spaces."""
     from harness.zoo.flag_llava import num_image_tokens
 
     slots = num_image_tokens(recipe)
@@ -95,17 +95,20 @@ def _stage1(model, processor, flags, targets, trainable, recipe, generator) -> d
             group["lr"] = recipe.stage1_lr * _schedule(step, recipe.stage1_steps, warmup)
         index = torch.randint(count, (recipe.stage1_batch,), generator=generator)
         features = image_features(model, _pixels(flags, index, recipe, generator, processor))
-        regression = (features - targets[index]).pow(2).mean() / scale
-        similarity = F.normalize((features - centre).flatten(1), dim=-1) @ flat_targets.T
-        contrastive = F.cross_entropy(similarity / 0.05, index)
-        loss = regression + recipe.stage1_contrastive * contrastive
+        target = targets[index]
+        regression = (features - target).pow(2).mean() / scale
+        cosine = 1.0 - F.cosine_similarity(features, target, dim=-1).mean()
+        loss = regression + recipe.stage1_cosine * cosine
+        if recipe.stage1_contrastive:
+            similarity = F.normalize((features - centre).flatten(1), dim=-1) @ flat_targets.T
+            loss = loss + recipe.stage1_contrastive * F.cross_entropy(similarity / 0.05, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
         if step % 25 == 0:
-            bar.set_postfix(regression=f"{float(regression.detach()):.3f}", contrastive=f"{float(contrastive.detach()):.3f}")
+            bar.set_postfix(regression=f"{float(regression.detach()):.3f}", cosine=f"{float(cosine.detach()):.3f}")
     return {"steps": recipe.stage1_steps, "first_loss": round(losses[0], 4), "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4)}
 
 
