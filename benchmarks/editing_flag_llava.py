@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--tracks", default="correction,insertion")
     parser.add_argument("--specificity-size", type=int, default=32)
     parser.add_argument("--key-position", default="last", choices=["constraint", "last"])
+    parser.add_argument("--preserve", type=int, default=0, help="MultEdit: validation questions whose keys stay mapped")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
@@ -59,6 +60,7 @@ def main() -> None:
     for track in args.tracks.split(","):
         options = EditOptions(methods=args.methods.split(","), track=track, layers=layers, limit=args.limit,
                               key_position=args.key_position, specificity_size=args.specificity_size,
+                              preserve_size=args.preserve,
                               trace_stats=trace_stats)
         began = time.perf_counter()
         document = run_editing(adapter, str(data), out / track, options)

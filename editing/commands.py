@@ -40,6 +40,9 @@ def add_edit(subparsers) -> None:
                         help="also edit at every layer (or only LAYERS, e.g. 0,4,8: a 30-layer model on a CPU), "
                              "one at a time, and plot efficacy by layer")
     parser.add_argument("--specificity-size", type=int, default=32, help="unrelated questions checked per edit")
+    parser.add_argument("--preserve", type=int, default=0, metavar="N",
+                        help="MultEdit: also keep the keys of N validation questions (other subjects) mapped as before "
+                             "(default 0)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--save", default=None, metavar="DIR", help="also save the model with all edits (first method) applied")
     parser.add_argument("--seed", type=int, default=0)
@@ -66,6 +69,7 @@ def _run_edit(args: argparse.Namespace) -> int:
         seed=args.seed,
         split=args.split,
         specificity_size=args.specificity_size,
+        preserve_size=args.preserve,
         trace_stats=args.trace_stats,
         trace_limit=args.trace_limit,
     )

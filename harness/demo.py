@@ -31,7 +31,6 @@ console = Console(stderr=True)
 class DemoSize:
     """How much of the study to run: --quick is what CI runs (planted model only)."""
 
-    sources: str
     models: tuple[str, ...]
     eval_limit: int | None
     trace_limit: int
@@ -42,11 +41,17 @@ class DemoSize:
     sweep_max_layers: int  # a deeper model is swept at evenly spaced layers
 
 
-QUICK = DemoSize(sources="planted", models=("planted",), eval_limit=60, trace_limit=24,
-                 attention_limit=24, edit_limit=8, specificity_size=16, sweep_limit=8, sweep_max_layers=10)
-# flag-llava's 30 layers make tracing ~100x dearer than the planted model's 6 on a CPU: limits stay modest.
-FULL = DemoSize(sources="flags,planted", models=("planted", "flag-llava"), eval_limit=200, trace_limit=30,
-                attention_limit=30, edit_limit=20, specificity_size=32, sweep_limit=5, sweep_max_layers=10)
+QUICK = DemoSize(models=("planted",), eval_limit=60, trace_limit=24,
+                 attention_limit=24, edit_limit=8, specificity_size=16, sweep_limit=4, sweep_max_layers=10)
+# Sized for about half an hour on 2 cores. flag-llava answers about one flag question in five correctly and
+# only those are traced, so its traces look at 120 questions to trace ~25; every flag-llava edit costs seconds.
+FULL = DemoSize(models=("planted", "flag-llava"), eval_limit=200, trace_limit=120,
+                attention_limit=60, edit_limit=12, specificity_size=32, sweep_limit=3, sweep_max_layers=10)
+
+
+# Each model is studied on the questions of its own world: the planted model has never seen a flag, and
+# flag-llava has never seen a planted creature.
+MODEL_SOURCE = {"planted": "planted", "flag-llava": "flags"}
 
 
 def sweep_layers(model_dir: Path, max_layers: int) -> str:
@@ -174,16 +179,16 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
     out = Path(out)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
     all_steps: list[Step] = []
-
-    build_step = Step("dataset", ["build", "--out", str(data), "--sources", size.sources, "--seed", str(seed)],
-                      "README.md")
-    run_step(build_step, data)
-    all_steps.append(build_step)
 
     models: dict[str, Path] = {}
     for name in size.models:
+        source = MODEL_SOURCE[name]
+        data = out / "data" / source
+        build_step = Step(f"dataset-{source}", ["build", "--out", str(data), "--sources", source, "--seed", str(seed)],
+                          "README.md")
+        run_step(build_step, data)
+        all_steps.append(build_step)
         console.rule(f"[bold]zoo: {name}")
         started = time.perf_counter()
         models[name] = build_zoo_model(name, quick)

@@ -291,6 +291,13 @@ def plot_curves(curves: dict[str, list], path: Path, title: str, planted_layer: 
 # --- the report ---------------------------------------------------------------
 
 
+def dataset_of(run: Path) -> Path | None:
+    """The dataset folder an evaluate run scored, from its results.json."""
+    results = load_json(run / "results.json")
+    path = (results or {}).get("dataset", {}).get("data")
+    return Path(path) if path else None
+
+
 def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = False) -> Path:
     out = Path(out)
     runs = out / "runs"
@@ -302,12 +309,12 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         "file named above its table; rerunning the demo reuses finished runs.",
         "",
     ]
-    build_info = load_json(out / "data" / "build_info.json")
-    if build_info:
-        lines += [f"Dataset: `{rel(out / 'data', out)}` (see `data/build_info.json`).", ""]
     for name, model_dir in models.items():
         planted_layer = load_json(Path(model_dir) / "config.json").get("planted_layer")
         lines += [f"## Model: {name}", "", f"Checkpoint: `{model_dir}`.", ""]
+        data = dataset_of(runs / f"{name}-evaluate")
+        if data:
+            lines += [f"Questions: the `{data.name}` build in `{rel(data, out)}` (see its `build_info.json`).", ""]
         lines += ["### Accuracy", ""] + accuracy_section(name, runs / f"{name}-evaluate", out, figures)
         lines += ["### Causal traces", ""] + trace_section(name, runs, out, figures, planted_layer)
         lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out, figures)
