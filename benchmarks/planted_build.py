@@ -51,7 +51,7 @@ def main() -> None:
     print(f"recipe: {'quick' if args.quick else 'default'}  planted layer K={recipe.planted_layer} of {recipe.layers}")
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     if not args.reuse:
-        print(f"build wall time: {wall:.1f} s   CPU time: {cpu:.1f} s ({planted.BUILD_THREADS} thread)")
+        print(f"build wall time: {wall:.1f} s   CPU time: {cpu:.1f} s ({planted.BUILD_THREADS} threads)")
     print(f"questions from: {accuracy['questions_from']}")
     for config in ("single_constraint", "multi_constraint", "encyclopedic"):
         row = accuracy[config]

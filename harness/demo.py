@@ -1,6 +1,6 @@
 """`vqa-constraints demo`: the whole study in one command.
 
-Builds the bundled dataset, builds (or reuses) the zoo models, evaluates them,
+Builds each model's own questions (planted / flags), builds (or reuses) the zoo models, evaluates them,
 traces them (with the image and as a text-only LLM), measures attention
 contributions, runs the editing track and writes ``report.md``.
 
@@ -136,7 +136,7 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
              ["edit", *common, "--method", "multedit,ft,ft-l", "--track", edit_track, *edit_common,
               *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit")],
              "editing_results.json"),
-        # The layer sweep edits every layer once per request: MultEdit alone keeps it affordable on a CPU.
+        # The sweep repeats every edit at every swept layer: MultEdit alone, on fewer edits, keeps it affordable.
         Step(f"{model_name}-edit-sweep",
              ["edit", *common, "--method", "multedit", "--track", edit_track, *edit_common, *limit(size.sweep_limit),
               "--sweep-layers", sweep_layers(model_dir, size.sweep_max_layers), "--out", str(runs / f"{model_name}-edit-sweep")],

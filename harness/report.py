@@ -47,6 +47,11 @@ def rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def image_link(alt: str, path: Path, root: Path) -> str:
+    """A markdown image, linked relative to the report's folder."""
+    return f"![{alt}]({rel(path, root)})"
+
+
 def source_line(path: Path, root: Path, details: str) -> str:
     """The line above a table that names the file its numbers come from."""
     return f"Source: `{rel(path, root)}` — {details}"
@@ -60,7 +65,7 @@ def table_head(*columns: str) -> list[str]:
 # --- sections -----------------------------------------------------------------
 
 
-def accuracy_section(name: str, run: Path, root: Path, figures: list[str]) -> list[str]:
+def accuracy_section(name: str, run: Path, root: Path) -> list[str]:
     results = load_json(run / "results.json")
     if results is None:
         return [f"_No evaluation for {name}._", ""]
@@ -82,8 +87,7 @@ def accuracy_section(name: str, run: Path, root: Path, figures: list[str]) -> li
         )
     figure = root / FIGURES / f"{name}-accuracy.png"
     plot_accuracy(metrics, configs, figure, title=f"{name}: accuracy per config and constraint type")
-    figures.append(rel(figure, root))
-    lines += ["", f"![accuracy]({rel(figure, root)})", ""]
+    lines += ["", image_link("accuracy", figure, root), ""]
     return lines
 
 
@@ -91,7 +95,7 @@ def trace_groups(stats: dict, kind: str) -> list[dict]:
     return [g for g in stats["groups"] if g["kind"] == kind and g["num_constraints"] == "all"]
 
 
-def trace_section(name: str, runs: Path, root: Path, figures: list[str], planted_layer: int | None) -> list[str]:
+def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) -> list[str]:
     lines: list[str] = []
     traces = {
         "MLLM (with image)": runs / f"{name}-trace-mllm",
@@ -129,8 +133,7 @@ def trace_section(name: str, runs: Path, root: Path, figures: list[str], planted
         )
         for png in sorted(folder.glob("*.png")):
             if png.name.startswith(("heatmap_", "curve_")):
-                figures.append(rel(png, root))
-                lines.append(f"\n  ![{label} {png.stem}]({rel(png, root)})")
+                lines.append(f"\n  {image_link(f'{label} {png.stem}', png, root)}")
     lines.append("")
     comparisons = [
         ("MLLM vs text-only LLM (MLP restoration)",
@@ -144,8 +147,7 @@ def trace_section(name: str, runs: Path, root: Path, figures: list[str], planted
             continue
         figure = root / FIGURES / f"{name}-trace-comparison-{index}.png"
         plot_curves(curves, figure, title=f"{name}: {title}", planted_layer=planted_layer)
-        figures.append(rel(figure, root))
-        lines += [f"![{title}]({rel(figure, root)})", ""]
+        lines += [image_link(title, figure, root), ""]
     return lines
 
 
@@ -161,7 +163,7 @@ def comparison_curves(sources) -> dict[str, list]:
     return curves
 
 
-def attention_section(name: str, run: Path, root: Path, figures: list[str]) -> list[str]:
+def attention_section(name: str, run: Path, root: Path) -> list[str]:
     stats = load_json(run / "attention_stats.json")
     if stats is None:
         return [f"_No attention analysis for {name}._", ""]
@@ -189,12 +191,11 @@ def attention_section(name: str, run: Path, root: Path, figures: list[str]) -> l
     lines.append("")
     for png in ("image_to_constraint.png", "constraint_to_last.png"):
         if (run / png).exists():
-            figures.append(rel(run / png, root))
-            lines += [f"![{png[:-4]}]({rel(run / png, root)})", ""]
+            lines += [image_link(png[:-4], run / png, root), ""]
     return lines
 
 
-def editing_section(name: str, run: Path, sweep_run: Path, root: Path, figures: list[str]) -> list[str]:
+def editing_section(name: str, run: Path, sweep_run: Path, root: Path) -> list[str]:
     results = load_json(run / "editing_results.json")
     if results is None:
         return [f"_No editing run for {name}._", ""]
@@ -228,8 +229,7 @@ def editing_section(name: str, run: Path, sweep_run: Path, root: Path, figures: 
         lines.append("")
     plot = sweep_run / "efficacy_by_layer.png"
     if plot.exists():
-        figures.append(rel(plot, root))
-        lines += [f"![efficacy by edited layer]({rel(plot, root)})", ""]
+        lines += [image_link("efficacy by edited layer", plot, root), ""]
     return lines
 
 
@@ -301,7 +301,6 @@ def dataset_of(run: Path) -> Path | None:
 def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = False) -> Path:
     out = Path(out)
     runs = out / "runs"
-    figures: list[str] = []
     lines = [
         "# VQA-Constraints study report",
         "",
@@ -315,11 +314,10 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         data = dataset_of(runs / f"{name}-evaluate")
         if data:
             lines += [f"Questions: the `{data.name}` build in `{rel(data, out)}` (see its `build_info.json`).", ""]
-        lines += ["### Accuracy", ""] + accuracy_section(name, runs / f"{name}-evaluate", out, figures)
-        lines += ["### Causal traces", ""] + trace_section(name, runs, out, figures, planted_layer)
-        lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out, figures)
-        lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", runs / f"{name}-edit-sweep", out,
-                                                           figures)
+        lines += ["### Accuracy", ""] + accuracy_section(name, runs / f"{name}-evaluate", out)
+        lines += ["### Causal traces", ""] + trace_section(name, runs, out, planted_layer)
+        lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out)
+        lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", runs / f"{name}-edit-sweep", out)
     if steps:
         lines += ["## Steps", "", *table_head("step", "command", "time")]
         for step in steps:

@@ -158,7 +158,9 @@ def make_processor(tokenizer, recipe: FlagLlavaRecipe):
 
 
 def num_image_tokens(recipe: FlagLlavaRecipe) -> int:
-    return (recipe.image_size // recipe.patch_size) ** 2
+    from harness.zoo.llava_config import image_tokens_per_image
+
+    return image_tokens_per_image(recipe.image_size, recipe.patch_size)
 
 
 def num_image_tokens_from_processor(processor) -> int:
