@@ -6,14 +6,27 @@ import argparse
 from pathlib import Path
 
 from harness.models.loading import add_model_arguments
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS
+from vqa_constraints.cli import non_negative_int, output_folder, positive_int
 from vqa_constraints.errors import UserError
 
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+        layers = []
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers (0 or more), got {text!r}")
+    return layers
+
+
+def check_layers(count: int, layers: list[int] | None, sweep: list[int] | bool) -> None:
+    """--layers / --sweep-layers within the loaded model, checked before any data is read or output written."""
+    for flag, chosen in (("--layers", layers), ("--sweep-layers", sweep)):
+        bad = [layer for layer in (chosen if isinstance(chosen, list) else []) if layer >= count]
+        if bad:
+            raise UserError(f"{flag}: layer {bad[0]} is out of range: the model has {count} layers (0..{count - 1})")
 
 
 def add_edit(subparsers) -> None:
@@ -25,34 +38,46 @@ def add_edit(subparsers) -> None:
     )
     add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
-    parser.add_argument("--method", default="multedit", help="comma-separated: multedit, ft, ft-l (default: multedit)")
+    parser.add_argument("--method", default="multedit", help="comma-separated: multedit (lambda-I form), multedit-cov (key-covariance form), ft, ft-l (default: multedit)")
     parser.add_argument("--track", default="insertion", choices=["correction", "insertion"])
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--layers", type=_int_list, default=None, help="e.g. 2 or 3,4 (default: the peak causal MLP layer of a trace of the model)")
     parser.add_argument("--trace-stats", default=None, metavar="PATH", help="trace_stats.json whose peak MLP layer is the default")
-    parser.add_argument("--trace-limit", type=int, default=16, metavar="N",
+    parser.add_argument("--trace-limit", type=positive_int, default=16, metavar="N",
                         help="without --layers/--trace-stats: trace N questions to find the peak MLP layer (default 16)")
-    parser.add_argument("--key-position", default="last", choices=["constraint", "last"],
-                        help="where MultEdit reads its key: the visual constraint's last token or the final prompt token")
-    parser.add_argument("--limit", type=int, default=None, help="at most N edit requests")
-    parser.add_argument("--batch-edits", type=int, default=1, metavar="N", help="apply N edits at once (default 1: one at a time)")
+    parser.add_argument("--key-position", default="auto", choices=["auto", "subject-token", "constraint", "last"],
+                        help="where MultEdit reads its key: the last image token (the pictured subject), the visual "
+                             "constraint's last token or the final prompt token; auto (default): the one whose keys "
+                             "are most distinct (least predicted spill) at the edited layer")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help=f"tokens generated per answer (default {DEFAULT_MAX_NEW_TOKENS}; flag-llava needs 24)")
+    parser.add_argument("--key-stats-size", type=positive_int, default=64, metavar="N",
+                        help="multedit-cov: questions whose keys (every position) estimate the key covariance "
+                             "(default 64)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most N edit requests")
+    parser.add_argument("--batch-edits", type=positive_int, default=1, metavar="N", help="apply N edits at once (default 1: one at a time)")
     parser.add_argument("--sweep-layers", nargs="?", const=True, default=False, type=_int_list, metavar="LAYERS",
                         help="also edit at every layer (or only LAYERS, e.g. 0,4,8: a 30-layer model on a CPU), "
                              "one at a time, and plot efficacy by layer")
-    parser.add_argument("--specificity-size", type=int, default=32, help="unrelated questions checked per edit")
-    parser.add_argument("--preserve", type=int, default=0, metavar="N",
+    parser.add_argument("--specificity-size", type=positive_int, default=32, help="unrelated questions checked per edit")
+    parser.add_argument("--preserve", type=non_negative_int, default=0, metavar="N",
                         help="MultEdit: also keep the keys of N validation questions (other subjects) mapped as before "
                              "(default 0)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--save", default=None, metavar="DIR", help="also save the model with all edits (first method) applied")
+    parser.add_argument("--save", default=None, type=output_folder, metavar="DIR",
+                        help="also save the model with all edits (first method) applied; DIR must be new, empty or "
+                             "an earlier --save output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --save replace a non-empty folder it did not write (never the model's folder, "
+                             "the working directory or the home folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_run_edit)
 
 
 def _run_edit(args: argparse.Namespace) -> int:
     from editing.methods import METHODS
-    from editing.runner import EditOptions, run_editing
-    from harness.models.loading import load_model
+    from editing.runner import EditOptions, check_save_target, run_editing
+    from harness.models.loading import load_model, model_options
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -72,10 +97,14 @@ def _run_edit(args: argparse.Namespace) -> int:
         preserve_size=args.preserve,
         trace_stats=args.trace_stats,
         trace_limit=args.trace_limit,
+        max_new_tokens=args.max_new_tokens,
+        key_stats_size=args.key_stats_size,
     )
-    adapter = load_model(args.model, dtype=args.dtype, device=args.device,
-                         trust_remote_code=args.trust_remote_code, revision=args.revision)
-    document = run_editing(adapter, args.data, args.out, options, save=args.save)
+    if args.save is not None:
+        check_save_target(args.model, args.save, args.overwrite)  # before loading the model
+    adapter = load_model(args.model, **model_options(args))  # --dtype --device --device-map --max-pixels ...
+    check_layers(adapter.num_layers, args.layers, args.sweep_layers)
+    document = run_editing(adapter, args.data, args.out, options, save=args.save, overwrite=args.overwrite)
     from editing.report import table
 
     print(table(document), end="")

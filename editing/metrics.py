@@ -4,8 +4,17 @@
   the new answer's log-probability (teacher forced);
 - generalization: the same on the record's paraphrases (same image) and on
   other images of the same entity (same question);
-- specificity: on a fixed sample of unrelated questions, the fraction whose
-  generated answer is unchanged from before the edit.
+- on a fixed sample of unrelated questions, three views of "nothing else changed":
+  ``specificity`` (headline): the answer *entity* is unchanged: the same match
+  result against the question's gold answers and the same extracted answer
+  (the answer's words that are not the question's, so "The capital of Peru is
+  Lima." and "Lima" both extract "peru lima"/"lima" consistently before and after);
+  ``locality`` (EasyEdit): the share of the pre-edit answer's tokens that are
+  still the top-1 prediction, teacher forced, after the edit (vs before);
+  ``neighborhood`` (ROME): how far the pre-edit answer's log-probability
+  dropped, as exp(min(0, change of its mean per-token log-prob)): 1.0 when it
+  did not drop, 0.5 when each token became half as likely. Its mean drop in
+  nats (summed over tokens) is reported beside it as ``neighborhood_drop``.
 
 Predictions come from ``harness.scoring`` (the same scoring the evaluator uses).
 """
@@ -22,7 +31,7 @@ import torch
 
 from editing.requests import EditRequest
 from harness.bootstrap import bootstrap_interval
-from harness.scoring import Prompt, answer_correct, answer_logprobs, generate_answers, normalize_answer
+from harness.scoring import Prompt, answer_correct, answer_logprobs, as_prompt, generate_answers, normalize_answer
 
 @dataclass(frozen=True)
 class Probe:
@@ -89,11 +98,68 @@ def same_prediction(a: str, b: str) -> bool:
     return normalize_answer(a) == normalize_answer(b)
 
 
-def specificity(pre: Sequence[str], post: Sequence[str]) -> float | None:
-    """Fraction of unrelated questions whose answer did not change."""
+def extracted_answer(answer: str, question: str) -> str:
+    """The answer's own words: the normalised answer without the words it repeats from the question."""
+    asked = set(normalize_answer(question).split())
+    return " ".join(w for w in normalize_answer(answer).split() if w not in asked)
+
+
+@dataclass
+class Unrelated:
+    """One unrelated question's answer and its teacher-forced token statistics, at one moment."""
+
+    answer: str
+    top1: list[int] | None  # the model's top-1 token at each of the pre-edit answer's positions
+    logprob: float | None  # summed log-prob of the pre-edit answer
+    n_tokens: int
+
+
+@torch.no_grad()
+def unrelated_state(adapter, records: Sequence, answers: Sequence[str], forced: Sequence[str],
+                    batch_size: int) -> list[Unrelated]:
+    """``answers`` (generated now) with the top-1 tokens and log-prob of ``forced`` (the pre-edit answers)."""
+    prompts = [as_prompt(r, adapter) for r in records]
+    states: list[Unrelated] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(prompts))))
+        encodeds = {i: adapter.encode(prompts[i].question, prompts[i].image, answer=forced[i])
+                    for i in chunk if forced[i].strip()}
+        encodeds = {i: e for i, e in encodeds.items() if e.answer_positions}
+        stats = {}
+        if encodeds:
+            order = list(encodeds)
+            batch = adapter.collate([encodeds[i] for i in order], padding_side="right")
+            batch = {k: (v.to(adapter.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+            logits = adapter.model(**batch).logits
+            for row, i in enumerate(order):
+                positions = torch.tensor(encodeds[i].answer_positions, device=logits.device)
+                log_probs = torch.log_softmax(logits[row, positions - 1].float(), dim=-1)
+                targets = batch["input_ids"][row, positions].to(log_probs.device)
+                stats[i] = (log_probs.argmax(-1).tolist(), float(log_probs.gather(-1, targets[:, None]).sum()),
+                            len(positions))
+        for i in chunk:
+            top1, logprob, n = stats.get(i, (None, None, 0))
+            states.append(Unrelated(answers[i], top1, logprob, n))
+    return states
+
+
+def specificity_measures(records: Sequence, pre: Sequence[Unrelated], post: Sequence[Unrelated]) -> dict:
+    """``specificity``, ``locality``, ``neighborhood`` (and ``neighborhood_drop``) over the unrelated questions."""
     if not pre:
-        return None
-    return float(np.mean([same_prediction(a, b) for a, b in zip(pre, post)]))
+        return {"specificity": None, "locality": None, "neighborhood": None, "neighborhood_drop": None}
+    same, local, neighbour, drop = [], [], [], []
+    for record, a, b in zip(records, pre, post):
+        gold = record.answers
+        same.append(answer_correct(a.answer, gold) == answer_correct(b.answer, gold)
+                    and extracted_answer(a.answer, record.question) == extracted_answer(b.answer, record.question))
+        if a.top1 is not None and b.top1 is not None and a.n_tokens:
+            local.append(float(np.mean([x == y for x, y in zip(a.top1, b.top1)])))
+            change = (b.logprob - a.logprob) / a.n_tokens
+            # Differences below float noise (batch composition) count as no change.
+            neighbour.append(1.0 if change > -1e-4 else float(np.exp(change)))
+            drop.append(a.logprob - b.logprob)
+    return {"specificity": float(np.mean(same)), "locality": _mean(local), "neighborhood": _mean(neighbour),
+            "neighborhood_drop": _mean(drop)}
 
 
 def _mean(values) -> float | None:

@@ -9,6 +9,8 @@ COLUMNS = [
     ("efficacy", "Efficacy"),
     ("generalization", "Generalization"),
     ("specificity", "Specificity"),
+    ("locality", "Locality"),
+    ("neighborhood", "Neighborhood"),
 ]
 
 
@@ -29,6 +31,8 @@ def table(document: dict) -> str:
     lines = [
         f"Editing on `{Path(model).name}` — track **{document['options']['track']}** "
         f"({data['config']}/{data['split']}), layers {document['layers']} ({document['layer_source']}), "
+        f"key position {document.get('key_position', document['options']['key_position'])} "
+        f"({document.get('key_position_source', 'option')}), "
         f"{document['requests']} requests, batch {document['options']['batch_edits']}.",
         "",
         "| Method | Edits | " + " | ".join(title for _, title in COLUMNS)
@@ -44,6 +48,13 @@ def table(document: dict) -> str:
             + f" | {_number(summary.get('seconds_per_edit'), '.3f')} | {_number(summary.get('peak_memory_mb'), '.0f')}"
             + f" | {summary['skipped']} |"
         )
+    for name, summary in document["methods"].items():
+        bound = summary.get("linf_bound")
+        if bound is not None:
+            lines.append("")
+            lines.append(f"{name}: L∞ bound {bound['linf']:g} " + (
+                "never bound (it equals FT here)" if bound["never_bound"]
+                else f"clipped a step on {bound['edits_where_active']} of {summary['edits']} edits") + ".")
     if document.get("sweep"):
         lines += ["", "Efficacy by edited layer (one edit at a time):", ""]
         for name, rows in document["sweep"].items():

@@ -37,6 +37,7 @@ class EditRequest:
     key_span: tuple[int, int] | None = None  # chars of the visual constraint in ``question``
     paraphrases: tuple[str, ...] = ()
     other_views: tuple[Image.Image, ...] = field(default=(), repr=False)
+    prefix: str = ""  # ``current`` up to where its answer entity starts: forced before the target, not scored
 
     def describe(self) -> dict:
         """The JSON-safe part of the request, for edits.jsonl."""
@@ -51,6 +52,7 @@ class EditRequest:
             "key_span": list(self.key_span) if self.key_span else None,
             "paraphrases": list(self.paraphrases),
             "other_views": len(self.other_views),
+            "prefix": self.prefix,
         }
 
 

@@ -32,6 +32,7 @@ from editing import metrics
 from editing.methods import EditMethod, SkipEdit, make_method, weights_hash
 from editing.methods.base import check_inputs, check_layers, request_prompts
 from editing.requests import TRACK_CONFIG, TRACKS, EditRequest, Skipped, build_requests
+from harness.outputs import check_output_folder, interrupted, replace_folder, staging_folder
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, generate_answers
 from vqa_constraints.errors import UserError
@@ -52,7 +53,7 @@ class EditOptions:
     methods: list[str] = field(default_factory=lambda: ["multedit"])
     track: str = "insertion"
     layers: list[int] | None = None  # None: the tracer's peak layer (or the model's planted layer)
-    key_position: str = "last"
+    key_position: str = "auto"  # or subject-token|constraint|last; auto: the most distinct key (see key_distinctness)
     limit: int | None = None
     batch_edits: int = 1
     sweep_layers: bool | list[int] = False  # True: every layer; a list: those layers
@@ -65,6 +66,7 @@ class EditOptions:
     trace_stats: str | None = None  # a finished trace whose peak MLP layer is the default layer
     trace_limit: int = 16  # questions traced to find the default layer when neither layers nor trace_stats is given
     method_options: dict = field(default_factory=dict)  # per method name: hyper-parameter overrides
+    key_stats_size: int = 64  # multedit-cov: questions whose keys (every position) estimate the covariance
 
 
 # --- choosing the layer --------------------------------------------------------
@@ -95,7 +97,8 @@ def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tup
         path = trace_out / "trace_stats.json"
         source = f"peak MLP layer of a trace of {options.trace_limit} {SPECIFICITY_CONFIG} questions"
     try:
-        layer = peak_mlp_layer(path)
+        # The visual constraint (or image) corrupted, restored at the last token; None when that group is null.
+        layer = peak_mlp_layer(path, corrupted="visual", target="last")  # refuses a partial (interrupted) trace
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path}: not a trace_stats.json ({error})") from None
     if layer is not None:
@@ -132,9 +135,43 @@ def make_requests(adapter, data: str, options: EditOptions) -> tuple[list[EditRe
         )
         requests.extend(new)
         skipped.extend(skip)
-    requests = requests[:wanted]
-    source = {"data": str(data), "config": config, "split": options.split, "fingerprint": split.fingerprint}
+    requests = [with_prefix(adapter, r) for r in requests[:wanted]]
+    source = {"data": str(data), "config": config, "split": options.split, "fingerprint": split.fingerprint,
+              "files_sha256": split.files_sha256}
     return requests, skipped, source
+
+
+def with_prefix(adapter, request: EditRequest) -> EditRequest:
+    """The request with its answer prefix: the model's own answer up to its answer entity."""
+    from dataclasses import replace
+
+    from editing.answer_format import entity_prefix
+
+    return replace(request, prefix=entity_prefix(adapter, request.question, request.image, request.current,
+                                                  request.target))
+
+
+def key_corpus(data: str, options: EditOptions, exclude: Sequence) -> tuple[list, str]:
+    """Questions whose keys estimate MultEdit's key covariance, and their fingerprint: a seeded sample of
+    single-constraint validation questions (test questions, minus the specificity set, when there is none)."""
+    excluded = {r.id for r in exclude}
+    for split_name in ("validation", "train", options.split):
+        try:
+            split = load_split(data, SPECIFICITY_CONFIG, split_name)
+        except UserError:
+            continue
+        indices = list(range(len(split)))
+        random.Random(options.seed + 2).shuffle(indices)
+        chosen = []
+        for index in indices:
+            record = split.record(index)
+            if record.id not in excluded:
+                chosen.append(record)
+            if len(chosen) == options.key_stats_size:
+                break
+        if chosen:
+            return chosen, f"{split.fingerprint}:{SPECIFICITY_CONFIG}/{split_name}"
+    raise UserError(f"{data}: no {SPECIFICITY_CONFIG} questions to estimate the key covariance from")
 
 
 def specificity_sample(data: str, options: EditOptions) -> list:
@@ -181,21 +218,25 @@ class Context:
     options: EditOptions
     pre: dict  # request id -> metrics.Snapshot before any edit
     unrelated: list  # specificity records
-    unrelated_pre: list[str]
+    unrelated_pre: list  # metrics.Unrelated before any edit
 
 
 def _unrelated_for(ctx: Context, requests: Sequence[EditRequest]):
     subjects = {r.subject for r in requests}
-    pairs = [(rec, ans) for rec, ans in zip(ctx.unrelated, ctx.unrelated_pre) if rec.subject not in subjects]
+    pairs = [(rec, pre) for rec, pre in zip(ctx.unrelated, ctx.unrelated_pre) if rec.subject not in subjects]
     return pairs[: ctx.options.specificity_size]
+
+
+SPECIFICITY_KEYS = ("specificity", "locality", "neighborhood", "neighborhood_drop")
 
 
 def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest], layers: Sequence[int],
                batch: int, lines: list[str], sweep: bool = False) -> dict:
     """Edit ``requests`` in groups of ``batch`` with ``method`` at ``layers``; per-edit rows into ``lines``."""
     adapter, options = ctx.adapter, ctx.options
-    before = weights_hash(adapter.model)
-    rows, skipped, times = [], [], []
+    edited = check_layers(adapter, layers)
+    before = weights_hash(*edited)  # only what an edit may touch: hashing a whole 7B model per method is minutes
+    rows, skipped, times, infos = [], [], [], []
     metrics.reset_peak_memory(adapter.device)
     for start in range(0, len(requests), batch):
         group = list(requests[start : start + batch])
@@ -208,14 +249,20 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
             continue
         try:
             times.append(elapsed / len(group))
+            infos.append(handle.info)
             pairs = _unrelated_for(ctx, group)
-            post_unrelated = generate_answers(adapter, [rec for rec, _ in pairs],
-                                              max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
-            spec = metrics.specificity([a for _, a in pairs], post_unrelated)
+            records, pre_states = [rec for rec, _ in pairs], [state for _, state in pairs]
+            post_answers = generate_answers(adapter, records, max_new_tokens=options.max_new_tokens,
+                                            batch_size=options.batch_size)
+            post_states = metrics.unrelated_state(adapter, records, post_answers, [s.answer for s in pre_states],
+                                                  options.batch_size)
+            spec = metrics.specificity_measures(records, pre_states, post_states)
+            unrelated = [{"id": rec.id, "before": a.answer, "after": b.answer}
+                         for rec, a, b in zip(records, pre_states, post_states)]
             for request in group:
                 post = metrics.snapshot(adapter, request, options.max_new_tokens, options.batch_size)
                 row = metrics.edit_metrics(request, ctx.pre[request.id], post)
-                row["specificity"] = spec
+                row.update(spec)
                 rows.append(row)
                 lines.append(dumps_line({
                     "method": method.name,
@@ -227,15 +274,16 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
                     "post": post.as_dict(),
                     "metrics": {k: (None if v is None else round(v, 6)) for k, v in row.items()},
                     "info": _jsonable(handle.info),
+                    "unrelated": unrelated,
                 }))
         finally:
             handle.restore()
-    if weights_hash(adapter.model) != before:  # never expected: restore() copies the saved tensors back
+    if weights_hash(*check_layers(adapter, layers)) != before:  # never expected: restore() puts the originals back
         raise RuntimeError(f"{method.name}: weights differ from the original after restoring")
     memory, memory_kind = metrics.peak_memory_mb(adapter.device)
     summary = {key: metrics.summarise([r[key] for r in rows], options.seed)
                for key in ("efficacy", "generalization", "generalization_paraphrases", "generalization_views",
-                           "specificity", "logprob_gain")}
+                           *SPECIFICITY_KEYS, "logprob_gain")}
     means = [summary[k]["mean"] for k in ("efficacy", "generalization", "specificity")]
     summary.update({
         "edits": len(rows),
@@ -249,6 +297,14 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
         "batch_edits": batch,
         "config": method.config(),
     })
+    if getattr(method, "linf", None) is not None:
+        active = [bool(info.get("bound_active")) for info in infos]
+        summary["linf_bound"] = {"linf": method.linf, "edits_where_active": int(sum(active)),
+                                 "never_bound": not any(active)}
+    if infos and "seconds" in infos[0]:
+        # Per edit: where MultEdit's time goes (keys, delta optimisation, closed-form solve).
+        summary["seconds_breakdown"] = {k: round(sum(i["seconds"][k] for i in infos) / max(1, len(rows)), 4)
+                                        for k in infos[0]["seconds"]}
     return summary
 
 
@@ -273,12 +329,67 @@ def usable_requests(adapter, requests, methods, layers) -> tuple[list[EditReques
     return keep, skipped
 
 
+def choose_key_position(adapter, options: EditOptions, requests, unrelated, layers):
+    """(key position, why, distinctness table, edited keys, unrelated keys).
+
+    The distinctness of the keys at every layer and key position is measured
+    on the edit requests against the specificity questions; with
+    ``key_position="auto"`` the position with the least predicted spill at the
+    (first) edited layer is chosen.
+    """
+    from editing import key_distinctness
+
+    all_layers = list(range(adapter.num_layers))
+    edited = key_distinctness.question_keys(adapter, [(r.question, r.image, r.key_span) for r in requests], all_layers)
+    from harness.scoring import as_prompt
+
+    prompts = [(as_prompt(r, adapter), r) for r in unrelated[: options.specificity_size]]
+    others = key_distinctness.question_keys(
+        adapter, [(p.question, p.image, _constraint_span(r) if p.question == r.question else None) for p, r in prompts],
+        all_layers)
+    table = key_distinctness.table(edited, others, all_layers)
+    if options.key_position != "auto":
+        return options.key_position, "--key-position", table, edited, others
+    position, spills = key_distinctness.most_distinct_position(table, layers[0])
+    if position is None:
+        return "last", "no key position could be read; the last prompt token", table, edited, others
+    why = (f"least predicted spill at layer {layers[0]} ("
+           + ", ".join(f"{p} {v:.3f}" for p, v in spills.items()) + ")")
+    return position, why, table, edited, others
+
+
+def prepare_covariance(adapter, data, options, method, layers, unrelated, table, edited, others) -> dict:
+    """Give a covariance-form MultEdit its key corpus, estimate C at ``layers`` and add the covariance
+    form's predicted spill to the distinctness table; returns what C was estimated from."""
+    from editing import key_distinctness
+
+    corpus, fingerprint = key_corpus(data, options, unrelated)
+    method.key_corpus(corpus, fingerprint)
+    covs = {int(l): method.covariance(adapter, int(l)) for l in layers}
+    for position in table:
+        for layer, cov in covs.items():
+            table[position][str(layer)] = key_distinctness.distinctness(edited[position], others[position], layer,
+                                                                       cov=cov)
+    return {"questions": len(corpus), "source": fingerprint,
+            "layers": {str(l): c.describe() for l, c in covs.items()}}
+
+
+def _constraint_span(record) -> tuple[int, int] | None:
+    visual = record.visual_constraints
+    return (visual[-1].char_start, visual[-1].char_end) if visual else None
+
+
 def sweep_layer_list(sweep_layers: bool | list[int], num_layers: int) -> list[int]:
     return list(range(num_layers)) if sweep_layers is True else list(sweep_layers)
 
 
-def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save: str | Path | None = None) -> dict:
-    """The whole experiment; returns the results document (also written to ``out``)."""
+def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save: str | Path | None = None,
+                overwrite: bool = False) -> dict:
+    """The whole experiment; returns the results document (also written to ``out``).
+
+    ``save``: also write the edited model there (see ``save_edited``; ``overwrite`` as there).
+    An interrupt (Ctrl-C) writes the methods finished so far with ``complete: false`` and re-raises.
+    """
     from editing import report
 
     out = Path(out)
@@ -286,8 +397,12 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
         raise UserError(f"--batch-edits must be at least 1, got {options.batch_edits}")
     if options.limit is not None and options.limit < 1:
         raise UserError(f"--limit must be at least 1, got {options.limit}")
+    if options.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
+    if options.key_stats_size < 1:
+        raise UserError(f"--key-stats-size must be at least 1, got {options.key_stats_size}")
     if save is not None:
-        _check_save_target(adapter, save)
+        check_save_target(adapter.name_or_path, save, overwrite)  # before hours of editing, not after
     _seed(options.seed)
     if options.layers:
         layers, layer_source = list(options.layers), "--layers"
@@ -296,48 +411,62 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     check_layers(adapter, layers)
     if options.sweep_layers:
         check_layers(adapter, sweep_layer_list(options.sweep_layers, adapter.num_layers))
-    methods = [make_method(name, key_position=options.key_position, **options.method_options.get(name, {}))
-               for name in options.methods]
     requests, skipped_records, source = make_requests(adapter, data, options)
     if not requests:
         raise UserError(
             f"{data}: no edit requests for track {options.track!r} "
             f"({len(skipped_records)} records skipped: the model already answers them)"
         )
+    unrelated = specificity_sample(data, options)
+    key_position, key_source, distinct, edited_keys, unrelated_keys = choose_key_position(
+        adapter, options, requests, unrelated, layers)
+    methods = [make_method(name, key_position=key_position, **options.method_options.get(name, {}))
+               for name in options.methods]
     requests, skipped_requests = usable_requests(adapter, requests, methods, layers)
     if not requests:
         raise UserError(f"{data}: every request was skipped: {skipped_requests[0]['reason']}")
-    log.info("%d edit requests (%d records skipped), layers %s from %s", len(requests), len(skipped_records), layers, layer_source)
+    log.info("%d edit requests (%d records skipped), layers %s from %s, key position %s (%s)", len(requests),
+             len(skipped_records), layers, layer_source, key_position, key_source)
 
     preserved = preservation_requests(data, options, requests)
+    key_stats = None
     for method in methods:
         if hasattr(method, "preserve"):
             method.preserve(preserved)
+        if getattr(method, "form", None) == "covariance":
+            key_stats = prepare_covariance(adapter, data, options, method, layers, unrelated, distinct,
+                                           edited_keys, unrelated_keys)
 
-    unrelated = specificity_sample(data, options)
+    pre_answers = generate_answers(adapter, unrelated, max_new_tokens=options.max_new_tokens,
+                                   batch_size=options.batch_size)
     ctx = Context(adapter, options, {}, unrelated,
-                  generate_answers(adapter, unrelated, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size))
+                  metrics.unrelated_state(adapter, unrelated, pre_answers, pre_answers, options.batch_size))
     for request in requests:
         ctx.pre[request.id] = metrics.snapshot(adapter, request, options.max_new_tokens, options.batch_size)
 
     lines: list[str] = []
-    results = {name: {} for name in options.methods}
-    for method in methods:
-        log.info("%s: %d edits at layers %s", method.name, len(requests), layers)
-        results[method.name] = run_method(ctx, method, requests, layers, options.batch_edits, lines)
-
-    sweep = {}
-    if options.sweep_layers:
+    results: dict[str, dict] = {}  # only methods that finished: a partial document lists fewer
+    sweep: dict[str, list] = {}
+    complete = False
+    try:
         for method in methods:
-            sweep[method.name] = []
-            for layer in sweep_layer_list(options.sweep_layers, adapter.num_layers):
-                log.info("sweep %s: layer %d", method.name, layer)
-                summary = run_method(ctx, method, requests, [layer], 1, lines, sweep=True)
-                sweep[method.name].append({"layer": layer, **{k: summary[k] for k in (
-                    "efficacy", "generalization", "specificity", "logprob_gain", "score", "seconds_per_edit", "edits")}})
+            log.info("%s: %d edits at layers %s", method.name, len(requests), layers)
+            results[method.name] = run_method(ctx, method, requests, layers, options.batch_edits, lines)
+        if options.sweep_layers:
+            for method in methods:
+                sweep[method.name] = []
+                for layer in sweep_layer_list(options.sweep_layers, adapter.num_layers):
+                    log.info("sweep %s: layer %d", method.name, layer)
+                    summary = run_method(ctx, method, requests, [layer], 1, lines, sweep=True)
+                    sweep[method.name].append({"layer": layer, **{k: summary[k] for k in (
+                        "efficacy", "generalization", "specificity", "logprob_gain", "score", "seconds_per_edit", "edits")}})
+        complete = True
+    except KeyboardInterrupt:
+        pass  # the edits finished so far are written below, marked complete: false
 
     document = {
         "format_version": RESULTS_FORMAT_VERSION,
+        "complete": complete,
         "model": {"name_or_path": str(adapter.name_or_path), "revision": adapter.revision,
                   "family": adapter.family, "dtype": str(adapter.dtype).replace("torch.", ""),
                   "device": adapter.device.type, "num_layers": adapter.num_layers},
@@ -345,6 +474,10 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
         "options": {k: v for k, v in asdict(options).items()},
         "layers": [int(l) for l in layers],
         "layer_source": layer_source,
+        "key_position": key_position,
+        "key_position_source": key_source,
+        "key_distinctness": distinct,
+        "key_statistics": key_stats,
         "requests": len(requests),
         "skipped": {"records": len(skipped_records), "requests": len(skipped_requests),
                     "reasons": _count_reasons([s.reason for s in skipped_records] +
@@ -359,11 +492,13 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     out.mkdir(parents=True, exist_ok=True)
     write_lines_atomic(out / EDITS_FILE, lines)
     write_json_atomic(out / RESULTS_FILE, document)
+    if not complete:
+        raise interrupted(out / RESULTS_FILE)
     report.write_table(document, out / TABLE_FILE)
     if sweep:
         report.write_sweep_plot(document, out / PLOT_FILE)
     if save is not None:
-        save_edited(adapter, methods[0], requests, layers, save)
+        save_edited(adapter, methods[0], requests, layers, save, overwrite=overwrite)
     return document
 
 
@@ -380,31 +515,38 @@ def validate_results(document: dict) -> None:
     jsonschema.validate(document, results_schema())
 
 
-def save_edited(adapter, method: EditMethod, requests, layers, target: str | Path) -> Path:
-    """Apply all requests at once with ``method`` and save the edited model to ``target`` (never over the source)."""
-    target = Path(target)
-    _check_save_target(adapter, target)
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    handle = method.apply(adapter, requests, layers)
+def save_edited(adapter, method: EditMethod, requests, layers, target: str | Path, overwrite: bool = False) -> Path:
+    """Apply all requests at once with ``method`` and save the edited model to ``target``.
+
+    Written into a temporary sibling, marked as `edit --save` output and renamed into place. ``target``
+    may be new, empty or an earlier `edit --save` output; any other folder needs ``overwrite``, and the
+    model's own folder (or one holding it), the working directory and the home folder are always refused.
+    """
+    target = check_save_target(adapter.name_or_path, target, overwrite)
+    staging = staging_folder(target)
     try:
-        adapter.model.save_pretrained(staging, safe_serialization=True)
-        if adapter.processor is not None:
-            adapter.processor.save_pretrained(staging)
-        elif adapter.tokenizer is not None:
-            adapter.tokenizer.save_pretrained(staging)
+        handle = method.apply(adapter, requests, layers)
+        try:
+            adapter.model.save_pretrained(staging, safe_serialization=True)
+            if adapter.processor is not None:
+                adapter.processor.save_pretrained(staging)
+            elif adapter.tokenizer is not None:
+                adapter.tokenizer.save_pretrained(staging)
+        finally:
+            handle.restore()
+        return replace_folder(staging, target, SAVE_COMMAND)
     finally:
-        handle.restore()
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_save_target(adapter, target: str | Path) -> None:
-    source = Path(str(adapter.name_or_path))
-    if source.exists() and Path(target).resolve() == source.resolve():
-        raise UserError(f"--save {target}: that is the model's own folder; choose another")
+SAVE_COMMAND = "vqa-constraints edit --save"
+
+
+def check_save_target(model: str | Path, target: str | Path, overwrite: bool = False) -> Path:
+    """``target`` checked as ``--save`` for the model at ``model`` (a folder, or a Hub id with no folder to protect)."""
+    source = Path(str(model))
+    protected = [(source, "the model's own folder")] if source.exists() else []
+    return check_output_folder(target, "--save", SAVE_COMMAND, overwrite, protected)
 
 
 def _count_reasons(reasons: list[str]) -> dict:

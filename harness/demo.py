@@ -6,8 +6,11 @@ contributions, runs the editing track and writes ``report.md``.
 
 Every step is an ordinary subcommand run through the same CLI a user types
 (the printed command lines can be copied), writing into its own run folder
-under ``DIR/runs``. A step whose output file already exists is reused, so an
-interrupted demo continues where it stopped.
+under ``DIR/runs``. A step whose output is finished is reused, so an
+interrupted demo continues where it stopped: trace, attention and edit
+outputs count only when marked ``"complete": true`` (an interrupted one is
+redone); evaluate's results.json and a build's README.md are written only
+when finished.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from harness.outputs import is_complete
+from vqa_constraints.cli import output_folder
 from vqa_constraints.errors import UserError
 
 console = Console(stderr=True)
@@ -74,7 +79,7 @@ class Step:
 
 def add_demo(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the whole study and write DIR/report.md")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--quick", action="store_true", help="planted model only, small limits (a few minutes on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_demo_cli)
@@ -109,8 +114,9 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
     else:
         mllm_trace = ["--corruption", "replace", "--positions", "constraint"]
         text_trace = ["--corruption", "replace", "--positions", "constraint"]
-        edit_track, key_position = "correction", "constraint"
-    edit_common = ["--key-position", key_position,
+        # Key position: the most distinct key at the traced layer (auto); sentence answers need 24 tokens.
+        edit_track, key_position = "correction", "auto"
+    edit_common = ["--key-position", key_position, "--max-new-tokens", "16" if model_name == "planted" else "24",
                    "--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
                    "--specificity-size", str(size.specificity_size)]
     steps += [
@@ -133,7 +139,8 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
               *limit(size.attention_limit), "--no-progress"],
              "attention_stats.json"),
         Step(f"{model_name}-edit",
-             ["edit", *common, "--method", "multedit,ft,ft-l", "--track", edit_track, *edit_common,
+             ["edit", *common, "--method", "multedit,multedit-cov,ft,ft-l", "--track", edit_track, *edit_common,
+              "--key-stats-size", "32",
               *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit")],
              "editing_results.json"),
         # The sweep repeats every edit at every swept layer: MultEdit alone, on fewer edits, keeps it affordable.
@@ -145,11 +152,23 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
     return steps
 
 
+# Outputs that an interrupted run writes too, marked "complete": false (harness/outputs.py).
+MARKED_OUTPUTS = ("trace_stats.json", "attention_stats.json", "editing_results.json")
+
+
+def step_done(step: Step, folder: Path) -> bool:
+    path = folder / step.output
+    if step.output in MARKED_OUTPUTS and path.exists() and not is_complete(path):
+        console.print(f"[yellow]{path} is partial (an interrupted run): redoing {step.name}[/yellow]")
+        return False
+    return path.exists()
+
+
 def run_step(step: Step, folder: Path) -> None:
-    """Run one subcommand through the CLI, unless ``folder`` already holds its output."""
+    """Run one subcommand through the CLI, unless ``folder`` already holds its finished output."""
     from vqa_constraints.cli import run
 
-    if (folder / step.output).exists():
+    if step_done(step, folder):
         step.reused = True
         console.print(f"[dim]reusing {folder}[/dim]")
         return
@@ -158,6 +177,9 @@ def run_step(step: Step, folder: Path) -> None:
     started = time.perf_counter()
     code = run(step.argv)
     step.seconds = time.perf_counter() - started
+    if code == 130:  # the CLI's exit code for Ctrl-C; that step wrote partial results, or none
+        raise KeyboardInterrupt(f"demo step {step.name!r} was interrupted; rerun the demo: finished steps are reused, "
+                                "that one is redone")
     if code != 0:
         raise UserError(f"demo step {step.name!r} failed (exit {code}); fix the error above and rerun to continue")
 

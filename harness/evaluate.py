@@ -10,6 +10,7 @@ open or resume the run folder, score the missing questions batch by batch
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import platform
 import subprocess
@@ -26,7 +27,7 @@ from vqa_constraints.records import Record, sha256_hex
 from harness import scoring
 from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from harness.results import compute_metrics
-from harness.runs import RUN_FORMAT_VERSION, RunFolder, check_run_folder, write_json_atomic
+from harness.runs import RUN_FILE, RUN_FORMAT_VERSION, SAMPLES_FILE, RunFolder, check_run_folder, write_json_atomic
 from harness.shards import parse_shard
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class EvalOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # accelerate placement over several GPUs (hf back-end)
+    max_pixels: int | None = None  # image pixel budget for dynamic-resolution models; None: the default cap
+    tensor_parallel_size: int = 1  # GPUs per model (vllm back-end)
     revision: str | None = None
     data_revision: str | None = None
     trust_remote_code: bool = False
@@ -74,8 +78,17 @@ def check_options(options: EvalOptions) -> None:
         raise UserError(f"--scoring {options.scoring!r}: choose from {', '.join(SCORING_MODES)}")
     if options.backend not in BACKENDS:
         raise UserError(f"--backend {options.backend!r}: choose from {', '.join(BACKENDS)}")
-    if options.backend == "vllm" and options.scoring != "generate":
-        raise UserError("--backend vllm scores by generation only; use --scoring generate (or --backend hf)")
+    if options.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        # before the run folder is made: nothing half-written
+        raise UserError("--backend vllm: vLLM is not installed (pip install 'vqa-constraints[vllm]' on a CUDA machine)")
+    if options.max_pixels is not None and options.max_pixels < 1:
+        raise UserError(f"--max-pixels {options.max_pixels}: must be at least 1")
+    if options.tensor_parallel_size < 1:
+        raise UserError(f"--tensor-parallel-size {options.tensor_parallel_size}: must be at least 1")
+    if options.tensor_parallel_size > 1 and options.backend != "vllm":
+        raise UserError("--tensor-parallel-size is for --backend vllm; with --backend hf use --device-map auto")
+    if options.device_map is not None and options.backend == "vllm":
+        raise UserError("--device-map is for --backend hf; vLLM spreads a model with --tensor-parallel-size")
     if options.batch_size < 1:
         raise UserError(f"--batch-size {options.batch_size}: must be at least 1")
     if options.limit is not None and options.limit < 1:
@@ -160,6 +173,8 @@ def load_adapter(options: EvalOptions):
         device=options.device,
         trust_remote_code=options.trust_remote_code,
         revision=options.revision,
+        device_map=options.device_map,
+        max_pixels=options.max_pixels,
     )
     check_takes_images(adapter, options.model)
     return adapter
@@ -253,6 +268,7 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
         "model_revision": options.revision,
         "model_fingerprint": model_fingerprint(options.model),
         "dtype": options.dtype,
+        "max_pixels": options.max_pixels,
         "data": options.data,
         "data_revision": options.data_revision,
         "split": options.split,
@@ -277,13 +293,20 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     import torch
 
     torch.manual_seed(options.seed)
+    new_folder = not Path(options.out).exists()
+    new_run = new_folder or not (Path(options.out) / RUN_FILE).exists()
     run = RunFolder.open(Path(options.out), identity, {t.id for t in tasks})
     done = run.done_ids()
     pending = [t for t in tasks if t.id not in done]
     scored_now = 0
     if pending:
-        backend = make_backend(options, adapter)
-        scored_now = _score_pending(run, backend, adapter, splits, all_tasks, pending, len(tasks), options)
+        try:
+            backend = make_backend(options, adapter)
+            scored_now = _score_pending(run, backend, adapter, splits, all_tasks, pending, len(tasks), options)
+        except Exception:
+            if new_run:
+                _discard_unscored(run, new_folder)
+            raise
     samples = run.finalize_samples([t.id for t in tasks])
     finished = time.time()
     results = build_results(options, identity, samples, adapter, started, finished, scored_now, splits)
@@ -291,6 +314,17 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     if options.show_table:
         print_table(results)
     return run.path
+
+
+def _discard_unscored(run: RunFolder, remove_folder: bool) -> None:
+    """Undo a run folder this call created when it failed before scoring anything (an image that does not
+    decode, a missing back-end): otherwise its run.json would pin the failed options and refuse the fixed rerun."""
+    if run.done_ids():
+        return
+    for name in (SAMPLES_FILE, RUN_FILE):
+        (run.path / name).unlink(missing_ok=True)
+    if remove_folder and not any(run.path.iterdir()):
+        run.path.rmdir()
 
 
 def aligned_batches(all_tasks: list[Task], pending_ids: set[str], batch_size: int):
@@ -342,8 +376,10 @@ def build_results(options, identity, samples, adapter, started, finished, scored
             "revision": getattr(adapter, "revision", None) or options.revision,
             "fingerprint": identity["model_fingerprint"],
             "family": getattr(adapter, "family", None),
-            "dtype": str(adapter.dtype).replace("torch.", "") if adapter is not None else options.dtype,
+            "dtype": dtype_used(options, adapter),
             "device": str(adapter.device) if adapter is not None else None,
+            "device_map": getattr(adapter, "device_map", None),
+            "max_pixels": getattr(adapter, "max_pixels", None),
         },
         "dataset": {
             "data": options.data,
@@ -351,6 +387,7 @@ def build_results(options, identity, samples, adapter, started, finished, scored
             "split": options.split,
             "configs": identity["configs"],
             "fingerprints": identity["fingerprints"],
+            "files_sha256": {c: s.files_sha256 for c, s in splits.items()},  # the local files as read
             "sizes": {c: len(s) for c, s in splits.items()},
         },
         "options": {
@@ -358,6 +395,8 @@ def build_results(options, identity, samples, adapter, started, finished, scored
             "backend": options.backend,
             "batch_size": options.batch_size,
             "max_new_tokens": options.max_new_tokens,
+            "decoding": "greedy (explicit config; the checkpoint's generation_config.json is ignored)",
+            "tensor_parallel_size": options.tensor_parallel_size if options.backend == "vllm" else None,
             "limit": options.limit,
             "shard": identity["shard"],
             "range": [identity["start"], identity["end"]],
@@ -374,6 +413,17 @@ def build_results(options, identity, samples, adapter, started, finished, scored
         "n": len(samples),
         "metrics": compute_metrics(samples, identity["configs"], options.seed),
     }
+
+
+def dtype_used(options: EvalOptions, adapter) -> str:
+    """The dtype the weights actually ran in: the loaded model's, or what vLLM was given."""
+    if adapter is not None:
+        return str(adapter.dtype).replace("torch.", "")
+    if options.backend == "vllm":
+        from harness.vllm_backend import vllm_dtype
+
+        return vllm_dtype(options.dtype)
+    return options.dtype
 
 
 def _iso(timestamp: float) -> str:

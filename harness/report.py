@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from harness.outputs import read_complete  # noqa: E402
+
 REPORT_NAME = "report.md"
 FIGURES = "figures"
 
@@ -41,6 +43,11 @@ def fmt_ci(cell: dict | None, key: str = "value") -> str:
 
 def load_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_complete(path: Path) -> dict | None:
+    """A trace/attention/editing document, None when absent; UserError when it is partial (interrupted)."""
+    return read_complete(path) if path.exists() else None
 
 
 def rel(path: Path, root: Path) -> str:
@@ -102,11 +109,14 @@ def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) 
         "text-only LLM": runs / f"{name}-trace-text-only",
         "multi-constraint": runs / f"{name}-trace-multi",
     }
-    documents = {label: load_json(folder / "trace_stats.json") for label, folder in traces.items()}
+    documents = {label: load_complete(folder / "trace_stats.json") for label, folder in traces.items()}
     if planted_layer is not None:
         lines += [f"Ground truth: the facts were planted in MLP layer **{planted_layer}**.", ""]
+    lines += ["Curves, peaks and causal layers are over the **affected** questions only (the corruption at least "
+              "halves p_clean); a group with too few of them is *null*. *self*: a layer-0 restoration at a "
+              "corrupted position, which restores the corrupted token itself.", ""]
     lines += table_head("trace", "corrupted", "restored at", "kind", "n traced", "n affected", "p clean", "p corrupt",
-                        "peak layer", "causal layers", "peak agreement")
+                        "peak layer", "Σeffect/Σgap at peak", "causal layers", "peak agreement")
     for label, document in documents.items():
         if document is None:
             continue
@@ -116,8 +126,7 @@ def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) 
             lines.append(
                 f"| {label} | {group['corrupted']} | {group['target']} | {group['kind']} | {group['n']} "
                 f"| {group['n_affected']} | {fmt(group['mean_p_clean'])} | {fmt(group['mean_p_corrupt'])} "
-                f"| {fmt(group['peak_layer'])} | {', '.join(map(str, group['causal_layers'])) or '–'} "
-                f"| {fmt(group['peak_agreement_affected'])} |"
+                + trace_peak_cells(group)
             )
     lines.append("")
     for label, folder in traces.items():
@@ -128,7 +137,8 @@ def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) 
         lines.append(
             f"- {label}: `{rel(folder / 'trace_stats.json', root)}` — corruption `{document['options']['corruption']}`, "
             f"{counts['traced']} of {counts['records']} questions traced "
-            f"({counts['skipped']['wrong_answer']} answered wrong, skipped), peak MLP layer "
+            f"({counts['skipped']['wrong_answer']} answered wrong, skipped), target "
+            f"`{document.get('target', {}).get('mode', 'first-token')}`, peak MLP layer "
             f"{fmt(document['peak_mlp_layer'])}."
         )
         for png in sorted(folder.glob("*.png")):
@@ -151,20 +161,34 @@ def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) 
     return lines
 
 
+def trace_peak_cells(group: dict) -> str:
+    """The peak layer, Σeffect/Σgap there, causal layers and peak agreement cells of one group's row."""
+    if group["null"]:
+        return "| null | null | null | null |"
+    peak = group["peak_layer"]
+    self_restoring = " (self)" if peak in group["restores_corrupted_layers"] else ""
+    return (f"| {peak}{self_restoring} | {fmt(group['effect_over_gap'][peak])} "
+            f"| {', '.join(f'{l} (self)' if l in group['restores_corrupted_layers'] else str(l) for l in group['causal_layers']) or '–'} "
+            f"| {fmt(group['peak_agreement_affected'])} |")
+
+
 def comparison_curves(sources) -> dict[str, list]:
-    """label -> mean normalised MLP effect per layer, one curve per (run, group)."""
+    """label (with n affected) -> mean normalised MLP effect per layer, one curve per (run, group);
+    a null group (too few affected questions) is never drawn."""
     curves = {}
     for label, document in sources:
         if document is None:
             continue
         for group in trace_groups(document, "mlp"):
-            key = f"{group['corrupted']} → {group['target']}"
+            if group["null"]:
+                continue
+            key = f"{group['corrupted']} → {group['target']} (n={group['n_affected']})"
             curves[f"{label}: {key}" if label else key] = group["mean_normalised"]
     return curves
 
 
 def attention_section(name: str, run: Path, root: Path) -> list[str]:
-    stats = load_json(run / "attention_stats.json")
+    stats = load_complete(run / "attention_stats.json")
     if stats is None:
         return [f"_No attention analysis for {name}._", ""]
     counts = stats["counts"]
@@ -196,27 +220,29 @@ def attention_section(name: str, run: Path, root: Path) -> list[str]:
 
 
 def editing_section(name: str, run: Path, sweep_run: Path, root: Path) -> list[str]:
-    results = load_json(run / "editing_results.json")
+    results = load_complete(run / "editing_results.json")
     if results is None:
         return [f"_No editing run for {name}._", ""]
     options = results["options"]
     lines = [
         source_line(run / "editing_results.json", root,
-                    f"track `{options['track']}`, key position `{options['key_position']}`, layers "
+                    f"track `{options['track']}`, key position `{results.get('key_position', options['key_position'])}`"
+                    f" ({results.get('key_position_source', 'option')}), layers "
                     f"{results['layers']} ({results['layer_source']}), {results['requests']} edit requests, "
                     f"{results['specificity_questions']} specificity questions."),
         "",
-        *table_head("method", "edits", "efficacy", "generalization", "specificity", "log-prob gain", "mean score",
-                    "s / edit", "peak memory (MB)"),
+        *table_head("method", "edits", "efficacy", "generalization", "specificity", "locality", "neighborhood",
+                    "log-prob gain", "mean score", "s / edit", "peak memory (MB)"),
     ]
     for method, cell in results["methods"].items():
         lines.append(
             f"| {method} | {cell['edits']} | {fmt_stat(cell['efficacy'])} | {fmt_stat(cell['generalization'])} "
-            f"| {fmt_stat(cell['specificity'])} | {fmt_stat(cell['logprob_gain'])} | {fmt(cell['score'])} "
+            f"| {fmt_stat(cell['specificity'])} | {fmt_stat(cell.get('locality'))} "
+            f"| {fmt_stat(cell.get('neighborhood'))} | {fmt_stat(cell['logprob_gain'])} | {fmt(cell['score'])} "
             f"| {fmt(cell['seconds_per_edit'], 2)} | {fmt(cell['peak_memory_mb'], 1)} |"
         )
     lines.append("")
-    sweep_results = load_json(sweep_run / "editing_results.json")
+    sweep_results = load_complete(sweep_run / "editing_results.json")
     if sweep_results and sweep_results.get("sweep"):
         lines.append(f"Layer sweep: `{rel(sweep_run / 'editing_results.json', root)}`.")
         lines.append("")

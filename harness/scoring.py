@@ -6,12 +6,18 @@ runs any ``ModelAdapter`` with transformers; ``harness.vllm_backend`` answers
 generation requests with vLLM. Results never depend on the batch size: each
 row is padded (left for generation, right for scoring) and masked, so a row
 sees exactly the tokens it would see alone.
+
+Decoding is one explicit greedy configuration (``greedy_config``), never the
+checkpoint's ``generation_config.json`` (whose repetition penalty or sampling
+settings would otherwise leak in). Scoring computes the LM head only at the
+positions it reads (``logits_to_keep``), never ``[batch, seq, vocab]``.
 """
 
 from __future__ import annotations
 
 import re
 import string
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -122,6 +128,63 @@ def clean_generation(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def stop_token_ids(adapter_or_tokenizer, generation_config=None) -> list[int]:
+    """End-of-sequence ids: the tokenizer's, plus any the checkpoint lists (e.g. Llama-3's end-of-turn).
+
+    Stop tokens belong to the model's chat format, not to the decoding strategy, so both back-ends keep them.
+    """
+    tokenizer = getattr(adapter_or_tokenizer, "tokenizer", adapter_or_tokenizer)
+    if generation_config is None:
+        generation_config = getattr(getattr(adapter_or_tokenizer, "model", None), "generation_config", None)
+    ids = [tokenizer.eos_token_id]
+    listed = getattr(generation_config, "eos_token_id", None)
+    ids += listed if isinstance(listed, (list, tuple)) else [listed]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def greedy_config(max_new_tokens: int, pad_token_id: int, eos_token_ids: list[int]):
+    """The one decoding configuration: greedy, one beam, no penalties, no sampling settings."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=False, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_ids or None,
+        output_logits=True, return_dict_in_generate=True,
+    )
+
+
+@contextmanager
+def _without_checkpoint_defaults(model):
+    """Hide the checkpoint's generation_config during ``generate``.
+
+    transformers fills every field our config leaves unset from ``model.generation_config``
+    (suppress_tokens, bad_words_ids, sequence_bias, forced ids, ... have no neutral non-None value),
+    so a blank one stands in for it while generating.
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def logits_at(model, batch: dict, positions: list[list[int]]) -> list[torch.Tensor]:
+    """Per row, float logits ``[len(positions[row]), vocab]`` at the given positions.
+
+    The LM head runs only at the union of the rows' positions (``logits_to_keep``), so the
+    ``[batch, seq, vocab]`` tensor of the whole prompt (image tokens included) is never made.
+    """
+    keep = sorted({q for row in positions for q in row})
+    column = {q: i for i, q in enumerate(keep)}
+    index = torch.tensor(keep, dtype=torch.long)  # on the CPU: valid for hidden states on any device (device maps)
+    logits = model(**batch, logits_to_keep=index).logits
+    return [logits[row, [column[q] for q in wanted]].float() for row, wanted in enumerate(positions)]
+
+
 # --- the transformers back-end ------------------------------------------------
 
 
@@ -141,24 +204,14 @@ class HFBackend:
     def generate(self, prompts: Sequence[Prompt], batch_size: int = DEFAULT_BATCH_SIZE) -> list[Generation]:
         """Greedy answers, batched with left padding."""
         adapter = self.adapter
-        pad_id = adapter.pad_token_id
+        config = greedy_config(self.max_new_tokens, adapter.pad_token_id, stop_token_ids(adapter))
         results: list[Generation] = []
         for chunk in _batches(list(prompts), batch_size):
             encodeds = [_encode(adapter, p) for p in chunk]
             batch = _collate(adapter, encodeds, "left")
             width = batch["input_ids"].shape[-1]
-            output = adapter.model.generate(
-                **batch,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+            with _without_checkpoint_defaults(adapter.model):
+                output = adapter.model.generate(**batch, generation_config=config)
             new_tokens = output.sequences[:, width:]
             first_probs = torch.softmax(output.logits[0].float(), dim=-1)
             for row in range(len(chunk)):
@@ -175,9 +228,8 @@ class HFBackend:
         for chunk in _batches(list(prompts), batch_size):
             encodeds = [_encode(adapter, p) for p in chunk]
             batch = _collate(adapter, encodeds, "right")
-            logits = adapter.model(**batch).logits
-            for row, encoded in enumerate(encodeds):
-                results.append(float(torch.softmax(logits[row, encoded.length - 1].float(), dim=-1).max()))
+            logits = logits_at(adapter.model, batch, [[e.length - 1] for e in encodeds])
+            results.extend(float(torch.softmax(row[0], dim=-1).max()) for row in logits)
         return results
 
     @torch.no_grad()
@@ -197,9 +249,9 @@ class HFBackend:
                 encodeds.append(full)
                 spans.append((full.answer_positions[0], full.answer_positions[-1] + 1))
             batch = _collate(adapter, encodeds, "right")
-            logits = adapter.model(**batch).logits
+            logits = logits_at(adapter.model, batch, [list(range(start - 1, end - 1)) for start, end in spans])
             for row, (start, end) in enumerate(spans):
-                log_probs = torch.log_softmax(logits[row, start - 1 : end - 1].float(), dim=-1)
+                log_probs = torch.log_softmax(logits[row], dim=-1)
                 targets = batch["input_ids"][row, start:end].to(log_probs.device)
                 summed = float(log_probs.gather(-1, targets[:, None]).sum())
                 confidence = float(log_probs[0].exp().max())

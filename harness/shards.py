@@ -45,6 +45,17 @@ def parse_shard(text: str | None) -> Shard | None:
     return Shard(index, count)
 
 
+def aligned_window(start: int, end: int, total: int, batch_size: int) -> tuple[int, int]:
+    """The smallest [low, high) around [start, end) made of whole batches ``[k*B, (k+1)*B)`` of the full list.
+
+    Computing a shard's batches over this window gives every question the same batch neighbours as an
+    unsharded run, hence bit-identical numbers.
+    """
+    low = start - start % batch_size
+    high = min(total, -(-end // batch_size) * batch_size)
+    return low, max(low, high)
+
+
 def check_tiling(ranges: list[tuple[str, int, int]], total: int) -> None:
     """Check that named [start, end) ranges cover [0, total) exactly once; UserError naming the overlap or gap."""
     position = 0

@@ -56,3 +56,21 @@ def validation_run(planted_model_dir, planted_data_dir, planted_adapter, tmp_pat
     out = tmp_path_factory.mktemp("runs") / "validation"
     options = run_options(planted_model_dir, planted_data_dir, out, limit=None, split="validation", batch_size=8)
     return evaluate(options, adapter=planted_adapter)
+
+
+@pytest.fixture(scope="session")
+def flags_data_dir(tmp_path_factory):
+    """A real build of the real-world `flags` source: what a leaderboard release is made from."""
+    from vqa_constraints.builder import build
+
+    out = tmp_path_factory.mktemp("flags-build") / "vqa-constraints"
+    build(out, sources=["flags"], seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flags_validation_run(planted_model_dir, flags_data_dir, planted_adapter, tmp_path_factory):
+    """A full run (no limit) of the flags validation split (159 questions): a leaderboard-shaped submission."""
+    out = tmp_path_factory.mktemp("runs") / "flags-validation"
+    options = run_options(planted_model_dir, flags_data_dir, out, limit=None, split="validation", batch_size=8)
+    return evaluate(options, adapter=planted_adapter)

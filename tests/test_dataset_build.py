@@ -23,9 +23,9 @@ from vqa_constraints.validation import validate_folder
 
 @pytest.fixture(scope="module")
 def full_build(tmp_path_factory):
-    """Both bundled sources, built once through the CLI as a user would."""
+    """Both bundled sources (named: the default build is flags only), built once through the CLI as a user would."""
     out = tmp_path_factory.mktemp("full") / "vqa"
-    assert run(["build", "--out", str(out), "--seed", "0"]) == 0
+    assert run(["build", "--out", str(out), "--sources", "flags,planted", "--seed", "0"]) == 0
     return out
 
 
@@ -82,6 +82,61 @@ def test_full_build_is_valid_and_info_lists_it(full_build, capsys):
         assert config[:12] in out
     info = json.loads((full_build / "build_info.json").read_text())
     assert info["rows_by_source"]["flags"] > 1000 and info["rows_by_source"]["planted"] > 500
+
+
+def test_default_build_is_real_world_and_its_card_says_what_it_holds(tmp_path):
+    out = tmp_path / "default"
+    assert run(["build", "--out", str(out)]) == 0
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["sources"] == ["flags"] and info["rows_by_source"] == {"flags": 1318}
+    assert front_matter(out)["pretty_name"] == "VQA-Constraints"
+    card = (out / "README.md").read_text("utf-8")
+    assert "| `flags` | real-world | flag images: flagpy (MIT); country facts: countryinfo (MIT) | 1318 |" in card
+    assert "can serve as a leaderboard release" in card and "## Rebuilding the paper's VQA-Constraints" in card
+
+
+def test_planted_and_mixed_builds_are_named_and_marked(planted_data_dir, full_build):
+    card = (planted_data_dir / "README.md").read_text("utf-8")
+    assert front_matter(planted_data_dir)["pretty_name"] == "VQA-Constraints planted world (synthetic)"
+    assert "\n# VQA-Constraints planted world (synthetic)\n" in card
+    assert "| `planted` | synthetic | CC0-1.0" in card and "not a benchmark of real models" in card
+    mixed = (full_build / "README.md").read_text("utf-8")
+    assert front_matter(full_build)["pretty_name"].startswith("VQA-Constraints with the planted world")
+    assert "| `flags` | real-world |" in mixed and "| `planted` | synthetic |" in mixed and "refuses such builds" in mixed
+
+
+def test_the_cards_paper_rebuild_command_runs_as_written(tmp_path, monkeypatch):
+    """The card's build command, on the adapters' fixtures laid out under the file names it uses."""
+    fixtures = Path(__file__).parent / "fixtures" / "dataset"
+    paper = tmp_path / "paper"
+    layout = {
+        "MLLMInterpret/data_constraints/multimodal_known.csv": "mllminterpret/multimodal_known.csv",
+        "MLLMInterpret/data_constraints/multimodal_movies.csv": "mllminterpret/multimodal_movies.csv",
+        "MLLMInterpret/data_constraints/okvqa.csv": "okvqa/okvqa.csv",
+        "known_1000.json": "mllminterpret/known_1000.json",
+        "known_images": "mllminterpret/images",
+        "director_movies.json": "mllminterpret/director_movies.json",
+        "movie_images": "mllminterpret/images",
+        "OpenEnded_mscoco_val2014_questions.json": "okvqa/OpenEnded_mscoco_val2014_questions.json",
+        "mscoco_val2014_annotations.json": "okvqa/mscoco_val2014_annotations.json",
+        "val2014": "okvqa/val2014",
+        "test.csv": "encyclopedic_vqa/test.csv",
+        "evqa_images": "encyclopedic_vqa",
+    }
+    for target, source in layout.items():
+        (paper / target).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (fixtures / source).is_dir() else shutil.copy
+        copy(fixtures / source, paper / target)
+    card = (Path(__file__).parent.parent / "dataset_card.md").read_text("utf-8")
+    section = card[card.index("## Rebuilding the paper's VQA-Constraints") :]
+    command = section[section.index("vqa-constraints build") : section.index("vqa-constraints validate")]
+    argv = command.replace("\\\n", " ").split()
+    monkeypatch.chdir(tmp_path)
+    assert run(argv[1:]) == 0
+    assert run(["validate", "data/paper"]) == 0
+    info = json.loads((tmp_path / "data" / "paper" / "build_info.json").read_text())
+    assert set(info["sources"]) == {"mllminterpret-known", "mllminterpret-movies", "okvqa", "encyclopedic-vqa"}
+    assert all(info["rows_by_source"][s] > 0 for s in info["sources"])
 
 
 def test_planted_records_follow_the_world(planted_data_dir):

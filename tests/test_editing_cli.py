@@ -37,6 +37,7 @@ def test_edit_command_writes_all_outputs(tiny_llava_dir, planted_data_dir, tmp_p
         (["--layers", "1", "--sweep-layers", "0,99"], "layer 99 is out of range"),
         (["--layers", "1", "--method", "rome"], "unknown method rome"),
         (["--layers", "1", "--batch-edits", "0"], "--batch-edits must be at least 1"),
+        (["--layers", "1", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--trace-stats", "/nonexistent/trace_stats.json"], "no such file"),
     ],
 )

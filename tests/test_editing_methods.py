@@ -57,12 +57,28 @@ def _request(target: str, current: str = "") -> EditRequest:
     )
 
 
+def _corpus() -> list:
+    from harness.scoring import Prompt
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    questions = ["What is the colour of the creature in this image?", "Which animal is shown in this image?"]
+    return [Prompt(q, Image.new("RGB", (32, 32), c)) for q in questions for c in colours]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Key statistics go to a fresh cache, never the developer's."""
+    monkeypatch.setenv("VQA_CONSTRAINTS_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("key_position", ["last", "constraint"])
+@pytest.mark.parametrize("key_position", ["last", "constraint", "subject-token"])
 def test_every_method_is_reversible_bit_for_bit(tiny_llava, name, key_position):
     adapter = tiny_llava
     before = weights_hash(adapter.model)
     method = make_method(name, key_position=key_position, steps=3)
+    if hasattr(method, "key_corpus"):
+        method.key_corpus(_corpus(), "test-corpus")
     handle = method.apply(adapter, [_request("Paris"), _request("Tokyo")], [1])
     edited = adapter.mlp_out_proj(1).weight.detach().clone()
     assert weights_hash(adapter.model) != before, f"{name} changed nothing"
@@ -111,3 +127,156 @@ def test_mlp_without_output_projection_is_a_user_error(tiny_model_dirs):
     del mlp.down_proj
     with pytest.raises(UserError, match="no recognised output projection"):
         MultEdit(steps=1).apply(adapter, [_request("Paris")], [0])
+
+
+# --- the covariance form -------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_edits", [1, 3])
+def test_covariance_form_equals_the_direct_formula(n_edits):
+    from editing.methods.multedit import covariance_update, direct_covariance_update
+
+    generator = torch.Generator().manual_seed(10 + n_edits)
+    d_out, d_in = 5, 9
+    W0 = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    K = torch.randn(d_in, n_edits, generator=generator, dtype=torch.float64)
+    V = torch.randn(d_out, n_edits, generator=generator, dtype=torch.float64)
+    samples = torch.randn(d_in, 50, generator=generator, dtype=torch.float64)
+    C = samples @ samples.T / 50
+    chol = torch.linalg.cholesky(C)
+    W = covariance_update(W0, K, V, lambda M: torch.cholesky_solve(M, chol))
+    assert torch.allclose(W, direct_covariance_update(W0, K, V, C), atol=1e-10)
+    assert torch.allclose(W @ K, V, atol=1e-10)  # the edited keys are hard constraints
+    # MEMIT's d x d normal equations, argmin ||(W - W0) C^1/2||^2 + mu ||W K - V||^2, tend to it as mu grows.
+    mu = 1e9
+    memit = (W0 @ C + mu * V @ K.T) @ torch.linalg.inv(C + mu * K @ K.T)
+    assert torch.allclose(W, memit, atol=1e-6)
+    # Among updates that meet the constraints it changes keys drawn from C least.
+    other = W + (torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+                 @ (torch.eye(d_in, dtype=torch.float64) - K @ torch.linalg.pinv(K)))
+    assert torch.allclose(other @ K, V, atol=1e-8)
+    cost = lambda M: float(torch.trace((M - W0) @ C @ (M - W0).T))
+    assert cost(W) < cost(other)
+
+
+def test_key_covariance_is_cached_by_content(tiny_llava, tmp_path):
+    from editing.key_stats import key_covariances
+
+    adapter = tiny_llava
+    first = key_covariances(adapter, [1], _corpus(), "fp-a")[1]
+    again = key_covariances(adapter, [1], _corpus(), "fp-a")[1]
+    assert again.cache_file == first.cache_file and torch.equal(again.cov, first.cov)
+    assert first.n_questions == len(_corpus()) and first.n_keys > len(_corpus())  # every position, not one per question
+    assert key_covariances(adapter, [1], _corpus(), "fp-b")[1].cache_file != first.cache_file
+    assert key_covariances(adapter, [1], _corpus()[:4], "fp-a")[1].cache_file != first.cache_file
+    # A change to a weight the keys depend on is a new entry; one downstream of them is not.
+    upstream = adapter.mlp(0).up_proj.weight if hasattr(adapter.mlp(0), "up_proj") else adapter.mlp_out_proj(0).weight
+    downstream = adapter.mlp_out_proj(2).weight
+    with torch.no_grad():
+        downstream.add_(1.0)
+        assert key_covariances(adapter, [1], _corpus(), "fp-a")[1].cache_file == first.cache_file
+        downstream.sub_(1.0)
+        upstream.add_(1.0)
+        changed = key_covariances(adapter, [1], _corpus(), "fp-a")[1].cache_file
+        upstream.sub_(1.0)
+    assert changed != first.cache_file
+
+
+def test_multedit_cov_meets_its_constraint_and_edits_less_elsewhere(tiny_llava):
+    """The covariance form writes the optimised value exactly; on the corpus keys it moves values less than λI."""
+    from editing.methods.multedit import MultEditCovariance, _key_and_value
+    from editing.methods.base import request_prompts
+    from editing.key_stats import key_covariances
+
+    adapter = tiny_llava
+    request = _request("Tokyo")
+    cov_method = MultEditCovariance(steps=5)
+    cov_method.key_corpus(_corpus(), "test-corpus")
+    module = adapter.mlp_out_proj(1)
+    prompt = request_prompts(adapter, request, "last")[0]
+    key, value = _key_and_value(adapter, module, prompt)
+    W0 = module.weight.detach().clone().double()
+    handle = cov_method.apply(adapter, [request], [1])
+    W = module.weight.detach().double()
+    handle.restore()
+    cov = key_covariances(adapter, [1], _corpus(), "test-corpus")[1]
+    change = (W - W0)
+    assert change.abs().max() > 0
+    # The change is along C^-1 k: it is orthogonal (in C's metric) to every direction the key does not span.
+    direction = cov.solve(key.double()[:, None])[:, 0]
+    residual = change - torch.outer(change @ key.double(), direction) / float(direction @ key.double())
+    assert residual.abs().max() < 1e-6 * change.abs().max() + 1e-9
+
+
+# --- the model's own answer format ---------------------------------------------
+
+
+def test_teacher_forcing_scores_only_the_target_after_the_answer_prefix(tiny_llava):
+    from editing.methods.base import teacher_forced
+
+    adapter = tiny_llava
+    request = _request("Tokyo")
+    bare = teacher_forced(adapter, request.question, request.image, "Tokyo")
+    forced = teacher_forced(adapter, request.question, request.image, "Tokyo", prefix="The colour is")
+    scored = forced.inputs["input_ids"][0, forced.answer_start:forced.answer_end].tolist()
+    assert adapter.tokenizer.decode(scored).strip() == "Tokyo"
+    assert scored == bare.inputs["input_ids"][0, bare.answer_start:bare.answer_end].tolist()
+    assert forced.answer_start > bare.answer_start  # the prefix is forced, not scored
+    assert forced.key_position == bare.key_position  # the key is still read in the prompt
+
+
+def test_entity_prefix_is_where_the_model_expects_the_answer(tiny_llava):
+    """A bare answer has no prefix; in a sentence the chosen cut is a word boundary of the model's own answer."""
+    from editing.answer_format import entity_prefix
+
+    adapter = tiny_llava
+    request = _request("Tokyo")
+    assert entity_prefix(adapter, request.question, request.image, "Paris", "Tokyo") == ""
+    sentence = "The colour of the creature is red ."
+    prefix = entity_prefix(adapter, request.question, request.image, sentence, "Tokyo")
+    assert sentence.startswith(prefix) and (prefix == "" or sentence[len(prefix)] == " ")
+
+
+# --- speed: batched deltas, early stop -----------------------------------------
+
+
+def test_batched_delta_optimisation_equals_one_at_a_time(tiny_llava):
+    adapter = tiny_llava
+    requests = [_request("Tokyo"), _request("Paris and Rome")]
+    method = MultEdit(steps=4, patience=99)
+    module = adapter.mlp_out_proj(1)
+    from editing.methods.base import request_prompts
+    from editing.methods.multedit import _key_and_value
+
+    prompts = [request_prompts(adapter, r, "last")[0] for r in requests]
+    values = torch.stack([_key_and_value(adapter, module, p)[1] for p in prompts])
+    together, losses, _ = method._optimise_deltas(adapter, module, prompts, values)
+    for i, prompt in enumerate(prompts):
+        alone, loss, _ = method._optimise_deltas(adapter, module, [prompt], values[i : i + 1])
+        assert torch.allclose(together[i], alone[0], atol=1e-4, rtol=1e-3)
+        assert losses[i] == pytest.approx(loss[0], abs=1e-4)
+
+
+def test_delta_stops_when_the_nll_stops_improving(tiny_llava):
+    adapter = tiny_llava
+    handle = MultEdit(steps=50, lr=1e-6, patience=2).apply(adapter, [_request("Tokyo")], [1])
+    handle.restore()
+    assert handle.info["per_layer"][0]["steps"] == [2]  # a tiny step size cannot gain min_gain: stop after patience
+
+
+# --- FT-L ------------------------------------------------------------------------
+
+
+def test_ft_l_records_whether_its_bound_was_active(tiny_llava):
+    from editing.methods.ft_l import ConstrainedFineTune
+
+    adapter = tiny_llava
+    bound = ConstrainedFineTune(steps=3, lr=5e-2)
+    handle = bound.apply(adapter, [_request("Tokyo")], [1])
+    change = (adapter.mlp_out_proj(1).weight.detach().float() - handle.modules[0][1]["weight"].float()).abs().max()
+    handle.restore()
+    assert handle.info["bound_active"] and change <= bound.linf * (1 + 1e-3)
+    loose = ConstrainedFineTune(steps=3, lr=1e-4, linf=10.0)
+    handle = loose.apply(adapter, [_request("Tokyo")], [1])
+    handle.restore()
+    assert handle.info["bound_active"] is False and handle.info["clipped_steps"] == 0

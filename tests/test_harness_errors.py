@@ -31,7 +31,9 @@ def evaluate_args(model, data, out, *extra):
         (["--shard", "one"], "expected I/N"),
         (["--scoring", "beam"], "--scoring 'beam'"),
         (["--batch-size", "0"], "--batch-size 0"),
-        (["--backend", "vllm"], "--backend vllm scores by generation only"),
+        (["--backend", "vllm"], "--backend vllm: vLLM is not installed"),
+        (["--backend", "vllm", "--device-map", "auto"], "--backend vllm: vLLM is not installed"),
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size is for --backend vllm"),
     ],
 )
 def test_bad_options_are_one_line_errors(planted_model_dir, planted_data_dir, tmp_path, capsys, extra, message):

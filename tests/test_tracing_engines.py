@@ -123,7 +123,55 @@ def test_a_constraint_missing_from_the_prompt_is_a_counted_skip_reason(tiny_llav
     with pytest.raises(ct.ConstraintNotFound, match="does not occur"):
         ct.trace_record(tiny_llava.text_only(), ghost, ct.make_engine("fast"), options)
     rows = ct.trace_record(tiny_llava.text_only(), record, ct.make_engine("fast"), options)
-    assert {r["target"] for r in rows} == {"visual constraint", "last token"}
+    assert {r["target"] for r in rows} == {"visual constraint", "visual constraint (last token)", "last token"}
     # Text-only tracing restores at the subject's name, which stands in for the visual constraint.
     named = [r for r in rows if r["target"] == "visual constraint"]
     assert named and all(r["target_text"].strip().lower() == record.subject.lower() for r in named)
+
+
+def test_fast_engine_falls_back_per_example_when_it_cannot_show_exactness(tiny_llava, example):
+    """A model whose wrapper changes the logits after the LM head (as Gemma-2's logit soft-capping does) is
+    one the fast engine, which runs the language model and the head alone, cannot reproduce. The shift
+    here moves p by a few 1e-4: under the old once-per-model guard (1e-3 + 1% of p) it passed silently."""
+    encoded, positions = example
+    with torch.no_grad():
+        top = int(tiny_llava.model(**encoded.inputs).logits[0, -1].argmax())
+
+    def nudge(_module, _inputs, output):
+        output.logits = output.logits.clone()
+        output.logits[..., top] += 2e-3
+        return output
+
+    handle = tiny_llava.model.register_forward_hook(nudge)
+    try:
+        fast, reference = ct.make_engine("fast"), ct.make_engine("reference")
+        prepared = _prepare(tiny_llava, example, fast, "noise")
+        p_fast_alone = prepared.p_clean
+        assert prepared.extra["engine"] == "reference" and "language model alone" in prepared.extra["fallback_reason"]
+        expected = _prepare(tiny_llava, example, reference, "noise")
+        sets = [frozenset(("mlp", layer, q) for q in positions) for layer in range(tiny_llava.num_layers)]
+        assert fast.score(prepared, sets).tolist() == reference.score(expected, sets).tolist()
+        assert prepared.p_corrupt == expected.p_corrupt
+    finally:
+        handle.remove()
+    # The nudge is small: within the old loose guard, beyond the new one.
+    clean = _prepare(tiny_llava, example, ct.make_engine("fast"), "noise")
+    assert clean.extra["engine"] == "fast"
+    assert 1e-4 < abs(p_fast_alone - clean.p_clean) < 1e-3 + 1e-2 * clean.p_clean
+
+
+def test_every_corruption_acts_on_the_language_models_input(tiny_llava, example):
+    """The reference engine's corrupted forward feeds the language model exactly the corrupted clean
+    embeddings the fast engine starts from, changed only at the corrupted positions."""
+    from harness.tracing.patching import corrupting, recording_language_model_inputs
+
+    encoded, positions = example
+    for mode in ct.CORRUPTIONS:
+        prepared = _prepare(tiny_llava, example, ct.make_engine("reference"), mode)
+        clean = prepared.clean_embeds.expand(prepared.corruption.samples, -1, -1)
+        inputs = {k: v.repeat(prepared.corruption.samples, *([1] * (v.dim() - 1))) for k, v in encoded.inputs.items()}
+        with torch.no_grad(), corrupting(prepared), recording_language_model_inputs(tiny_llava) as seen:
+            tiny_llava.model(**inputs)
+        assert torch.equal(seen["inputs_embeds"], prepared.corruption.apply(clean))
+        changed = (seen["inputs_embeds"] != clean).any(-1).any(0).nonzero().flatten().tolist()
+        assert changed == sorted(encoded.image_positions if mode == "image-noise" else positions)

@@ -2,7 +2,7 @@
 
     DIR/README.md                                  dataset card, YAML `configs:`
     DIR/<config>/<split>-0000k-of-0000n.parquet    shards written by `datasets`
-    DIR/build_info.json                            seed, sources, versions, counts
+    DIR/build_info.json                            seed, sources, versions, counts, every other file's sha256
 
 Every record is checked with the same rules as `vqa-constraints validate`
 before anything is written. The folder is assembled under a temporary name
@@ -11,6 +11,7 @@ next to DIR and renamed into place only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -43,6 +44,9 @@ SOURCES = {
     "encyclopedic-vqa": "vqa_constraints.sources.encyclopedic_vqa",
 }
 BUNDLED = ("flags", "planted")
+# The default build is real-world only; the synthetic planted world is built on its own (--sources planted)
+# so that it never ends up in a leaderboard release.
+DEFAULT_SOURCES = ("flags",)
 SPLITS = ("test", "validation")
 DEFAULT_CONFIG = "single_constraint"
 # A source's validation rows are folded into test unless it has this many rows in the config.
@@ -125,12 +129,12 @@ def _split_option(value: str) -> tuple[str, str]:
 
 def build(
     out_dir: str | Path,
-    sources: Iterable[str] | None = ("flags", "planted"),
+    sources: Iterable[str] | None = None,
     source_paths: Iterable[str] | Mapping[str, str] | None = None,
     seed: int = 0,
     skip_invalid: bool = False,
 ) -> BuildReport:
-    """Build the folder; ``sources=None`` means the bundled ones plus every source given a path."""
+    """Build the folder; ``sources=None`` means ``DEFAULT_SOURCES`` plus every source given a path."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     paths = parse_source_paths(source_paths)
@@ -172,9 +176,11 @@ def build(
             "rows_by_source": rows_by_source,
             "skipped": len(skipped),
         }
-        (tmp_dir / "build_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", "utf-8")
         by_split = {key: [record for record, _ in pairs] for key, pairs in groups.items()}
         (tmp_dir / "README.md").write_text(render_card(layout, by_split, info, DEFAULT_CONFIG), "utf-8")
+        # Every other file this build wrote, with its hash: what `publish` uploads, and nothing else.
+        info["files"] = {p.relative_to(tmp_dir).as_posix(): file_sha256(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
+        (tmp_dir / "build_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", "utf-8")
         files = sorted(p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file())
         _move_into_place(tmp_dir, out_dir)
     except BaseException:
@@ -183,9 +189,17 @@ def build(
     return BuildReport(out_dir, seed, names, counts, rows_by_source, skipped, files, time.perf_counter() - started)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _resolve_sources(sources, paths) -> list[str]:
     if sources is None:
-        names = list(BUNDLED) + [n for n in SOURCES if n in paths and n not in BUNDLED]
+        names = list(DEFAULT_SOURCES) + [n for n in SOURCES if n in paths and n not in DEFAULT_SOURCES]
     else:
         names = list(dict.fromkeys(s.strip() for s in sources if s.strip()))
     unknown = [n for n in names if n not in SOURCES]

@@ -31,6 +31,50 @@ def template_path() -> Path:
     return path
 
 
+# Sources whose facts are made up: fine for testing tracing and editing, never for ranking real models.
+SYNTHETIC_SOURCES = ("planted",)
+
+
+def build_kind(sources) -> str:
+    """``real-world``, ``synthetic`` or ``mixed``: decides the card's name and its warning."""
+    synthetic = [s for s in sources if s in SYNTHETIC_SOURCES]
+    if not synthetic:
+        return "real-world"
+    return "synthetic" if len(synthetic) == len(list(sources)) else "mixed"
+
+
+PRETTY_NAMES = {
+    "real-world": "VQA-Constraints",
+    "synthetic": "VQA-Constraints planted world (synthetic)",
+    "mixed": "VQA-Constraints with the planted world (real-world + synthetic)",
+}
+BUILD_NOTES = {
+    "real-world": "Every row comes from a real-world source, so this build can serve as a leaderboard release "
+    "(`vqa-constraints leaderboard release --data DIR`).",
+    "synthetic": "**This is the planted world: made-up creatures with made-up facts** (seed {seed}). The facts exist "
+    "only in this project's planted-knowledge model, so any other model scores near zero by construction. Use it to "
+    "test tracing and editing against known ground truth; it is not a benchmark of real models and "
+    "`vqa-constraints leaderboard` refuses it.",
+    "mixed": "**This build mixes real-world questions with the synthetic planted world** (seed {seed}), whose facts "
+    "exist only in this project's planted-knowledge model. Scores on it are not comparable to the real-world "
+    "leaderboard, which refuses such builds; build `--sources flags` (plus your own files) for that.",
+}
+
+
+def sources_table(groups, info: dict) -> str:
+    """Which sources this build holds: kind, licence (from the rows themselves) and rows each gave."""
+    licences: dict[str, Counter] = {}
+    for records in groups.values():
+        for record in records:
+            licences.setdefault(record.source, Counter())[record.license] += 1
+    lines = ["| source | kind | licence | rows |", "|---|---|---|---:|"]
+    for source in info["sources"]:
+        kind = "synthetic" if source in SYNTHETIC_SOURCES else "real-world"
+        licence = "; ".join(name for name, _ in licences.get(source, Counter()).most_common()) or "(no rows)"
+        lines.append(f"| `{source}` | {kind} | {_cell(licence)} | {info['rows_by_source'].get(source, 0)} |")
+    return "\n".join(lines)
+
+
 def front_matter(layout: dict[str, dict[str, list[str]]], default_config: str, info: dict) -> dict:
     configs = []
     default = default_config if default_config in layout else next(iter(layout))
@@ -44,7 +88,7 @@ def front_matter(layout: dict[str, dict[str, list[str]]], default_config: str, i
         configs.append(entry)
     total = sum(info["rows"].values())
     return {
-        "pretty_name": "VQA-Constraints",
+        "pretty_name": PRETTY_NAMES[build_kind(info["sources"])],
         "language": ["en"],
         "license": "other",
         "license_name": "mixed-per-source",
@@ -104,6 +148,9 @@ def render_card(layout, groups, info: dict, default_config: str) -> str:
     values = {
         "statistics": statistics_table(groups),
         "examples": examples_table(groups),
+        "title": PRETTY_NAMES[build_kind(info["sources"])],
+        "build_note": BUILD_NOTES[build_kind(info["sources"])].format(seed=info["seed"]),
+        "sources_table": sources_table(groups, info),
         "sources": ", ".join(info["sources"]),
         "seed": str(info["seed"]),
         "builder_version": info["builder_version"],

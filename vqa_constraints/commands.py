@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vqa_constraints.cli import output_folder
 from vqa_constraints.errors import UserError
 
 
 def add_build(subparsers) -> None:
-    from vqa_constraints.builder import BUNDLED, SOURCES
+    from vqa_constraints.builder import DEFAULT_SOURCES, SOURCES
 
     parser = subparsers.add_parser(
         "build",
         help="build the dataset folder (Hugging Face Hub layout)",
         description="Build VQA-Constraints as README.md + <config>/<split>-*.parquet, loadable with datasets.load_dataset.",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically if it holds a build)")
+    parser.add_argument("--out", required=True, type=output_folder,
+                        help="output folder (replaced atomically if it holds a build)")
     parser.add_argument(
         "--sources",
-        help=f"comma-separated sources (default: {','.join(BUNDLED)} plus every source given a --source-path); "
-        f"known: {', '.join(SOURCES)}",
+        help=f"comma-separated sources (default: {','.join(DEFAULT_SOURCES)} plus every source given a --source-path; "
+        f"the synthetic 'planted' world only when named, and never in a leaderboard release); known: {', '.join(SOURCES)}",
     )
     parser.add_argument(
         "--source-path",
@@ -64,7 +66,7 @@ def run_validate(args) -> int:
         print(violation)
     if violations:
         print(f"{len(violations)} violation(s) in {args.dir}")
-        return 1
+        raise UserError(f"{args.dir}: not a valid build, {len(violations)} violation(s) (listed above)")
     print(f"ok: {args.dir} is valid")
     return 0
 

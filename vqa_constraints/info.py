@@ -7,9 +7,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from vqa_constraints.errors import UserError
+from vqa_constraints.errors import UserError, one_line
 from vqa_constraints.validation import card_shards, read_card_configs
 
 SUMMARY_COLUMNS = ["source", "constraint_types", "relation"]
@@ -53,11 +55,14 @@ def summarise(folder: Path) -> tuple[list[SplitSummary], dict]:
     """Per config/split summaries (in card order) and the build_info.json contents (or {})."""
     try:
         configs = read_card_configs(folder)
+        defaults = {c["config_name"] for c in configs if c.get("default")}
+        listed = card_shards(configs)
     except (OSError, ValueError) as error:
         raise UserError(str(error).splitlines()[0]) from None
-    defaults = {c["config_name"] for c in configs if c.get("default")}
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as error:  # YAML that parses badly or not as configs
+        raise UserError(f"{folder / 'README.md'}: cannot read the YAML configs ({one_line(error)})") from None
     per_split: dict[tuple[str, str], list[str]] = {}
-    for path, key in card_shards(configs).items():
+    for path, key in listed.items():
         config, split = key.split("/")
         per_split.setdefault((config, split), []).append(path)
     summaries = []
@@ -67,14 +72,20 @@ def summarise(folder: Path) -> tuple[list[SplitSummary], dict]:
             shard = folder / relative
             if not shard.is_file():
                 raise UserError(f"{folder}/README.md lists {relative}, which is missing; run `vqa-constraints validate`")
-            table = pq.read_table(shard, columns=SUMMARY_COLUMNS)
+            try:
+                table = pq.read_table(shard, columns=SUMMARY_COLUMNS)
+            except (OSError, ValueError, pa.ArrowException) as error:  # truncated, not parquet, other columns
+                raise UserError(f"{shard}: unreadable parquet shard ({one_line(error)})") from None
             rows += table.num_rows
             sources.update(table.column("source").to_pylist())
             types.update(table.column("constraint_types").to_pylist())
             relations.update(table.column("relation").to_pylist())
         summaries.append(SplitSummary(config, split, rows, sources, types, relations, config in defaults))
     info_path = folder / "build_info.json"
-    build_info = json.loads(info_path.read_text("utf-8")) if info_path.is_file() else {}
+    try:
+        build_info = json.loads(info_path.read_text("utf-8")) if info_path.is_file() else {}
+    except ValueError as error:  # JSON or UTF-8 decoding
+        raise UserError(f"{info_path}: not valid JSON ({one_line(error)})") from None
     return summaries, build_info
 
 

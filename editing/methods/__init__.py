@@ -5,10 +5,11 @@ from __future__ import annotations
 from editing.methods.base import EditHandle, EditMethod, SkipEdit, weights_hash
 from editing.methods.ft import FineTune
 from editing.methods.ft_l import ConstrainedFineTune
-from editing.methods.multedit import MultEdit
+from editing.methods.multedit import MultEdit, MultEditCovariance
 
 METHODS: dict[str, type[EditMethod]] = {
     "multedit": MultEdit,
+    "multedit-cov": MultEditCovariance,
     "ft": FineTune,
     "ft-l": ConstrainedFineTune,
 }

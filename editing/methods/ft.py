@@ -1,8 +1,11 @@
 """FT: plain fine-tuning of the edited layer's MLP output projection on the new answer.
 
 The baseline MultEdit is compared with: the same matrix, the same
-teacher-forced loss, but gradient steps on the weights themselves instead of a
-closed-form solve. ``linf`` (set by FT-L) bounds every weight's change.
+teacher-forced loss (the new answer after the model's own answer prefix), but
+gradient steps on the weights themselves instead of a closed-form solve. The
+steps train fp32 master copies (``EditHandle``): Adam's small steps on bf16
+weights would mostly round away. ``linf`` (set by FT-L) bounds every weight's
+change, and the run records whether that bound ever clipped a step.
 """
 
 from __future__ import annotations
@@ -22,20 +25,20 @@ class FineTune(EditMethod):
     steps: int = 25
     lr: float = 5e-3  # Adam step, relative to the weight matrix's RMS
     stop_loss: float = 0.03
-    linf: float | None = None  # bound on |W - W0| per weight, relative to the weight matrix's RMS
+    linf: float | None = None  # bound on |W - W0| per weight, absolute (ROME's FT-L norm_constraint)
 
     name = "ft"
 
     def apply(self, adapter, requests: Sequence[EditRequest], layers: Sequence[int]) -> EditHandle:
         modules = check_inputs(adapter, requests, layers)
         prompts = [p for r in requests for p in request_prompts(adapter, r, self.key_position)]
-        weights = [m.weight for m in modules]
-        handle = EditHandle.snapshot(weights)
-        originals = [saved for _, saved in handle.saved]
-        scales = [float(w.detach().float().pow(2).mean().sqrt()) or 1.0 for w in weights]
+        handle = EditHandle.master_copies(modules)
+        weights = handle.weights
+        originals = [w.detach().clone() for w in weights]
+        scales = [float(w.detach().pow(2).mean().sqrt()) or 1.0 for w in weights]
         # One Adam per weight so the step size follows each matrix's own scale.
         optimisers = [torch.optim.Adam([w], lr=self.lr * s) for w, s in zip(weights, scales)]
-        steps_taken, loss_value = 0, float("nan")
+        steps_taken, loss_value, clipped_steps = 0, float("nan"), 0
         try:
             with only_trainable(adapter.model, weights):
                 for step in range(self.steps + 1):
@@ -50,16 +53,25 @@ class FineTune(EditMethod):
                         optimiser.step()
                     steps_taken += 1
                     if self.linf is not None:
-                        self._project(weights, originals, scales)
+                        clipped_steps += self._project(weights, originals)
         except Exception:
             handle.restore()
             raise
         handle.info = {"layers": [int(l) for l in layers], "steps": steps_taken, "final_nll": loss_value}
+        if self.linf is not None:
+            with torch.no_grad():
+                at_bound = sum(int(((w - o).abs() >= self.linf * (1 - 1e-6)).sum()) for w, o in zip(weights, originals))
+            handle.info.update({"linf": self.linf, "bound_active": clipped_steps > 0, "clipped_steps": clipped_steps,
+                                "weights_at_bound": at_bound / sum(w.numel() for w in weights)})
         return handle
 
     @torch.no_grad()
-    def _project(self, weights, originals, scales) -> None:
-        """Clamp each weight back into W0 +/- linf * RMS(W0)."""
-        for weight, original, scale in zip(weights, originals, scales):
-            bound = self.linf * scale
-            weight.copy_(original + (weight - original).clamp(-bound, bound))
+    def _project(self, weights, originals) -> int:
+        """Clamp each weight back into W0 +/- linf; 1 when that moved any weight (the bound was active), else 0."""
+        active = False
+        for weight, original in zip(weights, originals):
+            change = weight - original
+            if bool((change.abs() > self.linf).any()):
+                active = True
+                weight.copy_(original + change.clamp(-self.linf, self.linf))
+        return int(active)

@@ -2,22 +2,29 @@
 
 For each request, read the key k (the input of ``down_proj`` at the key
 position) and the value it currently produces, v0 = W0 k. Find a residual
-delta by a few steps of gradient descent so that writing v0 + delta at that
-position makes the model produce the whole new answer (teacher forced), with a
-small penalty on the size of delta. Then solve, for all requests at once,
+delta by gradient descent so that writing v0 + delta at that position makes the
+model produce the new answer (teacher forced after the model's own answer
+prefix), with a small penalty on the size of delta; it stops once the answer NLL
+is low or has stopped improving. With several requests the deltas are optimised
+together, one right-padded batch per step (MEMIT-style). Then, for all requests
+at once, one of two closed forms (R = V* - W0 K, the residuals to write):
 
-    W = argmin ||W K - V*||^2 + lam ||W - W0||^2,     V* = V0 + Delta,
-
-in its low-rank form W = W0 + (V* - W0 K)(K^T K + lam I)^-1 K^T, which inverts
-an n x n matrix (n = number of edits) instead of a d x d one.
+- ``lambda`` (``multedit``): W = argmin ||W K - V*||^2 + lam ||W - W0||^2
+  = W0 + R (K^T K + lam I)^-1 K^T: an n x n system (n = number of edits).
+- ``covariance`` (``multedit-cov``, ROME/MEMIT): W K = V* exactly, while
+  ||(W - W0) k||^2 averaged over the key distribution (covariance C) is least:
+  W = W0 + R (K^T C^-1 K)^-1 (C^-1 K)^T. C^-1 K comes from a cached Cholesky
+  factor of C, so no d x d inverse is formed.
 
 With several layers, the edit is spread over them from first to last: at each
 layer the residual is re-optimised with the earlier layers already edited and
-that layer writes 1/(layers left) of it.
+that layer writes 1/(layers left) of it. The weights edited are fp32 master
+copies (see ``EditHandle``), so a bf16 model keeps the whole update.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,10 +38,11 @@ from editing.methods.base import (
     check_inputs,
     only_trainable,
     request_prompts,
-    target_loss,
 )
 from editing.requests import EditRequest
 from harness.hooks import edit_outputs, record_inputs
+
+FORMS = ("lambda", "covariance")
 
 
 def closed_form_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float) -> torch.Tensor:
@@ -50,26 +58,79 @@ def direct_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float
     return (V @ K.T + lam * W0) @ torch.linalg.inv(K @ K.T + lam * eye)
 
 
+def covariance_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, solve_c, ridge: float = 0.0) -> torch.Tensor:
+    """W K = V exactly, least change on keys distributed with covariance C; ``solve_c(K)`` returns C^-1 K.
+
+    ``ridge`` (relative to the mean diagonal of K^T C^-1 K) softens the constraints just enough that two
+    edits with the same key (the same question asked twice) meet halfway instead of making it singular.
+    """
+    CK = solve_c(K).to(K.dtype)  # in x n
+    gram = K.T @ CK
+    if ridge:
+        gram = gram + ridge * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                        device=gram.device)
+    return W0 + (V - W0 @ K) @ torch.linalg.solve(gram, CK.T)
+
+
+def direct_covariance_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """ROME's formula with explicit inverses: W0 + R (K^T C^-1 K)^-1 K^T C^-1 (tests only)."""
+    C_inv = torch.linalg.inv(C)
+    return W0 + (V - W0 @ K) @ torch.linalg.inv(K.T @ C_inv @ K) @ K.T @ C_inv
+
+
 @dataclass
 class MultEdit(EditMethod):
     key_position: str = "last"
-    steps: int = 25  # gradient steps for each residual delta
+    steps: int = 25  # at most this many gradient steps for the residual deltas
     lr: float = 0.5
     delta_decay: float = 1e-3  # penalty on ||delta||^2 / ||v0||^2
     max_delta_ratio: float = 4.0  # ||delta|| is clamped to this times ||v0||
-    stop_loss: float = 0.03  # stop early once the answer NLL is this low
-    lam: float = 1e-2  # ridge weight, relative to the mean squared key norm
+    stop_loss: float = 0.03  # stop once every answer NLL is this low...
+    patience: int = 3  # ...or the mean NLL has not fallen by min_gain for this many steps
+    min_gain: float = 0.02
+    lam: float = 1e-2  # ridge weight, relative to the mean squared key norm (lambda form)
+    form: str = "lambda"
+    cov_ridge: float = 1e-3  # added to C's diagonal, relative to tr(C)/d (covariance form)
+    delta_batch: int = 8  # requests whose deltas share a forward pass (memory grows with it)
 
     name = "multedit"
+
+    def __post_init__(self):
+        from vqa_constraints.errors import UserError
+
+        if self.form not in FORMS:
+            raise UserError(f"unknown MultEdit form {self.form!r}; choose from {', '.join(FORMS)}")
+        self._key_corpus: tuple[list, str] | None = None
+        self._cov: dict = {}
+
+    def config(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def preserve(self, requests: Sequence[EditRequest]) -> None:
         """Questions whose current values the edit must keep: their keys join K with V* = W0 k.
 
-        That is still argmin ||W K - V*||^2 + lam ||W - W0||^2, with more columns;
-        it stops an edit from spilling onto inputs whose keys resemble the edited one.
+        That is still one of the closed forms, with more columns; it stops an
+        edit from spilling onto inputs whose keys resemble the edited one.
         """
         self._preserve = list(requests)
         self._preserve_keys = {}
+
+    def key_corpus(self, items: Sequence, fingerprint: str) -> None:
+        """Questions (Records or Prompts) whose keys at every position estimate C (covariance form)."""
+        self._key_corpus = (list(items), fingerprint)
+        self._cov = {}
+
+    def covariance(self, adapter, layer: int):
+        """C for ``layer`` (computed once per method instance, from the original weights; cached on disk)."""
+        from editing.key_stats import key_covariances
+        from vqa_constraints.errors import UserError
+
+        if layer not in self._cov:
+            if not self._key_corpus:
+                raise UserError("multedit-cov needs questions to estimate the key covariance from (key_corpus)")
+            items, fingerprint = self._key_corpus
+            self._cov.update(key_covariances(adapter, [layer], items, fingerprint, self.cov_ridge))
+        return self._cov[layer]
 
     def _preserved_keys(self, adapter, module, layer: int) -> torch.Tensor | None:
         requests = getattr(self, "_preserve", [])
@@ -86,74 +147,123 @@ class MultEdit(EditMethod):
 
     def apply(self, adapter, requests: Sequence[EditRequest], layers: Sequence[int]) -> EditHandle:
         modules = check_inputs(adapter, requests, layers)
-        prompts = [request_prompts(adapter, r, self.key_position) for r in requests]
-        handle = EditHandle.snapshot([m.weight for m in modules])
-        handle.info = {"layers": [int(l) for l in layers], "per_layer": []}
+        prompts = [request_prompts(adapter, r, self.key_position)[0] for r in requests]
+        covs = {int(l): self.covariance(adapter, int(l)) for l in layers} if self.form == "covariance" else {}
+        kept = {int(l): self._preserved_keys(adapter, m, int(l)) for l, m in zip(layers, modules)}
+        handle = EditHandle.master_copies(modules)
+        seconds = {"keys": 0.0, "delta": 0.0, "solve": 0.0}
+        handle.info = {"layers": [int(l) for l in layers], "form": self.form, "per_layer": [], "seconds": seconds}
         try:
             for index, module in enumerate(modules):
+                layer = int(layers[index])
                 share = 1.0 / (len(modules) - index)
-                keys, deltas, losses = [], [], []
-                for request_prompts_ in prompts:
-                    key, value = _key_and_value(adapter, module, request_prompts_[0])
-                    delta, loss = self._optimise_delta(adapter, module, request_prompts_, value)
-                    keys.append(key)
-                    deltas.append(delta * share)
-                    losses.append(loss)
-                K, D = torch.stack(keys, 1), torch.stack(deltas, 1)
-                kept = self._preserved_keys(adapter, module, int(layers[index]))
-                if kept is not None:
-                    K = torch.cat([K, kept.to(K.device)], 1)
-                    D = torch.cat([D, torch.zeros(D.shape[0], kept.shape[1], dtype=D.dtype, device=D.device)], 1)
-                self._write(module, K, D)
-                handle.info["per_layer"].append({"layer": int(layers[index]), "final_nll": losses})
+                began = time.perf_counter()
+                keys, values = zip(*[_key_and_value(adapter, module, p) for p in prompts])
+                seconds["keys"] += time.perf_counter() - began
+                began = time.perf_counter()
+                deltas, losses, steps = [], [], []
+                for start in range(0, len(prompts), self.delta_batch):
+                    part = slice(start, start + self.delta_batch)
+                    delta, loss, taken = self._optimise_deltas(adapter, module, prompts[part],
+                                                               torch.stack(values[part]))
+                    deltas.append(delta)
+                    losses += loss
+                    steps.append(taken)
+                deltas = torch.cat(deltas)
+                seconds["delta"] += time.perf_counter() - began
+                began = time.perf_counter()
+                K, D = torch.stack(keys, 1), deltas.T * share
+                if kept[layer] is not None:
+                    extra = kept[layer].to(K.device)
+                    K = torch.cat([K, extra], 1)
+                    D = torch.cat([D, torch.zeros(D.shape[0], extra.shape[1], dtype=D.dtype, device=D.device)], 1)
+                self._write(module, K, D, covs.get(layer))
+                seconds["solve"] += time.perf_counter() - began
+                handle.info["per_layer"].append({"layer": layer, "final_nll": losses, "steps": steps})
         except Exception:
             handle.restore()
             raise
         return handle
 
-    def _optimise_delta(self, adapter, module, prompts: Sequence[TeacherForced], v0: torch.Tensor):
-        """The residual that, added to the projection's output at the key position, yields the target."""
-        delta = torch.zeros_like(v0, dtype=torch.float32, requires_grad=True)
-        v0_norm = float(v0.float().norm()) or 1.0
-        optimiser = torch.optim.Adam([delta], lr=self.lr * v0_norm / v0.numel() ** 0.5)
-        loss_value = float("nan")
-        positions = [p.key_position for p in prompts]
+    def _optimise_deltas(self, adapter, module, prompts: Sequence[TeacherForced], v0: torch.Tensor):
+        """Residuals (n x d) that, added to the projection's output at each key position, yield the targets.
 
-        def add_delta(output, position):
+        All requests share each forward pass (right padding keeps every row's
+        positions); each delta only touches its own row, so the summed loss
+        gives each its own gradient.
+        """
+        n = len(prompts)
+        batch = adapter.collate([p.encoded for p in prompts], padding_side="right")
+        batch = {k: (v.to(adapter.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+        # Only the answer positions need logits: the full vocabulary at every image token is most of the memory.
+        keep = logits_to_keep(adapter, batch["input_ids"].shape[1] - min(p.answer_start for p in prompts) + 1)
+        offset = batch["input_ids"].shape[1] - keep if keep else 0
+        rows = torch.arange(n, device=adapter.device)
+        positions = torch.tensor([p.key_position for p in prompts], device=adapter.device)
+        delta = torch.zeros(n, v0.shape[1], dtype=torch.float32, device=v0.device, requires_grad=True)
+        v0_norm = v0.float().norm(dim=1).clamp_min(1e-6)
+        scale = (v0_norm / v0.shape[1] ** 0.5)[:, None]  # Adam moves each delta at its own value's scale
+        optimiser = torch.optim.Adam([delta], lr=self.lr)
+        best, stale, steps = float("inf"), 0, 0
+        losses = [float("nan")] * n
+
+        def add_delta(output):
             output = output.clone()
-            output[0, position] = output[0, position] + delta.to(output.dtype)
+            output[rows, positions] = output[rows, positions] + (delta * scale).to(output.dtype)
             return output
 
         with only_trainable(adapter.model, []):
             for step in range(self.steps + 1):
-                losses = []
-                for prompt, position in zip(prompts, positions):
-                    with edit_outputs({module: lambda out, position=position: add_delta(out, position)}):
-                        losses.append(target_loss(adapter, [prompt]))
-                nll = torch.stack(losses).mean()
-                loss_value = float(nll.detach())
-                if loss_value < self.stop_loss or step == self.steps:
+                with edit_outputs({module: add_delta}):
+                    logits = adapter.model(**batch, **({"logits_to_keep": keep} if keep else {})).logits
+                nll = torch.stack([p.nll(logits[i : i + 1], offset) for i, p in enumerate(prompts)])
+                losses = [float(x) for x in nll.detach()]
+                mean = sum(losses) / n
+                stale = 0 if mean < best - self.min_gain else stale + 1
+                best = min(best, mean)
+                if max(losses) < self.stop_loss or stale >= self.patience or step == self.steps:
                     break
-                loss = nll + self.delta_decay * delta.pow(2).sum() / v0_norm**2
+                penalty = ((delta * scale).pow(2).sum(1) / v0_norm**2).sum()
+                loss = nll.sum() + self.delta_decay * penalty
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+                steps += 1
                 with torch.no_grad():
-                    limit = self.max_delta_ratio * v0_norm
-                    norm = delta.norm()
-                    if norm > limit:
-                        delta.mul_(limit / norm)
-        return delta.detach(), loss_value
+                    norm = (delta * scale).norm(dim=1)
+                    factor = (self.max_delta_ratio * v0_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+                    delta.mul_(factor[:, None])
+        return (delta * scale).detach(), losses, steps
 
     @torch.no_grad()
-    def _write(self, module, K: torch.Tensor, deltas: torch.Tensor) -> None:
-        W0 = module.weight.float()
+    def _write(self, module, K: torch.Tensor, deltas: torch.Tensor, cov=None) -> None:
+        W0 = module.weight  # the fp32 master copy
         K = K.float().to(W0.device)
-        lam = self.lam * float(K.pow(2).sum(0).mean())  # relative, so lam means the same for any model
         V = W0 @ K + deltas.to(W0.device)
         if not torch.isfinite(V).all():
             raise SkipEdit("the optimised value is not finite")
-        module.weight.copy_(closed_form_update(W0, K, V, lam).to(module.weight.dtype))
+        if cov is None:
+            lam = self.lam * float(K.pow(2).sum(0).mean())  # relative, so lam means the same for any model
+            W = closed_form_update(W0, K, V, lam)
+        else:
+            W = covariance_update(W0.double(), K.double(), V.double(), lambda M: cov.solve(M.cpu()).to(M.device), ridge=1e-6)
+        if not torch.isfinite(W).all():
+            raise SkipEdit("the closed-form solution is not finite")
+        W0.copy_(W.to(W0.dtype))
+
+
+@dataclass
+class MultEditCovariance(MultEdit):
+    form: str = "covariance"
+
+    name = "multedit-cov"
+
+
+def logits_to_keep(adapter, count: int) -> int:
+    """``count`` when the model's forward can skip the other positions' logits, else 0 (all)."""
+    import inspect
+
+    return count if "logits_to_keep" in inspect.signature(adapter.model.forward).parameters else 0
 
 
 @torch.no_grad()

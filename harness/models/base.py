@@ -144,6 +144,8 @@ class ModelAdapter:
 
     family: str = "base"
     is_multimodal: bool = True
+    device_map: str | None = None  # accelerate's placement when spread over devices (set by load_model)
+    max_pixels: int | None = None  # the image pixel budget applied to a dynamic-resolution processor
 
     def __init__(self, model: nn.Module, processor, tokenizer, name_or_path: str, revision: str | None = None):
         self.model = model

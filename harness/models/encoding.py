@@ -11,6 +11,18 @@ from __future__ import annotations
 NO_SPAN = (-1, -1)
 
 
+def adds_special_tokens(tokenizer, text: str) -> bool:
+    """Whether tokenizing ``text`` should add the tokenizer's special tokens (its BOS).
+
+    Not when ``text`` already starts with the BOS: a chat template wrote it
+    (Idefics3, Llama-3-Instruct), and adding it again would give the model a
+    double BOS it never saw in training. transformers' own
+    ``processor.apply_chat_template(tokenize=True)`` follows the same rule.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
 def tokenize_with_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (special tokens added as the processor would) and per-token char spans.
 
@@ -19,7 +31,8 @@ def tokenize_with_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: character offsets need one")
-    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    enc = tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text), return_offsets_mapping=True,
+                    return_special_tokens_mask=True)
     special_ids = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     spans = []
     for token_id, (a, b), special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from vqa_constraints.errors import UserError
 
@@ -28,6 +29,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
+# Qwen2-VL's own default: at most 1280 visual tokens (28x28 pixels each after the 2x2 merge). Hub checkpoints
+# ship 12845056 (16384 tokens), which on a large photo means tens of thousands of image tokens per question.
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -49,6 +54,54 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def resolve_placement(device: str = "auto", device_map: str | None = None) -> tuple[torch.device, str | None]:
+    """(device for inputs and single-device loading, accelerate device_map or None)."""
+    if device_map is None:
+        return resolve_device(device), None
+    if device_map not in DEVICE_MAPS:
+        raise UserError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for any device_map)
+    except ImportError:
+        raise UserError("--device-map needs accelerate (pip install accelerate)") from None
+    # Half precision by default whenever a GPU takes part, as with --device auto.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu"), device_map
+
+
+def cap_image_pixels(processor, max_pixels: int | None) -> int | None:
+    """Cap the pixel budget of a dynamic-resolution image processor (Qwen2-VL style); return the cap applied.
+
+    Such processors resize each image to at most ``size["longest_edge"]`` pixels (a pixel count, not an
+    edge), so the number of image tokens follows the image. Fixed-size processors (LLaVA, LLaVA-NeXT's
+    bounded grid, Idefics3) are left alone and None is returned. The cap only ever lowers the checkpoint's
+    own budget.
+    """
+    if max_pixels is not None and max_pixels < 1:
+        raise UserError(f"--max-pixels {max_pixels}: must be at least 1")
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    budget = _get(size, "longest_edge")
+    if image_processor is None or budget is None or getattr(image_processor, "merge_size", None) is None:
+        return None
+    if max_pixels is None:
+        max_pixels = DEFAULT_MAX_PIXELS
+    cap = min(int(budget), int(max_pixels))
+    floor = _get(size, "shortest_edge")
+    if floor is not None and cap < floor:
+        raise UserError(f"--max-pixels {max_pixels} is below this processor's minimum of {floor} pixels")
+    if isinstance(size, dict):
+        image_processor.size = dict(size, longest_edge=cap)
+    else:
+        size.longest_edge = cap
+    if hasattr(image_processor, "max_pixels"):
+        image_processor.max_pixels = cap
+    return cap
+
+
+def _get(size, key):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 def check_local_weights(folder: Path) -> None:
@@ -99,8 +152,15 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    device_map: str | None = None,
+    max_pixels: int | None = None,
 ) -> ModelAdapter:
-    """Load a supported model (local folder or Hub id) in eval mode, wrapped in its adapter."""
+    """Load a supported model (local folder or Hub id) in eval mode, wrapped in its adapter.
+
+    ``device_map`` ("auto", ...) spreads the weights over every visible GPU (then CPU) with accelerate,
+    for models that do not fit one device; ``max_pixels`` caps a dynamic-resolution image processor
+    (default ``DEFAULT_MAX_PIXELS``). Both are recorded on the adapter (``device_map``, ``max_pixels``).
+    """
     from transformers import AutoConfig
 
     name = str(name_or_path)
@@ -113,7 +173,7 @@ def load_model(
         name = str(folder)
     elif Path(name).exists() or name.startswith((".", "/", "~")):
         raise UserError(f"--model {name}: no such model folder")
-    target = resolve_device(device)
+    target, device_map = resolve_placement(device, device_map)
     torch_dtype = resolve_dtype(dtype, target)
     common = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
@@ -126,20 +186,29 @@ def load_model(
         raise UserError(f"--model {name}: cannot read its config: {_one_line(exc)}") from None
     adapter_class, model_class = registry.resolve(config, name)
     processor, tokenizer = _load_processor(name, adapter_class, common)  # cheap; fail before loading weights
+    pixels_cap = cap_image_pixels(processor, max_pixels)
     # On CUDA the weights go straight to the GPU; on CPU they load in place.
-    placement = {"device_map": str(target)} if target.type == "cuda" else {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+    else:
+        placement = {"device_map": str(target)} if target.type == "cuda" else {}
     try:
         model = model_class.from_pretrained(
             name, config=config, dtype=torch_dtype, use_safetensors=True, **placement, **common
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or garbage file
         raise UserError(f"--model {name}: cannot load {model_class.__name__} weights (safetensors only): {_one_line(exc)}") from None
-    model.to(target).eval()
+    if device_map is None:
+        model.to(target)
+    model.eval()  # accelerate's hooks move activations between devices; the weights stay where it put them
     if local:
         rev = local_revision(folder)
     else:
         rev = hub_revision(name, revision) or getattr(config, "_commit_hash", None) or revision
-    return adapter_class(model, processor, tokenizer, name, rev)
+    adapter = adapter_class(model, processor, tokenizer, name, rev)
+    adapter.device_map = device_map
+    adapter.max_pixels = pixels_cap
+    return adapter
 
 
 def _load_processor(name: str, adapter_class, common: dict):
@@ -167,15 +236,27 @@ def _one_line(exc: Exception) -> str:
 
 
 def add_model_arguments(parser, required: bool = True) -> None:
-    """The ``--model/--dtype/--device/--revision/--trust-remote-code`` options every command shares."""
+    """The model options every command shares: --model --dtype --device --device-map --max-pixels --revision
+    --trust-remote-code."""
     parser.add_argument("--model", required=required, help="local model folder or Hub id")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                        help="spread a model that does not fit one GPU over all visible GPUs (accelerate); overrides --device")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help=f"pixel budget per image for dynamic-resolution models (Qwen2-VL; default {DEFAULT_MAX_PIXELS} "
+                        "= 1280 image tokens, or the checkpoint's own budget when smaller)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
 
 
+def model_options(args) -> dict:
+    """The ``load_model`` keyword arguments from the options ``add_model_arguments`` defined."""
+    return {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
+            "revision": args.revision, "device_map": getattr(args, "device_map", None),
+            "max_pixels": getattr(args, "max_pixels", None)}
+
+
 def load_from_args(args) -> ModelAdapter:
     """``load_model`` with the options ``add_model_arguments`` defined."""
-    return load_model(args.model, dtype=args.dtype, device=args.device,
-                      trust_remote_code=args.trust_remote_code, revision=args.revision)
+    return load_model(args.model, **model_options(args))

@@ -13,7 +13,7 @@ from torch import nn
 from vqa_constraints.errors import UserError
 
 from .base import Encoded, ModelAdapter
-from .encoding import align_expanded, positions_overlapping, tokenize_with_spans
+from .encoding import adds_special_tokens, align_expanded, positions_overlapping, tokenize_with_spans
 from .prompting import IMAGE_PLACEHOLDER, answer_separator, chat_template_prompt, fallback_prompt
 from .text_lm import TextOnlyView, answer_ids_after, find_decoder
 
@@ -92,7 +92,8 @@ class VisionLanguageAdapter(ModelAdapter):
 
     def process(self, text: str, image) -> dict[str, torch.Tensor]:
         """The processor's model inputs for one text + image (batch of one)."""
-        return dict(self.processor(text=[text], images=[image], return_tensors="pt"))
+        special = adds_special_tokens(self.tokenizer, text)
+        return dict(self.processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=special))
 
     def encode(self, question: str, image=None, answer: str | None = None) -> Encoded:
         if image is None:

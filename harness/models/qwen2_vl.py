@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .encoding import adds_special_tokens
 from .multimodal import ImageTextParts, VisionLanguageAdapter
 
 TEXT, IMAGE = 0, 1  # mm_token_type_ids values (transformers' convention)
@@ -54,6 +55,8 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
         count = int(pixels["image_grid_thw"][0].prod()) // image_processor.merge_size**2
         if text.count(self.image_token) != 1:
             raise ValueError(f"expected one {self.image_token} in the prompt, found {text.count(self.image_token)}")
-        ids = self.tokenizer(text.replace(self.image_token, self.image_token * count), return_tensors="pt")["input_ids"]
+        expanded = text.replace(self.image_token, self.image_token * count)
+        special = adds_special_tokens(self.tokenizer, expanded)
+        ids = self.tokenizer(expanded, add_special_tokens=special, return_tensors="pt")["input_ids"]
         types = torch.where(ids == self.image_token_id, IMAGE, TEXT)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types, **pixels}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "text")
@@ -19,6 +19,8 @@ IMAGE_SIZE = 32
 PATCH = 8
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+LLAMA3_BOS = "<|begin_of_text|>"  # Llama-3's BOS, which Idefics3's and Llama-3-Instruct's templates write themselves
+SPIECE = "\u2581"  # SentencePiece's word-boundary mark
 # A few sentences in the benchmark's register; a small BPE vocabulary over them
 # splits rarer words into several sub-word tokens, which the tests rely on.
 CORPUS = [
@@ -32,6 +34,9 @@ CORPUS = [
     "user assistant system image question answer words few country countries",
 ]
 VOCAB_SIZE = 420
+# The SentencePiece-style alphabet is smaller than byte-level BPE's 256 bytes, so the same vocabulary would
+# hold whole rare words; a smaller one splits them ("archipelago" -> "▁archipe" + "lago"), as Llama-2's does.
+SP_VOCAB_SIZE = 220
 
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -45,9 +50,13 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def bpe_tokenizer(extra_special: list[str], add_bos: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE fast tokenizer trained on ``CORPUS``, with the family's special tokens."""
-    specials = [BOS, EOS, PAD, UNK] + extra_special
+def bpe_tokenizer(extra_special: list[str], add_bos: bool = True, bos: str = BOS) -> PreTrainedTokenizerFast:
+    """A byte-level BPE fast tokenizer trained on ``CORPUS``, with the family's special tokens.
+
+    ``add_bos``: the tokenizer itself prepends ``bos`` (Llama-3's ``<|begin_of_text|>`` for the families
+    whose chat template also writes it, which is what makes a double BOS possible).
+    """
+    specials = list(dict.fromkeys([bos, EOS, PAD, UNK] + extra_special))
     core = Tokenizer(models.BPE(unk_token=None))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -61,18 +70,41 @@ def bpe_tokenizer(extra_special: list[str], add_bos: bool = True) -> PreTrainedT
     if add_bos:
         core.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, core.token_to_id(BOS))]),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, core.token_to_id(bos))]),
         ])
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        tokenizer_object=core, bos_token=bos, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         model_max_length=4096,
+    )
+
+
+def sentencepiece_tokenizer(extra_special: list[str]) -> PreTrainedTokenizerFast:
+    """Llama-2's tokenizer in miniature (the one llava-1.5 ships): BPE over ``▁``-marked words.
+
+    As in Llama-2's tokenizer.json, the normalizer prepends a ``▁`` dummy prefix to every text segment and
+    turns spaces into ``▁``, and ``<s>`` is added by the tokenizer; so ``" Paris"`` on its own becomes
+    ``▁`` + ``▁Paris`` (the quirk the replace corruption must survive) while ``"a Paris"`` gives
+    ``▁a`` + ``▁Paris``. Splitting before each ``▁`` keeps merges inside words, as SentencePiece's are.
+    """
+    specials = [BOS, EOS, PAD, UNK] + extra_special
+    core = Tokenizer(models.BPE(unk_token=UNK))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE), normalizers.Replace(" ", SPIECE)])
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE, prepend_scheme="never", split=True)
+    core.decoder = decoders.Sequence([decoders.Replace(SPIECE, " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    alphabet = sorted(set("".join(CORPUS).replace(" ", SPIECE)) | {SPIECE})
+    trainer = trainers.BpeTrainer(vocab_size=SP_VOCAB_SIZE, special_tokens=specials, initial_alphabet=alphabet,
+                                  show_progress=False)
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, core.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=4096
     )
 
 
 def word_level_tokenizer(extra_special: list[str]) -> PreTrainedTokenizerFast:
     """One token per lower-cased word or punctuation mark (the planted model's kind of tokenizer)."""
-    from tokenizers import normalizers
-
     specials = [BOS, EOS, PAD, UNK] + extra_special
     core = Tokenizer(models.WordLevel(unk_token=UNK))
     core.normalizer = normalizers.Lowercase()
@@ -108,10 +140,11 @@ def _clip_image_processor(cls_name: str = "CLIPImageProcessorPil", **extra):
 
 
 def build_llava(out: Path, chat_template: bool = True, word_level: bool = False) -> None:
-    """LLaVA-1.5 in miniature; ``word_level`` + no chat template mirrors the planted zoo model."""
+    """LLaVA-1.5 in miniature (Llama-2 SentencePiece-style tokenizer, ``USER: <image>\\n... ASSISTANT:``);
+    ``word_level`` + no chat template mirrors the planted zoo model."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tokenizer = word_level_tokenizer(["<image>"]) if word_level else bpe_tokenizer(["<image>"])
+    tokenizer = word_level_tokenizer(["<image>"]) if word_level else sentencepiece_tokenizer(["<image>"])
     processor = LlavaProcessor(
         image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=PATCH,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
@@ -127,14 +160,15 @@ def build_llava(out: Path, chat_template: bool = True, word_level: bool = False)
 
 
 def build_llava_next(out: Path) -> None:
-    """LLaVA-NeXT: the image is tiled by ``image_grid_pinpoints``, so the token count depends on its size."""
+    """LLaVA-NeXT: the image is tiled by ``image_grid_pinpoints`` (anyres), and after the projector the model
+    unpads the tiles and appends a newline row to each: the token count depends on the image size."""
     from transformers import (
         CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil, LlavaNextProcessor,
     )
 
     pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
-    tokenizer = bpe_tokenizer(["<image>"])
+    tokenizer = sentencepiece_tokenizer(["<image>"])  # llava-v1.6 ships Llama-2/Mistral SentencePiece tokenizers
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3,
@@ -199,21 +233,25 @@ IDEFICS3_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-IDEFICS3_SPECIALS = ["<|begin_of_text|>", "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
+IDEFICS3_SPECIALS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 ]
 
 
 def build_idefics3(out: Path) -> None:
-    """Idefics3: SigLIP-style tower, pixel-shuffle connector (4x fewer tokens), image framed by marker tokens."""
+    """Idefics3: SigLIP-style tower, pixel-shuffle connector (4x fewer tokens), image framed by marker tokens.
+
+    As in Idefics3-8B-Llama3: the image is split into tiles (one ``<row_i_col_j>`` block each, plus the
+    global view), and the chat template writes ``<|begin_of_text|>`` although the tokenizer adds it too.
+    """
     from transformers import (
         Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor, LlamaConfig,
     )
 
-    tokenizer = bpe_tokenizer(IDEFICS3_SPECIALS, add_bos=False)
+    tokenizer = bpe_tokenizer(IDEFICS3_SPECIALS, bos=LLAMA3_BOS)
     scale = 2
     image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=True, size={"longest_edge": 2 * IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
     )
     image_seq_len = (IMAGE_SIZE // PATCH) ** 2 // scale**2
@@ -255,15 +293,27 @@ TEXT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Llama-3-Instruct's layout: the template writes the BOS itself, and the tokenizer would add another.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+TEXT_TEMPLATES = {
+    "llama3": (LLAMA3_CHAT_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], LLAMA3_BOS),
+    True: (TEXT_CHAT_TEMPLATE, ["<|im_start|>", "<|im_end|>"], BOS),  # ChatML over plain strings (SmolLM2's kind)
+    False: (None, [], BOS),
+}
 
 
-def build_text(out: Path, chat_template: bool = False) -> None:
-    """A Llama causal LM; ``chat_template`` adds a ChatML template over plain-string messages (SmolLM2's kind)."""
+def build_text(out: Path, chat_template: str | bool = "llama3") -> None:
+    """A Llama causal LM; ``chat_template``: "llama3" (default: a template that writes the BOS the tokenizer
+    also adds), True (ChatML, SmolLM2's kind) or False (none: the fallback prompt)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = bpe_tokenizer(["<|im_start|>", "<|im_end|>"] if chat_template else [])
-    if chat_template:
-        tokenizer.chat_template = TEXT_CHAT_TEMPLATE
+    template, specials, bos = TEXT_TEMPLATES[chat_template]
+    tokenizer = bpe_tokenizer(specials, bos=bos)
+    tokenizer.chat_template = template
     _save(LlamaForCausalLM(LlamaConfig(**_text_config_kwargs(len(tokenizer)))), tokenizer, out)
 
 

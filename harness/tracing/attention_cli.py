@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.commands import shard
 from harness.models.loading import add_model_arguments
 from vqa_constraints import CONFIGS
+from vqa_constraints.cli import output_folder, positive_int
 from vqa_constraints.errors import UserError
 
 
@@ -21,14 +23,16 @@ def add_attention(subparsers) -> None:
     add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
     parser.add_argument("--config", required=True, choices=CONFIGS)
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="analyse at most N questions")
-    parser.add_argument("--top-k", type=int, default=5, help="image tokens blocked in the knockout (default 5)")
-    parser.add_argument("--draws", type=int, default=5, help="random k-token draws per question (default 5)")
-    parser.add_argument("--layers-for-auroc", type=int, default=3, dest="n_layers",
+    parser.add_argument("--limit", type=positive_int, default=None, help="analyse at most N questions")
+    parser.add_argument("--shard", default=None, type=shard, metavar="I/N",
+                        help="analyse slice I of N (0-based) of the questions; combine the outputs with `merge`")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="image tokens blocked in the knockout (default 5)")
+    parser.add_argument("--draws", type=positive_int, default=5, help="random k-token draws per question (default 5)")
+    parser.add_argument("--layers-for-auroc", type=positive_int, default=3, dest="n_layers",
                         help="layers summed for failure prediction, chosen on a held-out half (default 3)")
-    parser.add_argument("--knockout-layers", default=None, metavar="A-B|L,L,...",
+    parser.add_argument("--knockout-layers", default=None, type=layer_list, metavar="A-B|L,L,...",
                         help="layers where the knockout cuts attention (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-revision", default=None, help="dataset revision on the Hub")
@@ -37,29 +41,38 @@ def add_attention(subparsers) -> None:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from harness.models.loading import load_model
+    from harness.models.loading import load_model, model_options
+    from harness.shards import parse_shard
     from harness.tracing.attention_study import StudyOptions, run_attention_study
     from vqa_constraints.loading import load_split
 
-    for name in ("limit", "top_k", "draws", "n_layers"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    knockout_layers = parse_layers(args.knockout_layers)
+    parse_shard(args.shard)  # a malformed --shard fails before the model loads
     split = load_split(args.data, args.config, args.split, revision=args.data_revision)
-    adapter = load_model(args.model, dtype=args.dtype, device=args.device,
-                         trust_remote_code=args.trust_remote_code, revision=args.revision)
+    adapter = load_model(args.model, **model_options(args))  # --dtype --device --device-map --max-pixels ...
+    check_sizes(adapter, split, args.top_k, args.n_layers)
     options = StudyOptions(top_k=args.top_k, draws=args.draws, seed=args.seed, n_layers=args.n_layers,
-                           limit=args.limit, knockout_layers=knockout_layers, progress=not args.no_progress)
+                           limit=args.limit, knockout_layers=args.knockout_layers, progress=not args.no_progress,
+                           shard=args.shard)
     stats = run_attention_study(adapter, split, args.out, options, dtype=args.dtype)
     print_summary(stats, args.out)
     return 0
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """"2-5" -> (2, 3, 4, 5); "0,3" -> (0, 3); None -> None."""
-    if text is None:
-        return None
+def check_sizes(adapter, split, top_k: int, n_layers: int) -> None:
+    """Options the model bounds: more layers or image tokens than it has would silently mean "all of them"."""
+    if n_layers > adapter.num_layers:
+        raise UserError(f"--layers-for-auroc {n_layers}: the model has only {adapter.num_layers} layers")
+    if not len(split) or not getattr(adapter, "is_multimodal", True):
+        return  # nothing to analyse, or a text model, which run_attention_study refuses
+    record = split.record(0)
+    count = len(adapter.encode(record.question, record.image).image_positions)
+    if top_k > count:
+        raise UserError(f"--top-k {top_k}: the model sees {count} image tokens for an image "
+                        f"(question {record.id}); choose at most {count}")
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """``type=`` for --knockout-layers: "2-5" -> (2, 3, 4, 5); "0,3" -> (0, 3)."""
     try:
         if "-" in text:
             start, end = (int(part) for part in text.split("-", 1))
@@ -67,9 +80,9 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
         else:
             layers = tuple(sorted({int(part) for part in text.split(",")}))
     except ValueError:
-        raise UserError(f"--knockout-layers {text!r}: expected A-B or a comma-separated list of layer numbers") from None
+        raise argparse.ArgumentTypeError(f"expected A-B or a comma-separated list of layer numbers, got {text!r}") from None
     if not layers:
-        raise UserError(f"--knockout-layers {text!r} names no layer")
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer")
     return layers
 
 

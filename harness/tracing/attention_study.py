@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.bootstrap import keyed_rng
+from harness.outputs import interrupted
 from harness.results import mean_with_ci
 from harness.runs import write_json_atomic
 from harness.scoring import answer_correct, generate
@@ -62,6 +63,7 @@ class StudyOptions:
     limit: int | None = None
     knockout_layers: tuple[int, ...] | None = None  # layers where edges are cut (default: all)
     progress: bool = True
+    shard: str | None = None  # "I/N": analyse slice I of N of the questions; combine with `merge`
 
 
 def _versions() -> dict:
@@ -74,13 +76,20 @@ def _versions() -> dict:
     return out
 
 
-def analyse_questions(adapter, records: list, options: StudyOptions) -> tuple[list[dict], Counter]:
-    """Contributions (all questions) and knockouts (correctly answered ones): one row per analysed question."""
-    generations = generate(adapter, records)
+def analyse_questions(adapter, records: list, options: StudyOptions, first_index: int = 0,
+                      generations: list | None = None, rows: list | None = None,
+                      skipped: Counter | None = None) -> tuple[list[dict], Counter]:
+    """Contributions (all questions) and knockouts (correctly answered ones): one row per analysed question.
+
+    ``first_index``: where ``records`` start in the whole question list (a shard), which keys the draws.
+    ``rows``/``skipped``, when given, are filled in place, so a caller keeps what an interrupt left.
+    """
+    generations = generate(adapter, records) if generations is None else generations
     blocks = [adapter.attention(l) for l in range(adapter.num_layers)]
-    rows, skipped = [], Counter()
+    rows = [] if rows is None else rows
+    skipped = Counter() if skipped is None else skipped
     for index, (record, generation) in enumerate(
-        tqdm(list(zip(records, generations)), desc="attention", disable=not options.progress)
+        tqdm(list(zip(records, generations)), desc="attention", disable=not options.progress), start=first_index
     ):
         try:
             encoded = adapter.encode(record.question, record.image)
@@ -226,6 +235,22 @@ def write_examples(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def shard_questions(adapter, records: list, shard: str | None) -> tuple[list, int, list]:
+    """(this shard's records, its first index in the whole list, the model's generations for them).
+
+    Generations come from batches fixed by position in the whole list, so a shard gets exactly the
+    answers an unsharded run would and ``merge`` reproduces it.
+    """
+    from harness.scoring import DEFAULT_BATCH_SIZE
+    from harness.shards import aligned_window, parse_shard
+
+    parsed = parse_shard(shard)
+    start, end = parsed.bounds(len(records)) if parsed else (0, len(records))
+    low, high = aligned_window(start, end, len(records), DEFAULT_BATCH_SIZE)
+    generations = generate(adapter, records[low:high], batch_size=DEFAULT_BATCH_SIZE) if end > start else []
+    return records[start:end], start, generations[start - low : end - low]
+
+
 def run_attention_study(adapter, split, out: Path, options: StudyOptions = StudyOptions(),
                         dtype: str | None = None) -> dict:
     """Analyse ``split`` (a ``LoadedSplit``) with ``adapter``; write the outputs into ``out``; return the stats."""
@@ -238,10 +263,15 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
     torch.manual_seed(options.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = list(split.records(options.limit))
-    rows, skipped = analyse_questions(adapter, records, options)
+    records, rows, skipped, complete = [], [], Counter(), True
+    try:
+        records, first, generations = shard_questions(adapter, list(split.records(options.limit)), options.shard)
+        analyse_questions(adapter, records, options, first, generations, rows, skipped)
+    except KeyboardInterrupt:
+        complete = False  # the questions analysed so far are written below, marked complete: false
     header = {
         "format_version": FORMAT_VERSION,
+        "complete": complete,
         "model": str(adapter.name_or_path),
         "model_revision": adapter.revision,
         "dtype": dtype or str(adapter.dtype).replace("torch.", ""),
@@ -250,16 +280,21 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
         "config": split.config,
         "split": split.split,
         "data_fingerprint": split.fingerprint,
+        "data_files_sha256": split.files_sha256,
         "options": {
             "top_k": options.top_k, "draws": options.draws, "seed": options.seed, "n_layers": options.n_layers,
             "selection_fraction": options.selection_fraction, "limit": options.limit,
             "knockout_layers": None if options.knockout_layers is None else list(options.knockout_layers),
+            "shard": options.shard,
         },
         "versions": _versions(),
     }
     stats = summarize(rows, skipped, len(records), header, options)
     validate_stats(stats)
     write_examples(rows, out / EXAMPLES_FILE)
+    if not complete:
+        write_json_atomic(out / STATS_FILE, stats)
+        raise interrupted(out / STATS_FILE)
     from harness.tracing.attention_plots import plot_constraint_to_last, plot_image_to_constraint
 
     title = f"{Path(str(adapter.name_or_path)).name} · {split.config}/{split.split}"

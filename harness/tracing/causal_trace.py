@@ -3,7 +3,9 @@
 For one question the model answers correctly:
 1. clean run      record every layer's residual output, MLP output and
                   attention output at every position, and p_clean, the
-                  probability of the answer's first token;
+                  probability of the traced target (``targets.py``: by
+                  default the gold answer's tokens after the model's own
+                  words, "The capital of France is" -> " Paris");
 2. corrupted run  corrupt the constraint (``replace`` its tokens by one fixed
                   token, or add Gaussian ``noise`` to their embeddings) or the
                   image itself (``image-noise`` on the projected features):
@@ -30,18 +32,23 @@ import numpy as np
 import torch
 
 from harness.hooks import record_outputs
+from harness.outputs import interrupted
 from harness.models.base import Encoded, ModelAdapter
 from vqa_constraints.errors import UserError
 
 from .engine_fast import FastEngine
 from .engine_reference import ReferenceEngine
-from .patching import KINDS, Corruption, Prepared, RestoreSet, answer_probability, module_for
+from .targets import SOURCES, TARGETS
+from .patching import (
+    KINDS, Corruption, Prepared, RestoreSet, answer_probability, module_for, recording_language_model_inputs,
+)
 
 log = logging.getLogger(__name__)
 
 CORRUPTIONS = ("replace", "noise", "image-noise")
 ANSWER_SCORES = ("first-token", "full")
 POSITIONS = ("constraint", "last", "all")
+TRACED = ("correct", "all")
 ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
 NOISE_SCALE = 3.0  # noise std as a multiple of the embedding (or image-feature) std, as in ROME
 DEFAULT_REPLACE_TOKEN = " Paris"
@@ -50,19 +57,18 @@ DEFAULT_REPLACE_TOKEN = " Paris"
 # --- 1. clean run -------------------------------------------------------------
 
 
-def clean_run(adapter: ModelAdapter, encoded: Encoded) -> tuple[dict, torch.Tensor, list[int], list[int], float]:
-    """Clean activations (kind -> per-layer [T, H]), the language model's input embeddings [1, T, H],
-    the answer tokens, the positions predicting them, and p_clean.
+def clean_run(
+    adapter: ModelAdapter, encoded: Encoded
+) -> tuple[dict, torch.Tensor, torch.Tensor | None, list[int], list[int], float]:
+    """Clean activations (kind -> per-layer [T, H]), the language model's input embeddings [1, T, H] and
+    position ids (None when the model lets its language model count them), the answer tokens, the
+    positions predicting them, and p_clean.
 
     Without an answer in ``encoded`` the answer is the model's own top next token;
     with one (``encode(..., answer=...)``) it is every answer token, teacher forced.
     """
     names = {f"{kind}.{layer}": module_for(adapter, kind, layer) for kind in KINDS for layer in range(adapter.num_layers)}
-    names["embed"] = adapter.embed_tokens()
-    image_module = adapter.image_features_module() if encoded.image_positions else None
-    if image_module is not None:
-        names["image"] = image_module
-    with torch.no_grad(), record_outputs(names) as seen:
+    with torch.no_grad(), record_outputs(names) as seen, recording_language_model_inputs(adapter) as lm_inputs:
         logits = adapter.model(**encoded.inputs).logits
     answer_positions = list(getattr(encoded, "answer_positions", None) or [])
     if answer_positions:
@@ -73,14 +79,57 @@ def clean_run(adapter: ModelAdapter, encoded: Encoded) -> tuple[dict, torch.Tens
         tokens = [int(logits[0, -1].argmax())]
     p_clean = float(answer_probability(logits[:, score_positions], tokens)[0])
     clean = {kind: [seen[f"{kind}.{layer}"][0] for layer in range(adapter.num_layers)] for kind in KINDS}
-    # The language model sees token embeddings with the projected image features scattered in.
-    embeds = seen["embed"].clone()
-    if image_module is not None:
-        embeds[0, encoded.image_positions] = seen["image"].reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-    return clean, embeds, tokens, score_positions, p_clean
+    return clean, lm_inputs["inputs_embeds"], lm_inputs["position_ids"], tokens, score_positions, p_clean
 
 
 # --- 2. corrupted run ---------------------------------------------------------
+
+
+def replacement_token(tokenizer, replace_token: str) -> tuple[int, str]:
+    """The token id (and its decoded text) that ``replace_token`` gets inside a sentence, after a space.
+
+    A word is tokenized in context ("a Paris"), not alone: Llama-2's
+    SentencePiece tokenizer turns " Paris" alone into a bare ``▁`` followed by
+    ``▁Paris``, and the first of those would replace every constraint token
+    with a space. A word of several tokens is represented by its first.
+    """
+    word = replace_token.strip()
+    if not word:
+        raise UserError(f"--replace-token {replace_token!r} is blank: give a word such as 'Paris'")
+    context = f"a {word}"
+    encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
+    start = len(context) - len(word)
+    ids = [i for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if b > start and b > a]
+    if not ids:
+        raise UserError(f"--replace-token {replace_token!r} tokenizes to nothing")
+    text = tokenizer.decode([ids[0]])
+    if not text.strip():
+        raise UserError(
+            f"--replace-token {replace_token!r}: its first token in context (id {ids[0]}) is whitespace only; "
+            "choose another word"
+        )
+    return int(ids[0]), text
+
+
+_EMBEDDING_STD: dict[tuple, float] = {}
+
+
+def embedding_std(adapter: ModelAdapter) -> float:
+    """Std of the token embedding matrix, computed once per run (per weight version) in row chunks:
+    a float copy of a 7B model's bf16 embedding matrix is 0.5 GB, too much to make per question."""
+    weight = adapter.embed_tokens().weight
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+    if key not in _EMBEDDING_STD:
+        total = squares = 0.0
+        with torch.no_grad():
+            for rows in weight.detach().split(1024):
+                rows = rows.double()
+                total += float(rows.sum())
+                squares += float((rows * rows).sum())
+        count = weight.numel()
+        _EMBEDDING_STD.clear()  # one model per run: keep one entry
+        _EMBEDDING_STD[key] = ((squares - total * total / count) / (count - 1)) ** 0.5
+    return _EMBEDDING_STD[key]
 
 
 def make_corruption(
@@ -93,17 +142,17 @@ def make_corruption(
     samples: int,
     replace_token: str = DEFAULT_REPLACE_TOKEN,
 ) -> Corruption:
-    """The corruption of one example; noise is drawn from a generator seeded per example."""
+    """The corruption of one example, applied to the language model's input embeddings ``clean_embeds``;
+    noise is drawn from a generator seeded per example."""
     generator = torch.Generator().manual_seed(seed)
     hidden = clean_embeds.shape[-1]
     if mode == "replace":
-        token_ids = adapter.tokenizer(replace_token, add_special_tokens=False)["input_ids"]
-        if not token_ids:
-            raise UserError(f"--replace-token {replace_token!r} tokenizes to nothing")
-        replacement = adapter.embed_tokens().weight[token_ids[0]].detach()
-        return Corruption(mode, list(constraint_positions), replacement=replacement)
+        token_id, text = replacement_token(adapter.tokenizer, replace_token)
+        replacement = adapter.embed_tokens().weight[token_id].detach()
+        return Corruption(mode, list(constraint_positions), replacement=replacement, replacement_id=token_id,
+                          replacement_text=text)
     if mode == "noise":
-        scale = NOISE_SCALE * adapter.embed_tokens().weight.float().std().item()
+        scale = NOISE_SCALE * embedding_std(adapter)
         positions = list(constraint_positions)
     elif mode == "image-noise":
         if not encoded.image_positions:
@@ -127,9 +176,10 @@ def prepare(
     replace_token: str = DEFAULT_REPLACE_TOKEN,
 ) -> Prepared:
     """Clean run + corrupted run of one example: everything restored runs need."""
-    clean, embeds, tokens, score_positions, p_clean = clean_run(adapter, encoded)
+    clean, embeds, position_ids, tokens, score_positions, p_clean = clean_run(adapter, encoded)
     corruption = make_corruption(adapter, mode, constraint_positions, encoded, embeds, seed, samples, replace_token)
-    prepared = Prepared(adapter, encoded.inputs, embeds, corruption, clean, tokens, score_positions, p_clean)
+    prepared = Prepared(adapter, encoded.inputs, embeds, corruption, clean, tokens, score_positions, p_clean,
+                        position_ids=position_ids)
     engine.prepare(prepared)
     return prepared
 
@@ -192,7 +242,9 @@ class TraceOptions:
     kinds: tuple[str, ...] = KINDS
     window: int = 1
     positions: str = "constraint"  # constraint (+ last token) | last | all (every text position)
-    answer: str = "first-token"  # first-token: p of the answer's first token | full: p of the whole answer
+    answer: str = "first-token"  # with target first-token: p of the model's first token | full: of its whole answer
+    target: str = "answer"  # answer: the gold answer's tokens where it begins in the model's output | first-token
+    min_affected: int = 5  # fewer affected questions than this: a group's curve, peak and causal layers are null
     limit: int | None = None
     text_only: bool = False
     engine: str = "fast"
@@ -200,16 +252,27 @@ class TraceOptions:
     noise_samples: int = 5
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # accelerate placement for a model that does not fit one GPU
+    max_pixels: int | None = None  # image pixel budget (dynamic-resolution families)
     revision: str | None = None
     trust_remote_code: bool = False
+    shard: str | None = None  # "I/N": trace slice I of N of the question list; combine with `merge`
     threshold: float = 0.1  # a layer is causal when its mean normalised effect exceeds this
     bootstrap: int = 1000
     max_batch: int = 64
+    cache_budget: int | None = None  # bytes of expanded cache per fast-engine batch (None: from the device)
     progress: bool = True
+    traced: str = "correct"  # correct: only questions answered right (the paper) | all: every question, its own top answer
 
     def check(self) -> None:
         if self.corruption not in CORRUPTIONS:
             raise UserError(f"--corruption {self.corruption!r}: choose from {', '.join(CORRUPTIONS)}")
+        if self.traced not in TRACED:
+            raise UserError(f"--traced {self.traced!r}: choose from {', '.join(TRACED)}")
+        if self.target not in TARGETS:
+            raise UserError(f"--target {self.target!r}: choose from {', '.join(TARGETS)}")
+        if self.min_affected < 1:
+            raise UserError(f"--min-affected {self.min_affected}: must be at least 1")
         if self.answer not in ANSWER_SCORES:
             raise UserError(f"--answer {self.answer!r}: choose from {', '.join(ANSWER_SCORES)}")
         if self.positions not in POSITIONS:
@@ -225,6 +288,9 @@ class TraceOptions:
             raise UserError(f"--noise-samples {self.noise_samples}: must be at least 1")
         if self.text_only and self.corruption == "image-noise":
             raise UserError("--corruption image-noise corrupts the image: it cannot be combined with --text-only")
+        from harness.shards import parse_shard
+
+        parse_shard(self.shard)  # a malformed --shard fails before the model loads
 
 
 class ConstraintNotFound(UserError):
@@ -268,13 +334,15 @@ def example_seed(seed: int, record_id: str, unit: int) -> int:
     return zlib.crc32(f"{seed}:{record_id}:{unit}".encode())
 
 
-def trace_targets(located, encoded: Encoded, positions: str) -> list[tuple[str, int, list[int]]]:
-    """(target kind, index, positions) restored as one unit: each constraint's tokens together, the
-    last token, and with ``all`` every text position of the prompt on its own."""
-    last = encoded.last_position  # the prompt's last token, also when an answer is teacher forced
+def trace_targets(located, encoded: Encoded, positions: str, last: int | None = None) -> list[tuple[str, int, list[int]]]:
+    """(target kind, index, positions) restored as one unit: each constraint's tokens together, each
+    constraint's last token alone (ROME's key token), the prompt's last token, and with ``all`` every
+    text position of the prompt on its own."""
+    last = encoded.last_position if last is None else last  # the prompt's last token, also under a forced answer
     targets = []
     if positions in ("constraint", "all"):
         targets += [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
+        targets += [(f"{kind} constraint (last token)", i, pos[-1:]) for i, (kind, pos) in enumerate(located)]
     targets.append(("last token", 0, [last]))
     if positions == "all":
         text = [q for q, (a, b) in enumerate(encoded.token_char_spans[:last]) if a >= 0]
@@ -283,12 +351,14 @@ def trace_targets(located, encoded: Encoded, positions: str) -> list[tuple[str, 
 
 
 def trace_record(adapter, record, engine, options: TraceOptions, bar=None, prediction: str | None = None) -> list[dict]:
-    """All trace rows of one correctly answered record (``prediction``: the model's answer, scored
-    whole with ``--answer full``)."""
+    """All trace rows of one record (``prediction``: the model's greedy answer, where the target is found,
+    see ``targets.py``); each row names the engine that computed it and describes the target."""
+    from .targets import choose_target
+
     question = record.text_only_question if options.text_only else record.question
-    answer = (prediction or record.answers[0]) if options.answer == "full" else None
     image = None if options.text_only else record.image
-    encoded = adapter.encode(question, answer=answer) if image is None else adapter.encode(question, image, answer=answer)
+    chosen = choose_target(adapter, question, image, record.answers, prediction, options.target, options.answer)
+    encoded = chosen.encoded  # answer_positions: the target's tokens only
     try:
         located = locate_constraints(record, encoded, options.text_only)
     except UserError as error:
@@ -297,7 +367,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         units = [("image", 0, [])]
     else:
         units = [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
-    targets = trace_targets(located, encoded, options.positions)
+    targets = trace_targets(located, encoded, options.positions, last=chosen.prompt_last)
     rows = []
     for corrupted, corrupted_index, corrupt_positions in units:
         prepared = prepare(
@@ -320,11 +390,14 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
                     "corrupted": corrupted, "corrupted_index": corrupted_index,
                     "target": target, "target_index": index, "target_positions": list(pos),
                     "target_text": "".join(encoded.prompt[a:b] for a, b in (encoded.token_char_spans[q] for q in pos) if a >= 0),
-                    "kind": kind, "window": options.window, "answer_tokens": list(prepared.target_tokens),
+                    "kind": kind, "window": options.window, **chosen.record(prepared.target_tokens),
+                    # layer-0 restorations here copy back the corrupted token itself, not stored knowledge
+                    "restores_corrupted": bool(set(pos) & set(corrupt_positions)),
                     "p_clean": prepared.p_clean, "p_corrupt": prepared.p_corrupt,
                     "p_restored": [float(x) for x in p[k]],
                     "effect": [float(x) for x in effect],
                     "normalised": [float(x) if np.isfinite(x) else None for x in normalised],
+                    "engine": prepared.extra.get("engine", engine.name),
                 })
     return rows
 
@@ -333,18 +406,21 @@ def load_adapter(options: TraceOptions) -> ModelAdapter:
     from harness.models.loading import load_model
 
     adapter = load_model(options.model, dtype=options.dtype, device=options.device,
-                         trust_remote_code=options.trust_remote_code, revision=options.revision)
+                         trust_remote_code=options.trust_remote_code, revision=options.revision,
+                         device_map=options.device_map, max_pixels=options.max_pixels)
     return adapter.text_only() if options.text_only else adapter
 
 
 def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Path:
     """Trace every correctly answered question of a split; write trace_stats.json, traces.parquet and plots.
 
-    Returns the output folder. Results computed before an interruption are written too.
+    Returns the output folder. On an interrupt (Ctrl-C) the questions traced so far are written with
+    ``"complete": false`` (which every reader refuses) and the interrupt is re-raised; on an error
+    nothing is written.
     """
     from tqdm.auto import tqdm
 
-    from harness.scoring import answer_correct, generate_answers
+    from harness.scoring import answer_correct
     from vqa_constraints.loading import load_split
 
     from . import plots, stats
@@ -355,10 +431,10 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
         adapter = adapter.text_only()
     if options.window > adapter.num_layers:
         raise UserError(f"--window {options.window} is larger than the model ({adapter.num_layers} layers)")
+    replacement_record(options, adapter)  # a blank or whitespace-only replacement fails here, before any work
     split = load_split(options.data, options.config, options.split)
-    records = list(split.records(options.limit))
-    predictions = generate_answers(adapter, records)
-    engine = make_engine(options.engine, max_batch=options.max_batch)
+    records, predictions = shard_records(adapter, list(split.records(options.limit)), options.shard)
+    engine = make_engine(options.engine, max_batch=options.max_batch, cache_budget_bytes=options.cache_budget)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -367,7 +443,7 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     bar = tqdm(total=0, unit="restoration", disable=not options.progress, desc="tracing")
     try:
         for record, prediction in zip(records, predictions):
-            if not answer_correct(prediction, record.answers):
+            if options.traced == "correct" and not answer_correct(prediction, record.answers):
                 skips.add("wrong_answer", f"{record.id}: answered {prediction!r}, expected {record.answers[0]!r}")
                 continue
             try:
@@ -376,11 +452,16 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
                 skips.add("constraint_not_found", f"{record.id}: {error}")
                 continue
             traced += 1
-    finally:
-        bar.close()
-        document = stats_document(options, adapter, split, rows, len(records), traced, skips)
+    except KeyboardInterrupt:
+        document = stats_document(options, adapter, split, rows, len(records), traced, skips, complete=False)
         stats.write_parquet(out / "traces.parquet", rows)
         stats.write_json(out / "trace_stats.json", document)
+        raise interrupted(out / "trace_stats.json") from None
+    finally:
+        bar.close()
+    document = stats_document(options, adapter, split, rows, len(records), traced, skips)
+    stats.write_parquet(out / "traces.parquet", rows)
+    stats.write_json(out / "trace_stats.json", document)
     if rows:
         plots.plot_all(document, out)
         if options.positions == "all":
@@ -388,37 +469,79 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     return out
 
 
-def stats_document(options, adapter, split, rows, total, traced, skips) -> dict:
+def shard_records(adapter, records: list, shard: str | None) -> tuple[list, list[str]]:
+    """This shard's records and the model's answers to them.
+
+    Answers are generated in batches fixed by position in the whole list (as ``evaluate`` does), so a
+    shard sees exactly the answers an unsharded run would, and ``merge`` reproduces it.
+    """
+    from harness.scoring import DEFAULT_BATCH_SIZE, generate_answers
+    from harness.shards import aligned_window, parse_shard
+
+    parsed = parse_shard(shard)
+    start, end = parsed.bounds(len(records)) if parsed else (0, len(records))
+    low, high = aligned_window(start, end, len(records), DEFAULT_BATCH_SIZE)
+    answers = generate_answers(adapter, records[low:high], batch_size=DEFAULT_BATCH_SIZE) if end > start else []
+    return records[start:end], answers[start - low : end - low]
+
+
+def engine_counts(rows: list[dict]) -> dict[str, int]:
+    """How many traced units (an example under one corruption) each engine ran; the fast engine hands
+    an example to the reference engine when it cannot show exactness for it."""
+    units = {(row["id"], row["corrupted"], row["corrupted_index"]): row.get("engine", "fast") for row in rows}
+    return {name: sum(1 for engine in units.values() if engine == name) for name in ENGINES}
+
+
+def replacement_record(options, adapter: ModelAdapter) -> dict | None:
+    """The token every constraint token is replaced by (``replace`` corruption), as traced."""
+    if options.corruption != "replace":
+        return None
+    token_id, text = replacement_token(adapter.tokenizer, options.replace_token)
+    return {"replace_token": options.replace_token, "token_id": token_id, "text": text}
+
+
+def stats_document(options, adapter, split, rows, total, traced, skips, complete: bool = True) -> dict:
     import transformers
 
     import vqa_constraints
 
     from . import stats
 
-    groups = stats.summarise(rows, options.threshold, options.bootstrap, options.seed)
+    groups = stats.summarise(rows, options.threshold, options.bootstrap, options.seed, options.min_affected)
     document = {
         "schema_version": stats.SCHEMA_VERSION,
         "tool": "vqa-constraints trace",
+        "complete": complete,
         "versions": {"vqa_constraints": vqa_constraints.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "model": {"name": str(options.model), "revision": adapter.revision, "family": adapter.family,
                   "num_layers": adapter.num_layers, "dtype": str(adapter.dtype).replace("torch.", "")},
         "data": {"data": str(options.data), "config": options.config, "split": options.split,
-                 "fingerprint": split.fingerprint},
+                 "fingerprint": split.fingerprint, "files_sha256": split.files_sha256},
         "options": {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(options).items()
                     if key not in ("model", "data", "out", "progress")},
-        "counts": {"records": total, "traced": traced, "rows": len(rows),
+        "replacement": replacement_record(options, adapter),
+        "target": {"mode": options.target, "answer": options.answer, "sources": target_sources(rows),
+                   "min_affected": options.min_affected, "affected_ratio": stats.AFFECTED_RATIO},
+        "counts": {"records": total, "traced": traced, "rows": len(rows), "engines": engine_counts(rows),
                    "skipped": {"wrong_answer": skips.wrong_answer, "constraint_not_found": skips.constraint_not_found},
                    "skip_messages": skips.messages},
         "groups": groups,
     }
-    document["peak_mlp_layer"] = stats.peak_mlp_layer(document)
+    document["peak_mlp_layer"] = stats.peak_of_groups(groups)
+    document["peak_mlp_group"] = dict(zip(("corrupted", "target"), stats.PEAK_GROUP))
     stats.validate(document)
     return document
 
 
-def peak_mlp_layer(trace_stats: dict | str | Path, target: str | None = None) -> int | None:
-    """The peak causal MLP layer of a finished trace (see ``stats.peak_mlp_layer``)."""
+def target_sources(rows: list[dict]) -> dict[str, int]:
+    """Traced questions per target source (gold answer found in the output, or the model's own answer)."""
+    sources = {(row["id"]): row["answer_source"] for row in rows}
+    return {name: sum(1 for s in sources.values() if s == name) for name in SOURCES}
+
+
+def peak_mlp_layer(trace_stats: dict | str | Path, corrupted: str = "visual", target: str = "last") -> int | None:
+    """The peak causal MLP layer of one named group of a finished trace (see ``stats.peak_mlp_layer``)."""
     from .stats import peak_mlp_layer as peak
 
-    return peak(trace_stats, target)
+    return peak(trace_stats, corrupted=corrupted, target=target)

@@ -6,46 +6,74 @@ import argparse
 import json
 from pathlib import Path
 
+from harness.commands import shard
 from harness.models.loading import add_model_arguments
-from .causal_trace import CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, TraceOptions, run_trace
+from vqa_constraints import CONFIGS
+from vqa_constraints.cli import choice_list, finite_float, output_folder, positive_int
+from .causal_trace import CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, TRACED, TraceOptions, run_trace
+from .engine_fast import parse_bytes
+from .targets import TARGETS
 
 
 def add_trace(subparsers) -> None:
     parser = subparsers.add_parser("trace", help="causal tracing (MultimodalCausalTrace) of correctly answered questions")
     add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
-    parser.add_argument("--config", required=True, help="single_constraint | multi_constraint | encyclopedic")
-    parser.add_argument("--out", required=True, help="output folder (trace_stats.json, traces.parquet, PNGs)")
+    parser.add_argument("--config", required=True, choices=CONFIGS)
+    parser.add_argument("--out", required=True, type=output_folder,
+                        help="output folder (trace_stats.json, traces.parquet, PNGs)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--corruption", default="replace", choices=CORRUPTIONS)
     parser.add_argument("--replace-token", default=DEFAULT_REPLACE_TOKEN,
-                        help="text whose first token replaces every constraint token (replace corruption)")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="comma list of hidden,mlp,attn")
-    parser.add_argument("--window", type=int, default=1, help="consecutive layers restored together")
+                        help="word whose token (as it is tokenized after a space inside a sentence) replaces every "
+                             "constraint token (replace corruption)")
+    parser.add_argument("--kinds", default=",".join(KINDS), type=choice_list(KINDS), help="comma list of hidden,mlp,attn")
+    parser.add_argument("--window", type=positive_int, default=1, help="consecutive layers restored together")
     parser.add_argument("--positions", default="constraint", choices=POSITIONS,
                         help="constraint: each constraint's tokens and the last token; last: last token only; all: also every text position")
+    parser.add_argument("--target", default="answer", choices=TARGETS,
+                        help="answer: the gold answer's tokens, teacher forced where the answer begins in the model's "
+                             "own greedy output; first-token: the model's own top first token")
     parser.add_argument("--answer", default="first-token", choices=("first-token", "full"),
-                        help="score p of the answer's first token (the model's own top token) or of the whole answer")
-    parser.add_argument("--limit", type=int, default=None, help="trace at most the first N questions")
+                        help="with --target first-token: score the model's first token or its whole answer")
+    parser.add_argument("--min-affected", type=positive_int, default=5,
+                        help="a group with fewer affected questions (corruption halves p_clean) reports null curves")
+    parser.add_argument("--limit", type=positive_int, default=None, help="trace at most the first N questions")
+    parser.add_argument("--traced", default="correct", choices=TRACED,
+                        help="correct: only questions the model answers right (the paper's choice); "
+                             "all: every question, tracing the model's own top answer (failure analysis, random models)")
+    parser.add_argument("--shard", default=None, type=shard, metavar="I/N",
+                        help="trace slice I of N (0-based) of the questions; combine the outputs with `merge`")
     parser.add_argument("--text-only", action="store_true", help="trace the language model alone on text_only_question")
     parser.add_argument("--engine", default="fast", choices=sorted(ENGINES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise-samples", type=int, default=5, help="noise draws averaged per example (noise corruptions)")
-    parser.add_argument("--threshold", type=float, default=0.1, help="mean normalised effect above which a layer is causal")
-    parser.add_argument("--max-batch", type=int, default=64, help="restorations per batch in the fast engine")
+    parser.add_argument("--noise-samples", type=positive_int, default=5, help="noise draws averaged per example (noise corruptions)")
+    parser.add_argument("--threshold", type=finite_float, default=0.1, help="mean normalised effect above which a layer is causal")
+    parser.add_argument("--max-batch", type=positive_int, default=64, help="restorations per batch in the fast engine")
+    parser.add_argument("--cache-budget", default=None, type=_cache_budget, metavar="SIZE",
+                        help="expanded key/value cache per fast-engine batch, e.g. 2GiB or 512MiB (default: half the "
+                             "GPU's free memory on CUDA, 1GiB on the CPU)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
+
+
+def _cache_budget(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     options = TraceOptions(
         model=args.model, data=args.data, config=args.config, out=Path(args.out), split=args.split,
         corruption=args.corruption, replace_token=args.replace_token,
-        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), window=args.window,
-        positions=args.positions, answer=args.answer, limit=args.limit, text_only=args.text_only, engine=args.engine, seed=args.seed,
+        kinds=args.kinds, window=args.window,
+        positions=args.positions, answer=args.answer, target=args.target, min_affected=args.min_affected, limit=args.limit, traced=args.traced, text_only=args.text_only, engine=args.engine, seed=args.seed,
         noise_samples=args.noise_samples, dtype=args.dtype, device=args.device, revision=args.revision,
+        device_map=args.device_map, max_pixels=args.max_pixels, shard=args.shard,
         trust_remote_code=args.trust_remote_code, threshold=args.threshold, max_batch=args.max_batch,
-        progress=not args.no_progress,
+        cache_budget=args.cache_budget, progress=not args.no_progress,
     )
     out = run_trace(options)
     print_summary(json.loads((out / "trace_stats.json").read_text()))
@@ -68,9 +96,14 @@ def print_summary(document: dict) -> None:
     for g in document["groups"]:
         if g["num_constraints"] != "all" or g["target"] == "position":
             continue
+        if g["null"]:  # too few affected questions: no curve, no peak
+            table.add_row(g["corrupted"], g["target"], g["kind"], str(g["n"]), str(g["n_affected"]),
+                          f"{g['mean_p_clean']:.3f}", f"{g['mean_p_corrupt']:.3f}", "null", "null", "null")
+            continue
         peak = g["mean_normalised"][g["peak_layer"]]
+        self_restoring = " (restores the corrupted token itself)" if g["peak_layer"] in g["restores_corrupted_layers"] else ""
         table.add_row(g["corrupted"], g["target"], g["kind"], str(g["n"]), str(g["n_affected"]),
-                      f"{g['mean_p_clean']:.3f}", f"{g['mean_p_corrupt']:.3f}", str(g["peak_layer"]),
+                      f"{g['mean_p_clean']:.3f}", f"{g['mean_p_corrupt']:.3f}", f"{g['peak_layer']}{self_restoring}",
                       "-" if peak is None else f"{peak:.3f}", ",".join(map(str, g["causal_layers"])) or "-")
     Console().print(table)
     if document.get("peak_mlp_layer") is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harness.hooks import edit_outputs
+from harness.hooks import edit_kwargs, edit_outputs
 from harness.models.base import ModelAdapter
 
 KINDS = ("hidden", "mlp", "attn")
@@ -26,18 +26,22 @@ RestoreSet = frozenset  # of Cell
 
 @dataclass
 class Corruption:
-    """How the corrupted run differs from the clean one, at the language model's input.
+    """How the corrupted run differs from the clean one, at the language model's input embeddings.
 
-    ``mode`` is "replace" (embedding rows overwritten by ``replacement``),
-    "noise" (``noise[s]`` added to the constraint tokens' embeddings) or
-    "image-noise" (``noise[s]`` added to the projected image features, which
-    sit at ``positions`` = the image token positions).
+    ``mode`` is "replace" (embedding rows overwritten by ``replacement``, the
+    embedding of token ``replacement_id``), "noise" (``noise[s]`` added to the
+    constraint tokens' embeddings) or "image-noise" (``noise[s]`` added to the
+    image features, which sit at ``positions`` = the image token positions).
+    Every mode acts on what the language model really receives, after any
+    family-specific image processing (LLaVA-NeXT's newline rows, ...).
     """
 
     mode: str
     positions: list[int]
     replacement: torch.Tensor | None = None  # [H]
     noise: torch.Tensor | None = None  # [samples, len(positions), H]
+    replacement_id: int | None = None
+    replacement_text: str | None = None
 
     @property
     def samples(self) -> int:
@@ -71,6 +75,9 @@ class Prepared:
     score_positions: list[int]  # the positions whose next-token distribution predicts each target token
     p_clean: float
     p_corrupt: float = float("nan")
+    # The position ids the model passed its language model on the clean run (None: it let the
+    # language model count 0..T-1); Qwen2-VL's are 3-D M-RoPE positions, [3, 1, T].
+    position_ids: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)  # engine-private state (e.g. the corrupted KV cache)
 
     @property
@@ -84,6 +91,48 @@ class Prepared:
     @property
     def num_layers(self) -> int:
         return len(self.clean["hidden"])
+
+
+def _with_inputs_embeds(language_model: nn.Module, kwargs: dict) -> dict:
+    """The language model's call arguments with ``inputs_embeds`` filled in (a text LM's wrapper
+    passes ``input_ids``; a multimodal one has already merged the image features in)."""
+    if kwargs.get("inputs_embeds") is None and kwargs.get("input_ids") is not None:
+        kwargs["inputs_embeds"] = language_model.get_input_embeddings()(kwargs["input_ids"])
+        kwargs["input_ids"] = None
+    return kwargs
+
+
+@contextmanager
+def recording_language_model_inputs(adapter: ModelAdapter):
+    """Record what the language model is called with: ``{"inputs_embeds": [B, T, H], "position_ids": ...}``.
+
+    Taken at the language model's own input (a pre-hook), so it is exactly what
+    every family feeds it, whatever it did to the image features on the way.
+    """
+    lm = adapter.language_model()
+    store: dict[str, torch.Tensor | None] = {}
+
+    def record(kwargs):
+        kwargs = _with_inputs_embeds(lm, kwargs)
+        store["inputs_embeds"] = kwargs["inputs_embeds"].detach()
+        position_ids = kwargs.get("position_ids")
+        store["position_ids"] = None if position_ids is None else position_ids.detach()
+        return kwargs
+
+    with edit_kwargs({lm: record}):
+        yield store
+
+
+def corrupting(prepared: Prepared):
+    """Corrupt the language model's input embeddings (a batch of noise samples) during a full forward."""
+    lm = prepared.adapter.language_model()
+
+    def corrupt(kwargs):
+        kwargs = _with_inputs_embeds(lm, kwargs)
+        kwargs["inputs_embeds"] = prepared.corruption.apply(kwargs["inputs_embeds"])
+        return kwargs
+
+    return edit_kwargs({lm: corrupt})
 
 
 def module_for(adapter: ModelAdapter, kind: str, layer: int) -> nn.Module:

@@ -1,8 +1,10 @@
 """Heatmaps and per-layer curves of a trace (matplotlib, written as PNG).
 
 For each corrupted thing: a heatmap of the mean normalised indirect effect
-(layers on x; target x kind on y) and, per target, line plots of the mean
-indirect effect per layer with its 95% bootstrap band, one line per kind.
+over affected questions (layers on x; target x kind on y, n in each label) and,
+per target, line plots of the mean indirect effect per layer with its 95%
+bootstrap band, one line per kind. A null group (too few affected questions)
+is never drawn as a curve.
 Titles name the model and the config.
 """
 
@@ -54,14 +56,24 @@ def plot_all(document: dict, out: Path) -> list[Path]:
 
 
 def heatmap(document: dict, groups: list[dict], path: Path, corrupted: str) -> Path:
-    labels = [f"{g['target']} · {g['kind']}" for g in groups]
-    values = np.array([[np.nan if v is None else v for v in g["mean_normalised"]] for g in groups], dtype=float)
+    """Null groups (too few affected questions) are blank rows labelled "null"; cells whose restoration
+    copies back the corrupted token itself (layer 0 at a corrupted position) are marked "self"."""
+    layers = document["model"]["num_layers"]
+    labels = [f"{g['target']} · {g['kind']} (" + (f"null, n_affected={g['n_affected']}" if g["null"] else f"n={g['n_affected']}") + ")"
+              for g in groups]
+    values = np.array([[np.nan] * layers if g["null"] else [np.nan if v is None else v for v in g["mean_normalised"]]
+                       for g in groups], dtype=float)
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * values.shape[1] + 3), 0.45 * len(labels) + 1.6))
     image = ax.imshow(values, aspect="auto", cmap="Purples", vmin=min(0.0, np.nanmin(values)) if np.isfinite(values).any() else 0)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("layer")
     ax.set_xticks(range(values.shape[1]))
-    ax.set_title(_title(document, f"{corrupted} corrupted: mean normalised indirect effect"), fontsize=9)
+    for row, g in enumerate(groups):
+        for layer in g["restores_corrupted_layers"]:
+            ax.text(layer, row, "self", ha="center", va="center", fontsize=6, color="tab:orange")
+    ax.set_title(_title(document, f"{corrupted} corrupted: mean normalised indirect effect over affected questions"
+                        + ("\nself: restores the corrupted token itself" if any(g["restores_corrupted_layers"] for g in groups) else "")),
+                 fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     _save(fig, path)
     return path
@@ -70,10 +82,16 @@ def heatmap(document: dict, groups: list[dict], path: Path, corrupted: str) -> P
 def curve_plot(document: dict, groups: list[dict], path: Path, what: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for g in groups:
+        if g["null"]:  # never a curve from too few affected questions
+            ax.plot([], [], color=KIND_COLOURS.get(g["kind"]), label=f"{g['kind']}: null (n affected={g['n_affected']})")
+            continue
         layers = np.arange(len(g["mean_effect"]))
         colour = KIND_COLOURS.get(g["kind"])
-        ax.plot(layers, g["mean_effect"], marker="o", ms=3, color=colour, label=f"{g['kind']} (n={g['n']})")
+        ax.plot(layers, g["mean_effect"], marker="o", ms=3, color=colour, label=f"{g['kind']} (n={g['n_affected']} affected)")
         ax.fill_between(layers, g["ci_low"], g["ci_high"], color=colour, alpha=0.2)
+        for layer in g["restores_corrupted_layers"]:
+            ax.annotate("restores the corrupted token itself", (layer, g["mean_effect"][layer]), fontsize=6,
+                        color=colour, xytext=(4, -10), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.5)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")

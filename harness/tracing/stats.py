@@ -3,9 +3,11 @@
 One trace row is one (example, corrupted thing, target positions, kind) with
 its per-layer arrays. Rows are grouped by what was corrupted, where the
 restoration happened and the kind (and once more by number of constraints);
-each group gets the mean indirect effect per layer with a 95% bootstrap
-interval, the mean normalised effect, the causal layers (mean normalised
-effect above a stated threshold) and the peak layer.
+each group gets, over its AFFECTED questions only (corruption at least halves
+p_clean), the mean indirect effect per layer with a 95% bootstrap interval, the
+mean normalised effect, Σeffect/Σgap, the causal layers (mean normalised
+effect above a stated threshold) and the peak layer; all null below
+``min_affected`` affected questions.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from harness.bootstrap import bootstrap_interval
+from harness.outputs import read_complete, require_complete
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "trace_stats.schema.json"
 AFFECTED_RATIO = 0.5  # an example is "affected" when corruption at least halves p(answer)
+MIN_AFFECTED = 5  # fewer affected questions than this: the group's curve, peak and causal layers are null
 
 
 def is_affected(p_clean: float, p_corrupt: float) -> bool:
     return p_corrupt <= AFFECTED_RATIO * p_clean
 
 
-def summarise(rows: list[dict], threshold: float, bootstrap: int = 1000, seed: int = 0) -> list[dict]:
+def summarise(rows: list[dict], threshold: float, bootstrap: int = 1000, seed: int = 0,
+              min_affected: int = MIN_AFFECTED) -> list[dict]:
     """One summary per (corrupted, target, kind, num_constraints) group, plus the same over all constraint counts.
 
     Rows restored at a single text position (``--positions all``) are left out:
@@ -45,37 +50,56 @@ def summarise(rows: list[dict], threshold: float, bootstrap: int = 1000, seed: i
     rng = np.random.default_rng(seed)
     summaries = []
     for (corrupted, target, kind, count), members in sorted(groups.items()):
-        summaries.append(_summary(members, corrupted, target, kind, count, threshold, bootstrap, rng))
+        summaries.append(_summary(members, corrupted, target, kind, count, threshold, bootstrap, rng, min_affected))
     return summaries
 
 
-def _summary(members, corrupted, target, kind, count, threshold, bootstrap, rng) -> dict:
-    effect = np.array([m["effect"] for m in members], dtype=np.float64)  # [n, layers]
-    normalised = np.array([m["normalised"] for m in members], dtype=np.float64)
-    n = effect.shape[0]
-    low, high = bootstrap_interval(effect, rng, resamples=bootstrap)  # one bound per layer
-    finite = np.isfinite(normalised).any(axis=1)
-    mean_normalised = normalised[finite].mean(axis=0) if finite.any() else np.full(effect.shape[1], np.nan)
-    mean_effect = effect.mean(axis=0)
-    curve = mean_normalised if np.isfinite(mean_normalised).all() else mean_effect
-    peak = int(np.argmax(curve))
-    affected = [i for i, m in enumerate(members) if is_affected(m["p_clean"], m["p_corrupt"])]
-    agreement = None
-    if affected:
-        agreement = float(np.mean([int(np.argmax(effect[i])) == peak for i in affected]))
-    return {
+def self_restoring_layers(members: list[dict], num_layers: int) -> list[int]:
+    """Layers whose restoration window includes layer 0 at a corrupted position: such a restoration copies
+    back the corrupted token itself (its clean embedding), not knowledge stored there."""
+    if not any(m.get("restores_corrupted") for m in members):
+        return []
+    window = int(members[0]["window"])
+    return [layer for layer in range(num_layers) if layer - window // 2 <= 0]
+
+
+def _summary(members, corrupted, target, kind, count, threshold, bootstrap, rng, min_affected) -> dict:
+    """Curves over the AFFECTED members only: an unaffected question (the corruption left p_clean about
+    unchanged) has a gap near zero, and its normalised effect is noise divided by noise."""
+    num_layers = len(members[0]["effect"])
+    affected = [m for m in members if is_affected(m["p_clean"], m["p_corrupt"])]
+    summary = {
         "corrupted": corrupted,
         "target": target,
         "kind": kind,
         "num_constraints": count,
-        "n": n,
+        "n": len(members),
         "n_affected": len(affected),
         "mean_p_clean": float(np.mean([m["p_clean"] for m in members])),
         "mean_p_corrupt": float(np.mean([m["p_corrupt"] for m in members])),
-        "mean_effect": _floats(mean_effect),
+        "restores_corrupted_layers": self_restoring_layers(members, num_layers),
+        "null": len(affected) < min_affected,
+    }
+    if summary["null"]:
+        # Too few affected questions for a curve: null, never a number read off noise.
+        return {**summary, **{key: None for key in (
+            "mean_effect", "ci_low", "ci_high", "mean_normalised", "effect_over_gap", "causal_layers", "peak_layer",
+            "peak_agreement_affected")}}
+    effect = np.array([m["effect"] for m in affected], dtype=np.float64)  # [n_affected, layers]
+    normalised = np.array([[np.nan if v is None else v for v in m["normalised"]] for m in affected], dtype=np.float64)
+    low, high = bootstrap_interval(effect, rng, resamples=bootstrap)  # one bound per layer
+    mean_normalised = normalised.mean(axis=0)
+    gap = sum(m["p_clean"] - m["p_corrupt"] for m in affected)
+    effect_over_gap = effect.sum(axis=0) / gap  # Σeffect / Σgap: each question weighted by its gap
+    peak = int(np.argmax(np.nan_to_num(mean_normalised, nan=-np.inf)))
+    agreement = float(np.mean([int(np.argmax(row)) == peak for row in effect]))
+    return {
+        **summary,
+        "mean_effect": _floats(effect.mean(axis=0)),
         "ci_low": _floats(low),
         "ci_high": _floats(high),
         "mean_normalised": _floats(mean_normalised),
+        "effect_over_gap": _floats(effect_over_gap),
         "causal_layers": [int(l) for l in np.flatnonzero(np.nan_to_num(mean_normalised, nan=-np.inf) > threshold)],
         "peak_layer": peak,
         "peak_agreement_affected": agreement,
@@ -86,26 +110,44 @@ def _floats(values) -> list[float | None]:
     return [round(float(v), 8) if np.isfinite(v) else None for v in values]
 
 
-def peak_mlp_layer(stats: dict | str | Path, target: str | None = None) -> int | None:
-    """The peak causal MLP layer of a trace (MultEdit's default layer).
+def group_names(corrupted: str, target: str) -> tuple[tuple[str, ...], str]:
+    """(accepted ``corrupted`` values, ``target``) of a group named briefly.
 
-    Among the MLP groups over all constraint counts (restricted to ``target``,
-    e.g. "visual constraint" or "last token", when given), the group whose
-    peak mean normalised effect is largest decides.
+    corrupted: ``visual`` (the visual constraint's tokens, or the image itself under image-noise),
+    ``textual``, ``image``, or a group's full name; target: ``last`` (the prompt's last token),
+    ``constraint`` / ``constraint_last`` (the corrupted constraint's tokens / its last token), or a full name.
     """
-    if not isinstance(stats, dict):
-        stats = json.loads(Path(stats).read_text())
-    best, best_value = None, -np.inf
-    for group in stats["groups"]:
-        if group["kind"] != "mlp" or group["num_constraints"] != "all":
-            continue
-        if target is not None and group["target"] != target:
-            continue
-        curve = group["mean_normalised"] if None not in group["mean_normalised"] else group["mean_effect"]
-        value = curve[group["peak_layer"]]
-        if value is not None and value > best_value:
-            best, best_value = group["peak_layer"], value
-    return best
+    kinds = {"visual": ("visual constraint", "image"), "textual": ("textual constraint",), "image": ("image",)}
+    accepted = kinds.get(corrupted, (corrupted,))
+    kind = "textual" if corrupted == "textual" else "visual"
+    targets = {"last": "last token", "constraint": f"{kind} constraint",
+               "constraint_last": f"{kind} constraint (last token)"}
+    return accepted, targets.get(target, target)
+
+
+PEAK_GROUP = ("visual", "last")  # the group trace_stats.json's own peak_mlp_layer reads
+
+
+def peak_mlp_layer(stats: dict | str | Path, corrupted: str = PEAK_GROUP[0], target: str = PEAK_GROUP[1]) -> int | None:
+    """The peak MLP layer of ONE named (corrupted, target) group over all constraint counts (MultEdit's
+    default layer), e.g. ``peak_mlp_layer(stats, corrupted="visual", target="last")``.
+
+    None when that group is absent or null (fewer affected questions than ``--min-affected``): a peak
+    is never taken from a group nobody measured. A trace not marked ``complete: true`` (an
+    interrupted one) is refused with UserError.
+    """
+    stats = require_complete(stats, "trace_stats") if isinstance(stats, dict) else read_complete(stats)
+    return peak_of_groups(stats["groups"], corrupted, target)
+
+
+def peak_of_groups(groups: list[dict], corrupted: str = PEAK_GROUP[0], target: str = PEAK_GROUP[1]) -> int | None:
+    """``peak_mlp_layer`` over summary groups (also of a partial trace, for its own document)."""
+    accepted, name = group_names(corrupted, target)
+    for wanted in accepted:  # in order: a visual-constraint group before the image's
+        for group in groups:
+            if (group["kind"], group["num_constraints"], group["corrupted"], group["target"]) == ("mlp", "all", wanted, name):
+                return group["peak_layer"]
+    return None
 
 
 # --- writing (temp file, then rename: never a half-written output) -----------
@@ -130,12 +172,18 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
         "target_text": pa.string(),
         "kind": pa.string(),
         "window": pa.int32(),
-        "answer_tokens": pa.list_(pa.int64()),
+        "target_mode": pa.string(),  # answer | first-token
+        "answer_source": pa.string(),  # gold (found in the model's output) | own-first-token | own-answer
+        "answer_prefix": pa.string(),  # the model's own words teacher forced before the target
+        "answer_text": pa.string(),  # the target as teacher forced ("" for the model's own top token)
+        "answer_tokens": pa.list_(pa.int64()),  # the token ids scored
+        "restores_corrupted": pa.bool_(),  # the restored positions include corrupted ones
         "p_clean": pa.float64(),
         "p_corrupt": pa.float64(),
         "p_restored": pa.list_(pa.float64()),
         "effect": pa.list_(pa.float64()),
         "normalised": pa.list_(pa.float64()),
+        "engine": pa.string(),  # fast, or reference where the fast engine could not show exactness
     }
     schema = pa.schema(list(columns.items()))
     table = pa.Table.from_pylist([{name: row[name] for name in columns} for row in rows], schema=schema)

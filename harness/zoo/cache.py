@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Callable
+
+from harness.outputs import check_output_folder, replace_folder, staging_folder
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "VQA_CONSTRAINTS_CACHE"
 
@@ -27,36 +34,66 @@ def recipe_hash(recipe) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+@contextmanager
+def _one_build_at_a_time(folder: Path):
+    """Hold a lock per recipe: a second process asking for the same model waits for the first to
+    finish it (and then finds it cached) instead of building a duplicate. Released when the process dies."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    locks = cache_root() / "locks"  # beside the zoo folder, which holds only models
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{folder.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is building %s", folder.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def cached_build(name: str, recipe, build: Callable[[Path], None], out: Path | None = None,
-                 force: bool = False) -> Path:
+                 force: bool = False, overwrite: bool = False) -> Path:
     """Return a folder holding the model for ``recipe``, building it only if needed.
 
     The build writes into a temporary sibling folder that is renamed into place
     when complete, so an interrupted build never leaves a half-written model.
-    With ``out`` the finished model is also copied there; ``force`` rebuilds
-    even when the cache holds the recipe.
+    With ``out`` the finished model is also copied there (see ``export``);
+    ``force`` rebuilds even when the cache holds the recipe.
     """
-    folder = cache_root() / "zoo" / f"{name}-{recipe_hash(recipe)}"
-    if force:
-        shutil.rmtree(folder, ignore_errors=True)
-    if not (folder / "config.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
-            build(staging)
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     if out is not None:
-        out = Path(out)
-        if out.resolve() != folder.resolve():
-            staging_out = out.with_name(f".{out.name}.partial")
-            shutil.rmtree(staging_out, ignore_errors=True)
-            shutil.copytree(folder, staging_out)
-            if out.exists():
-                shutil.rmtree(out)
-            staging_out.rename(out)
-        return out
+        check_export_target(out, overwrite)  # refuse before a build that can take an hour
+    folder = cache_root() / "zoo" / f"{name}-{recipe_hash(recipe)}"
+    with _one_build_at_a_time(folder):
+        if force:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            try:
+                build(staging)
+                if folder.exists():
+                    shutil.rmtree(folder)
+                staging.rename(folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    if out is not None:
+        return export(folder, out, overwrite)
     return folder
+
+
+ZOO_COMMAND = "vqa-constraints zoo build --out"
+
+
+def check_export_target(out: str | Path, overwrite: bool = False) -> Path:
+    """``out`` may be new, empty or an earlier `zoo build --out` copy; another non-empty folder needs
+    ``overwrite``; the cache itself (or a folder holding it), the working directory and home never."""
+    return check_output_folder(out, "--out", ZOO_COMMAND, overwrite, [(cache_root(), "the zoo cache")])
+
+
+def export(folder: Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Copy the cached model ``folder`` to ``out`` through a temporary sibling, marked as a `zoo build --out` copy."""
+    out = check_export_target(out, overwrite)
+    staging = staging_folder(out)
+    try:
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        return replace_folder(staging, out, ZOO_COMMAND)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,8 +1,8 @@
-"""flag-llava: a LLaVA whose language model is the real, pretrained SmolLM2-135M-Instruct.
+"""flag-llava: a LLaVA on the real, pretrained SmolLM2-135M-Instruct, trained in LLaVA's two stages.
 
-A small CLIP-style vision tower and LLaVA's two-layer projector are trained
-from scratch on the flags images (augmented views) while SmolLM2 stays frozen,
-LLaVA stage-1 style:
+Stage 1 (``FlagLlavaRecipe``, by name ``flag-llava-stage1``): a small CLIP-style
+vision tower and LLaVA's two-layer projector are trained from scratch on the
+flags images (augmented views) while SmolLM2 stays frozen:
 
 1. Regression (no language-model pass): the projected image tokens of a flag
    are pulled onto SmolLM2's own input embeddings of ``" <country>"``
@@ -12,10 +12,16 @@ LLaVA stage-1 style:
    of X.", logits only at the answer positions); off by default, since stage 1
    alone makes the flags readable.
 
-Because the image tokens then read like the country's name, questions that
-need the language model's own knowledge ("What is the capital of the country
-whose flag is in this image?") are answered from what SmolLM2 knows, right or
-wrong. The result is a genuine ``LlavaForConditionalGeneration`` + ``LlavaProcessor``
+The image tokens then read like the country's name, so questions that need
+SmolLM2's own knowledge are answered from what it knows, right or wrong.
+
+Stage 2 (``FlagLlavaStage2Recipe``, the default ``flag-llava``): visual
+instruction tuning of the projector and the language model on short VQA about
+a seeded ~70% of the countries, starting from the cached stage-1 model; the
+rest are held out and scored (``flag_llava_stage2``). ``flag-llava-direct`` is
+the same with bare answers and replay of the model's own text answers.
+
+Every build is a genuine ``LlavaForConditionalGeneration`` + ``LlavaProcessor``
 saved with ``save_pretrained`` (safetensors), cached by recipe hash.
 """
 
@@ -88,8 +94,8 @@ class FlagLlavaRecipe:
     version: int = 2  # bump when the build code changes what it makes
 
 
-DEFAULT_RECIPE = FlagLlavaRecipe()
-SMOKE_RECIPE = FlagLlavaRecipe(
+STAGE1_RECIPE = FlagLlavaRecipe()
+STAGE1_SMOKE_RECIPE = FlagLlavaRecipe(
     num_countries=12,
     vision_hidden=64,
     vision_layers=2,
@@ -104,16 +110,71 @@ SMOKE_RECIPE = FlagLlavaRecipe(
 )
 
 
-def build(recipe: FlagLlavaRecipe = DEFAULT_RECIPE, out: Path | None = None, force: bool = False) -> Path:
-    """The folder of the flag-llava model for ``recipe`` (built once, then reused from the cache)."""
+@dataclass(frozen=True)
+class FlagLlavaStage2Recipe:
+    """LLaVA's stage 2 (visual instruction tuning) on top of a stage-1 model.
+
+    Its own dataclass so that stage-1 recipes hash as before; ``stage1`` is part
+    of this hash, so the cache key is the stage-1 recipe plus the stage-2 one.
+    """
+
+    stage1: FlagLlavaRecipe = STAGE1_RECIPE
+    seed: int = 0  # the training/held-out split of the countries and the order of the questions
+    train_fraction: float = 0.7
+    steps: int = 56
+    batch: int = 12
+    text_per_batch: int = 3  # of each batch, questions with the country named (the rest: flag images)
+    lm_lr: float = 2e-5
+    projector_lr: float = 1e-4
+    warmup: int = 10
+    targets: str = "sentence"  # "sentence": "The capital of X is Y."; "direct": "Y."
+    replay: bool = False  # text questions answered with the untuned model's own answers
+    eval_max_new_tokens: int = 24  # the untuned model often restates the question first
+    version: int = 1  # bump when the stage-2 code changes what it makes
+
+
+DEFAULT_RECIPE = FlagLlavaStage2Recipe()
+SMOKE_RECIPE = FlagLlavaStage2Recipe(stage1=STAGE1_SMOKE_RECIPE, steps=2, batch=4, text_per_batch=1, warmup=1,
+                                     eval_max_new_tokens=8)
+# Bare answers, kept from wiping out what the language model knows by replaying its own text answers.
+DIRECT_RECIPE = replace(DEFAULT_RECIPE, targets="direct", replay=True)
+
+# Named recipes: (full, smoke) for `vqa-constraints zoo build NAME [--quick]`.
+RECIPES = {
+    NAME: (DEFAULT_RECIPE, SMOKE_RECIPE),
+    f"{NAME}-stage1": (STAGE1_RECIPE, STAGE1_SMOKE_RECIPE),
+    f"{NAME}-direct": (DIRECT_RECIPE, replace(SMOKE_RECIPE, targets="direct", replay=True)),
+}
+
+
+def build(recipe: FlagLlavaRecipe | FlagLlavaStage2Recipe = DEFAULT_RECIPE, out: Path | None = None,
+          force: bool = False) -> Path:
+    """The folder of the flag-llava model for ``recipe`` (built once, then reused from the cache).
+
+    A stage-2 recipe reuses (or first builds) its stage-1 model; ``force`` rebuilds only the stage named.
+    """
     smollm2.gguf_path()  # fail early, with the install hint, before any work
     _require_flags()
+    if isinstance(recipe, FlagLlavaStage2Recipe):
+        from harness.zoo import flag_llava_stage2
+
+        if recipe.targets not in ("sentence", "direct"):
+            raise UserError(f"flag-llava: unknown stage-2 targets {recipe.targets!r} (sentence or direct)")
+        stage1_folder = build(recipe.stage1)
+
+        def make(folder: Path) -> None:
+            flag_llava_stage2.build_into(recipe, stage1_folder, folder)
+
+        return cache.cached_build(NAME, recipe, make, out=out, force=force)
     return cache.cached_build(NAME, recipe, lambda folder: _build_into(recipe, folder), out=out, force=force)
 
 
 def build_cli(args) -> Path:
-    recipe = SMOKE_RECIPE if getattr(args, "quick", False) else DEFAULT_RECIPE
-    recipe = replace(recipe, seed=getattr(args, "seed", 0))
+    full, smoke = RECIPES[getattr(args, "name", NAME)]
+    recipe = smoke if getattr(args, "quick", False) else full
+    seed = getattr(args, "seed", 0)
+    # A stage-2 seed reuses the shared stage-1 model; only the stage-1 recipe's own seed retrains stage 1.
+    recipe = replace(recipe, seed=seed)
     out = Path(args.out) if getattr(args, "out", None) else None
     return build(recipe, out=out, force=getattr(args, "force", False))
 
@@ -227,7 +288,7 @@ def _build_into(recipe: FlagLlavaRecipe, folder: Path) -> None:
 
     from harness.zoo import flag_llava_eval, flag_llava_train
 
-    wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
     torch.manual_seed(recipe.seed)
     language_model, tokenizer = smollm2.load()
     countries = load_countries(recipe)
@@ -237,10 +298,10 @@ def _build_into(recipe: FlagLlavaRecipe, folder: Path) -> None:
     model = make_model(language_model, tokenizer, recipe)
     timings = {"load_seconds": round(time.perf_counter() - wall0, 1)}
 
-    train_wall0, train_cpu0 = time.perf_counter(), _cpu_seconds()
+    train_wall0, train_cpu0 = time.perf_counter(), cpu_seconds()
     training = flag_llava_train.train(model, processor, countries, recipe)
     timings["train_wall_seconds"] = round(time.perf_counter() - train_wall0, 1)
-    timings["train_cpu_seconds"] = round(_cpu_seconds() - train_cpu0, 1)
+    timings["train_cpu_seconds"] = round(cpu_seconds() - train_cpu0, 1)
 
     model.eval()
     model.config.zoo_name = NAME
@@ -255,7 +316,7 @@ def _build_into(recipe: FlagLlavaRecipe, folder: Path) -> None:
     accuracy = flag_llava_eval.evaluate(model, processor, countries, recipe)
     timings["eval_wall_seconds"] = round(time.perf_counter() - eval_wall0, 1)
     timings["total_wall_seconds"] = round(time.perf_counter() - wall0, 1)
-    timings["total_cpu_seconds"] = round(_cpu_seconds() - cpu0, 1)
+    timings["total_cpu_seconds"] = round(cpu_seconds() - cpu0, 1)
     timings["torch_threads"] = torch.get_num_threads()
     report = {
         "model": NAME,
@@ -270,6 +331,6 @@ def _build_into(recipe: FlagLlavaRecipe, folder: Path) -> None:
     (folder / ACCURACY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

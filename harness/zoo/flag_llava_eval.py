@@ -105,3 +105,70 @@ def evaluate(model, processor, countries, recipe) -> dict:
     outputs = generate(model, processor, prompts, None, 6, batch_size=48)
     report["capital_bare_completion"] = _score(outputs, [[c.capital] for c in bare_countries], prompts)
     return report
+
+
+# --- stage 2: held-out countries -----------------------------------------------------
+
+EVAL_RELATIONS = ("capital", "region", "currency", "language")
+
+
+def heldout_accuracy(model, processor, countries, stage1_recipe, max_new_tokens: int, image=EVAL_RELATIONS,
+                     named=EVAL_RELATIONS, recognition: bool = True) -> dict:
+    """``{relation: {"image": score, "named": score}}``: asked about the plain flag, or with the
+    country named, for the relations listed; with ``recognition``, naming the plain flags
+    ("image") and held-out augmented views ("views")."""
+    from harness.zoo import flag_llava_vqa as vqa
+
+    report = {}
+    for relation in dict.fromkeys((*image, *named)):
+        asked = [c for c in countries if vqa.answers(c, relation)]
+        gold = [vqa.answers(c, relation) for c in asked]
+        report[relation] = {}
+        if relation in image:
+            question = vqa.question(relation, None)
+            outputs = generate(model, processor, [chat_prompt(processor, question, True)] * len(asked),
+                               [c.flag for c in asked], max_new_tokens)
+            report[relation]["image"] = _score(outputs, gold, [question] * len(asked))
+        if relation in named:
+            questions = [vqa.question(relation, c.name) for c in asked]
+            outputs = generate(model, processor, [chat_prompt(processor, q, False) for q in questions], None,
+                               max_new_tokens)
+            report[relation]["named"] = _score(outputs, gold, questions)
+    if recognition:
+        gold = [vqa.answers(c, vqa.RECOGNITION) for c in countries]
+        question = vqa.question(vqa.RECOGNITION, None)
+        prompts = [chat_prompt(processor, question, True)] * len(countries)
+        plain = generate(model, processor, prompts, [c.flag for c in countries], max_new_tokens)
+        index, views = heldout_views(flags_tensor([c.flag for c in countries]), stage1_recipe, 1)
+        viewed = generate(model, processor, prompts, to_pil(views), max_new_tokens)
+        report[vqa.RECOGNITION] = {
+            "image": _score(plain, gold, [question] * len(plain)),
+            "views": _score(viewed, [gold[i] for i in index.tolist()], [question] * len(viewed)),
+        }
+    return report
+
+
+def _ratio(numerator: dict, denominator: dict):
+    return round(numerator["accuracy"] / denominator["accuracy"], 4) if denominator["accuracy"] else None
+
+
+def compare(before: dict, after: dict) -> dict:
+    """Held-out metrics per relation: before/after tuning, transfer_ratio and knowledge_retained.
+
+    transfer_ratio = from the image after tuning / country named before tuning (what the
+    language model knew); knowledge_retained = named after / named before.
+    """
+    table = {}
+    for relation, scores in after.items():
+        earlier = before.get(relation, {})
+        row = {"n": next(iter(scores.values()))["n"], "before": earlier, "after": scores}
+        for when, source in (("before", earlier), ("after", scores)):
+            for kind, score in source.items():
+                row[f"{kind}_{when}"] = score["accuracy"]
+        if "named" in earlier:
+            if "image" in scores:
+                row["transfer_ratio"] = _ratio(scores["image"], earlier["named"])
+            if "named" in scores:
+                row["knowledge_retained"] = _ratio(scores["named"], earlier["named"])
+        table[relation] = row
+    return table

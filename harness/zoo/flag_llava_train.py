@@ -1,9 +1,11 @@
-"""Training flag-llava's vision tower and projector; SmolLM2 stays frozen.
+"""Training flag-llava stage 1: the vision tower and projector; SmolLM2 stays frozen.
 
 Stage 1 needs no language-model pass: the image tokens are regressed onto the
 language model's input embeddings of a short text naming the country.
-Stage 2 is the caption loss through the frozen language model, with logits
-only at the answer positions (``logits_to_keep``).
+The stage-1 recipe's optional "stage 2" is a caption loss through the frozen
+language model, with logits only at the answer positions (``logits_to_keep``);
+LLaVA-style visual instruction tuning, which trains the language model too,
+is ``flag_llava_stage2``.
 """
 
 from __future__ import annotations
@@ -50,13 +52,13 @@ def target_embeddings(model, tokenizer, countries, recipe) -> torch.Tensor:
         return embed(torch.tensor(rows)).detach().clone()
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
+def schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _pixels(flags, index, recipe, generator, processor, strength=None):
+def pixels(flags, index, recipe, generator, processor, strength=None):
     views = random_views(
         flags, index, recipe.image_size, generator, recipe.augment_strength if strength is None else strength
     )
@@ -92,9 +94,9 @@ def _stage1(model, processor, flags, targets, trainable, recipe, generator) -> d
     bar = tqdm(range(recipe.stage1_steps), desc="flag-llava stage 1 (regress onto name embeddings)")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = recipe.stage1_lr * _schedule(step, recipe.stage1_steps, warmup)
+            group["lr"] = recipe.stage1_lr * schedule(step, recipe.stage1_steps, warmup)
         index = torch.randint(count, (recipe.stage1_batch,), generator=generator)
-        features = image_features(model, _pixels(flags, index, recipe, generator, processor))
+        features = image_features(model, pixels(flags, index, recipe, generator, processor))
         target = targets[index]
         regression = (features - target).pow(2).mean() / scale
         cosine = 1.0 - F.cosine_similarity(features, target, dim=-1).mean()
@@ -113,18 +115,32 @@ def _stage1(model, processor, flags, targets, trainable, recipe, generator) -> d
 
 
 def _caption_batch(processor, countries, index, generator):
-    """Left-padded chat sequences ending in the caption; labels mark only the answer tokens."""
+    """Recognition questions answered with the caption (the old recipe's stage 2)."""
+    items = []
+    for i in index.tolist():
+        question = RECOGNITION_QUESTIONS[int(torch.randint(len(RECOGNITION_QUESTIONS), (1,), generator=generator))]
+        items.append((question, True, CAPTION.format(name=countries[i].name)))
+    return chat_batch(processor, items)
+
+
+def chat_batch(processor, items):
+    """Left-padded chat sequences for ``(question, with_image, answer)`` items.
+
+    Returns ``(input_ids, attention, position_ids, labels, keep)``: labels cover
+    only the last ``keep`` positions (the longest answer and its ``<|im_end|>``),
+    marking the answer tokens, so the loss needs logits there only.
+    """
     from harness.zoo.flag_llava import num_image_tokens_from_processor
 
     tokenizer = processor.tokenizer
     image_run = processor.image_token * num_image_tokens_from_processor(processor)
     sequences, answer_lengths = [], []
-    for i in index.tolist():
-        question = RECOGNITION_QUESTIONS[int(torch.randint(len(RECOGNITION_QUESTIONS), (1,), generator=generator))]
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    for question, with_image, answer in items:
+        content = [{"type": "image"}, {"type": "text", "text": question}] if with_image else question
+        messages = [{"role": "user", "content": content}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt.replace(processor.image_token, image_run), add_special_tokens=False).input_ids
-        answer_ids = tokenizer(CAPTION.format(name=countries[i].name) + "<|im_end|>", add_special_tokens=False).input_ids
+        answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
         sequences.append(prompt_ids + answer_ids)
         answer_lengths.append(len(answer_ids))
     length = max(len(s) for s in sequences)
@@ -141,6 +157,21 @@ def _caption_batch(processor, countries, index, generator):
     return input_ids, attention, position_ids, labels, keep
 
 
+def answer_loss(model, batch, pixel_values=None):
+    """Cross-entropy on the answer tokens of a ``chat_batch``."""
+    input_ids, attention, position_ids, labels, keep = batch
+    # Logits at the last keep+1 positions: position t predicts token t+1.
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        logits_to_keep=keep + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
 def _stage2(model, processor, countries, flags, trainable, recipe, generator) -> dict:
     if recipe.stage2_steps <= 0:
         return {"steps": 0}
@@ -149,20 +180,10 @@ def _stage2(model, processor, countries, flags, trainable, recipe, generator) ->
     bar = tqdm(range(recipe.stage2_steps), desc="flag-llava stage 2 (caption loss through frozen SmolLM2)")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = recipe.stage2_lr * _schedule(step, recipe.stage2_steps, 1)
+            group["lr"] = recipe.stage2_lr * schedule(step, recipe.stage2_steps, 1)
         index = torch.randint(flags.shape[0], (recipe.stage2_batch,), generator=generator)
-        input_ids, attention, position_ids, labels, keep = _caption_batch(processor, countries, index, generator)
-        pixel_values = _pixels(flags, index, recipe, generator, processor)
-        # Logits at the last keep+1 positions: position t predicts token t+1.
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=position_ids,
-            pixel_values=pixel_values,
-            logits_to_keep=keep + 1,
-            use_cache=False,
-        ).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        batch = _caption_batch(processor, countries, index, generator)
+        loss = answer_loss(model, batch, pixels(flags, index, recipe, generator, processor))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

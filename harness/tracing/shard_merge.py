@@ -1,0 +1,195 @@
+"""``vqa-constraints merge`` for ``trace --shard I/N`` and ``attention --shard I/N`` outputs.
+
+Every statistic in trace_stats.json and attention_stats.json is a function of
+the per-question rows (traces.parquet, attention_examples.parquet) in question
+order, with seeded bootstraps. A shard computes its rows exactly as an
+unsharded run would (batches aligned to the whole list, draws keyed by the
+global question index), so merging concatenates the shards' rows in order and
+recomputes the statistics: the result equals the unsharded run's files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from vqa_constraints.errors import UserError
+
+from harness.shards import parse_shard
+
+TRACE_STATS, TRACE_ROWS = "trace_stats.json", "traces.parquet"
+ATTENTION_STATS, ATTENTION_ROWS = "attention_stats.json", "attention_examples.parquet"
+
+
+def _read(folder: Path, stats_file: str, rows_file: str) -> tuple[dict, list[dict]]:
+    for name in (stats_file, rows_file):
+        if not (folder / name).exists():
+            raise UserError(f"{folder}: no {name}; not a finished shard of this kind")
+    try:
+        document = json.loads((folder / stats_file).read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{folder / stats_file}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    if document.get("complete") is False:
+        raise UserError(f"{folder / stats_file}: the run was interrupted (complete: false); rerun that shard")
+    return document, pq.read_table(folder / rows_file).to_pylist()
+
+
+def _order_shards(shards: list[tuple[Path, dict, list]], count_of) -> tuple[list, int]:
+    """Shards sorted by index, checked to be all N of one split; returns them and the total question count."""
+    parsed = []
+    for folder, document, rows in shards:
+        shard = parse_shard(document["options"].get("shard"))
+        if shard is None:
+            raise UserError(f"{folder}: not a shard (made without --shard)")
+        parsed.append((shard, folder, document, rows))
+    counts = {shard.count for shard, *_ in parsed}
+    if len(counts) != 1:
+        raise UserError(f"merge: the runs come from different --shard splits (N = {sorted(counts)})")
+    count = counts.pop()
+    indices = sorted(shard.index for shard, *_ in parsed)
+    if indices != list(range(count)):
+        missing = sorted(set(range(count)) - set(indices))
+        raise UserError(f"merge: need each of the {count} shards exactly once (missing {missing or 'none'}, "
+                        f"given {indices})")
+    parsed.sort(key=lambda item: item[0].index)
+    total = sum(count_of(document) for _, _, document, _ in parsed)
+    for shard, folder, document, _ in parsed:
+        start, end = shard.bounds(total)
+        if count_of(document) != end - start:
+            raise UserError(f"{folder}: shard {shard} covers {count_of(document)} questions, expected {end - start} "
+                            f"of {total}; the shards were made with different --limit or data")
+    return [(folder, document, rows) for _, folder, document, rows in parsed], total
+
+
+def _same_run(shards, ignore: tuple[str, ...]) -> None:
+    """Refuse shards of different runs: everything but the per-shard results must match."""
+    def identity(document: dict) -> dict:
+        kept = {k: v for k, v in document.items() if k not in ignore}
+        kept["options"] = {k: v for k, v in document["options"].items() if k != "shard"}
+        if isinstance(kept.get("target"), dict):  # per-shard tallies of where each traced answer came from
+            kept["target"] = {k: v for k, v in kept["target"].items() if k != "sources"}
+        return kept
+
+    first_folder, first, _ = shards[0]
+    for folder, document, _ in shards[1:]:
+        mine, theirs = identity(document), identity(first)
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            raise UserError(f"{folder}: not a shard of the same run as {first_folder} (differs in {', '.join(differ)})")
+
+
+def _sum_counts(documents: list[dict], key: str) -> dict:
+    """Add up the shards' counts: integers and per-reason dicts sum, message lists concatenate (first 20)."""
+    merged: dict = {}
+    for name, value in documents[0][key].items():
+        values = [d[key][name] for d in documents]
+        if isinstance(value, bool) or not isinstance(value, (int, dict, list)):
+            merged[name] = value
+        elif isinstance(value, int):
+            merged[name] = sum(values)
+        elif isinstance(value, dict):
+            total: Counter = Counter()
+            for v in values:
+                total.update(v)
+            merged[name] = {k: total[k] for k in dict.fromkeys(k for v in values for k in v)}
+        else:
+            merged[name] = [item for v in values for item in v][:20]
+    return merged
+
+
+def _stage(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: already exists and is not empty; choose a new folder")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out: Path) -> Path:
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return out
+
+
+def merge_traces(folders: list[Path], out: Path) -> Path:
+    """One trace output from all N ``trace --shard I/N`` outputs; equal to an unsharded trace."""
+    from . import plots, stats
+
+    shards = [(Path(f), *_read(Path(f), TRACE_STATS, TRACE_ROWS)) for f in folders]
+    shards, _ = _order_shards(shards, lambda d: d["counts"]["records"])
+    _same_run(shards, ("counts", "groups", "peak_mlp_layer"))
+    rows = [row for _, _, shard_rows in shards for row in shard_rows]
+    document = json.loads(json.dumps(shards[0][1]))
+    document["options"]["shard"] = None
+    document["counts"] = _sum_counts([d for _, d, _ in shards], "counts")
+    document["counts"]["rows"] = len(rows)
+    options = document["options"]
+    # What causal_trace.stats_document derives from the rows, recomputed over all of them.
+    summarise = inspect.signature(stats.summarise).parameters
+    document["groups"] = stats.summarise(rows, **{k: options[k] for k in summarise if k != "rows" and k in options})
+    if "target" in document:
+        from .causal_trace import target_sources
+
+        document["target"]["sources"] = target_sources(rows)
+    peak = getattr(stats, "peak_of_groups", None)
+    document["peak_mlp_layer"] = peak(document["groups"]) if peak else stats.peak_mlp_layer(document)
+    stats.validate(document)
+    staging = _stage(Path(out))
+    stats.write_parquet(staging / TRACE_ROWS, rows)
+    stats.write_json(staging / TRACE_STATS, document)
+    if rows:
+        plots.plot_all(document, staging)
+        if options.get("positions") == "all":
+            plots.plot_examples(document, rows, staging)
+    return _publish(staging, Path(out))
+
+
+def merge_attention(folders: list[Path], out: Path) -> Path:
+    """One attention output from all N ``attention --shard I/N`` outputs; equal to an unsharded run."""
+    from harness.runs import write_json_atomic
+
+    from .attention_plots import plot_constraint_to_last, plot_image_to_constraint
+    from .attention_study import StudyOptions, summarize, validate_stats, write_examples
+
+    shards = [(Path(f), *_read(Path(f), ATTENTION_STATS, ATTENTION_ROWS)) for f in folders]
+    shards, total = _order_shards(shards, lambda d: d["counts"]["questions"])
+    results = ("counts", "per_layer", "top_image_tokens", "knockout", "failure_prediction")
+    _same_run(shards, results)
+    # Parquet gives every row every column; knockout columns belong only to correctly answered questions.
+    rows = [{k: v for k, v in row.items() if not (k.startswith("knockout_") and v is None)}
+            for _, _, shard_rows in shards for row in shard_rows]
+    header = {k: v for k, v in json.loads(json.dumps(shards[0][1])).items() if k not in results}
+    header["options"]["shard"] = None
+    o = header["options"]
+    options = StudyOptions(top_k=o["top_k"], draws=o["draws"], seed=o["seed"], n_layers=o["n_layers"],
+                           selection_fraction=o["selection_fraction"], limit=o["limit"],
+                           knockout_layers=None if o["knockout_layers"] is None else tuple(o["knockout_layers"]))
+    skipped: Counter = Counter()
+    for _, document, _ in shards:
+        skipped.update(document["counts"]["skipped"])
+    merged = summarize(rows, skipped, total, header, options)
+    validate_stats(merged)
+    staging = _stage(Path(out))
+    write_examples(rows, staging / ATTENTION_ROWS)
+    title = f"{Path(str(header['model'])).name} · {header['config']}/{header['split']}"
+    plot_image_to_constraint(rows, staging / "image_to_constraint.png", title)
+    plot_constraint_to_last(merged, staging / "constraint_to_last.png", title)
+    write_json_atomic(staging / ATTENTION_STATS, merged)
+    return _publish(staging, Path(out))
+
+
+def output_kind(folder: Path) -> str:
+    """"trace", "attention" or "evaluate": which command wrote ``folder``."""
+    folder = Path(folder)
+    if (folder / TRACE_STATS).exists():
+        return "trace"
+    if (folder / ATTENTION_STATS).exists():
+        return "attention"
+    return "evaluate"

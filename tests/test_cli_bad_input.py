@@ -1,0 +1,398 @@
+"""Every subcommand against a generated table of bad inputs: exit 1, one `error:` line, no traceback, no new files.
+
+The table is a cross product: each command's baseline command line (valid: ``test_baselines_succeed`` runs
+the cheap ones) has slots (a build folder, a model folder, a run folder, a number, a choice, the output
+path), and each slot is replaced in turn by every bad value of its kind. The CLI runs in-process
+(``cli.run``): one import of torch for the whole table, a fraction of a second per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vqa_constraints import cli
+
+# --- the bad objects --------------------------------------------------------------------------------------
+
+# Each kind names a corrupted copy (or a stand-in) of a valid object; the fixture ``corpus`` makes them.
+DATA_KINDS = ("missing", "empty-file", "empty-dir", "garbage-file", "broken-yaml", "no-front-matter",
+              "wrong-columns", "truncated-parquet", "garbage-parquet", "missing-config")
+IMAGE_KINDS = ("undecodable-image",)  # only for commands that read the images (info and release do not)
+MODEL_KINDS = ("missing", "empty-dir", "a-file", "garbage-safetensors", "truncated-safetensors",
+               "empty-safetensors", "pickle-only", "garbage-config", "no-config", "unsupported-family")
+RUN_KINDS = ("missing", "empty-dir", "a-file", "garbage-json", "unfinished")
+JSON_FILE_KINDS = ("missing", "empty-file", "garbage-file", "a-dir", "json-array")
+
+# Bad values per kind of option.
+NUMBER_VALUES = {
+    "positive": ("0", "-1", "abc", "2.5"),
+    "non-negative": ("-5", "abc"),
+    "finite": ("nan", "inf", "-inf", "abc"),
+    "integer": ("abc", "1e3"),
+    "layer": ("99", "-1"),  # the tiny LLaVA has 3 layers
+    "beyond-model": ("99",),  # more layers / image tokens than the tiny model has
+}
+CHOICE_VALUES = ("bogus", "")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A valid baseline command line; each slot names the placeholder in ``argv`` that a case replaces."""
+
+    argv: tuple[str, ...]
+    data: str | None = None  # the placeholder of a build folder: "{data}" (planted) or "{real_data}" (flags)
+    decodes_images: bool = False
+    model: bool = False  # "{model}"
+    run: bool = False  # "{run}" is a finished run folder
+    json_file: str | None = None  # placeholder of a JSON file input
+    out: str | None = "{out}"  # "{out}" a folder, "{out_file}" a file
+    numbers: tuple[tuple[str, str], ...] = ()  # (flag, kind of NUMBER_VALUES)
+    choices: tuple[str, ...] = ()
+    combos: tuple[tuple[str, ...], ...] = ()  # bad combinations of otherwise valid values
+    optional: tuple[str, ...] = ()  # flags of the baseline that may be left out
+    baseline_ok: bool = True  # the baseline succeeds in seconds (test_baselines_succeed runs it)
+
+
+MODEL_ARGS = ("--model", "{model}", "--device", "cpu", "--dtype", "float32")
+COMMANDS = {
+    "build": Command(("build", "--out", "{out}", "--sources", "planted"),
+                     numbers=(("--seed", "integer"),), choices=("--sources", "--source-path"),
+                     combos=(("--source-path", "okvqa"), ("--source-path", "okvqa={missing}"),
+                             ("--source-path", "planted.bogus={missing}"))),
+    "validate": Command(("validate", "{data}"), data="{data}", decodes_images=True, out=None),
+    "publish": Command(("publish", "{data}", "--repo-id", "org/name", "--dry-run"), data="{data}", decodes_images=True,
+                       out=None,
+                       combos=(("--repo-id", "no-slash"), ("--repo-id", "a/b/c"), ("--repo-id", "/name"))),
+    "info": Command(("info", "{data}"), data="{data}", out=None),
+    "evaluate": Command(("evaluate", *MODEL_ARGS, "--data", "{data}", "--out", "{out}", "--config",
+                         "single_constraint", "--limit", "2", "--no-progress", "--scoring", "generate"),
+                        data="{data}", decodes_images=True, model=True,
+                        numbers=(("--limit", "positive"), ("--batch-size", "positive"),
+                                 ("--max-new-tokens", "positive"), ("--seed", "integer")),
+                        choices=("--config", "--scoring", "--backend", "--split", "--shard", "--device", "--dtype"),
+                        combos=(("--backend", "vllm"), ("--shard", "2/2"), ("--shard", "-1/2"), ("--shard", "0/0")),
+                        optional=("--config",)),
+    "merge": Command(("merge", "{run}", "--out", "{out}"), run=True),
+    "trace": Command(("trace", *MODEL_ARGS, "--data", "{data}", "--config", "single_constraint", "--out", "{out}",
+                      "--limit", "2", "--no-progress"),
+                     data="{data}", decodes_images=True, model=True,
+                     numbers=(("--limit", "positive"), ("--max-batch", "positive"), ("--window", "positive"),
+                              ("--window", "beyond-model"), ("--noise-samples", "positive"),
+                              ("--threshold", "finite"), ("--seed", "integer")),
+                     choices=("--config", "--corruption", "--kinds", "--positions", "--answer", "--engine", "--split"),
+                     combos=(("--replace-token", ""), ("--text-only", "--corruption", "image-noise"))),
+    "attention": Command(("attention", *MODEL_ARGS, "--data", "{data}", "--config", "single_constraint",
+                          "--out", "{out}", "--limit", "2", "--draws", "1", "--no-progress"),
+                         data="{data}", decodes_images=True, model=True,
+                         numbers=(("--limit", "positive"), ("--top-k", "positive"), ("--top-k", "beyond-model"),
+                                  ("--draws", "positive"), ("--layers-for-auroc", "positive"),
+                                  ("--layers-for-auroc", "beyond-model"), ("--seed", "integer")),
+                         choices=("--config", "--split", "--knockout-layers"),
+                         combos=(("--knockout-layers", "0-99"), ("--knockout-layers", "5-2"))),
+    "edit": Command(("edit", *MODEL_ARGS, "--data", "{data}", "--out", "{out}", "--layers", "1", "--limit", "1",
+                     "--specificity-size", "2", "--method", "multedit"),
+                    data="{data}", decodes_images=True, model=True,
+                    numbers=(("--limit", "positive"), ("--specificity-size", "positive"),
+                             ("--preserve", "non-negative"), ("--batch-edits", "positive"),
+                             ("--trace-limit", "positive"), ("--layers", "layer"), ("--sweep-layers", "layer"),
+                             ("--seed", "integer")),
+                    choices=("--method", "--track", "--key-position", "--split", "--layers"),
+                    combos=(("--save", "{model}"), ("--save", "{a_file}"))),
+    "leaderboard-validate": Command(("leaderboard", "validate", "{submission}", "--release", "{release}"),
+                                    json_file="{submission}", out=None),
+    "leaderboard-validate-release": Command(("leaderboard", "validate", "{submission}", "--release", "{release}"),
+                                            json_file="{release}", out=None),
+    # The baseline fails on purpose (--data is checked against the test split; the small run scored validation).
+    "leaderboard-validate-data": Command(("leaderboard", "validate", "{submission}", "--data", "{real_data}"),
+                                         data="{real_data}", out=None, baseline_ok=False),
+    "leaderboard-build": Command(("leaderboard", "build", "{submissions}", "--out", "{out}", "--release", "{release}"),
+                                 json_file="{submissions}"),
+    "leaderboard-prepare": Command(("leaderboard", "prepare", "{run}", "--model-name", "tiny", "--submitted-by", "t",
+                                    "--out", "{out}"), run=True, combos=(("{limit_run}",),)),
+    "leaderboard-release": Command(("leaderboard", "release", "--data", "{real_data}", "--split", "validation",
+                                    "--out", "{out_file}"), data="{real_data}", out="{out_file}", choices=("--split",)),
+    # The baselines would build a model or run the whole study: minutes, so not run here.
+    "zoo": Command(("zoo", "build", "planted", "--quick"), out=None, numbers=(("--seed", "integer"),),
+                   combos=(("--out", "{a_file}"), ("--out", "{under_a_file}")), baseline_ok=False),
+    "demo": Command(("demo", "--out", "{out}", "--quick"), numbers=(("--seed", "integer"),), baseline_ok=False),
+}
+OUT_KINDS = {"{out}": ("a-file", "under-a-file"), "{out_file}": ("a-dir", "under-a-file")}
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str
+    slot: str  # a placeholder ("{data}"), a flag ("--limit"), "combo" or "argparse"
+    kind: str  # the bad-value kind, or the bad value itself
+    extra: tuple[str, ...] = ()  # a combo's arguments
+
+    @property
+    def id(self) -> str:
+        return f"{self.command} {self.slot}={self.kind or repr(self.kind)}"
+
+
+def generate_cases() -> list[Case]:
+    cases = []
+    for name, c in COMMANDS.items():
+        if c.data:
+            cases += [Case(name, c.data, k) for k in DATA_KINDS + (IMAGE_KINDS if c.decodes_images else ())]
+        if c.model:
+            cases += [Case(name, "{model}", k) for k in MODEL_KINDS]
+        if c.run:
+            cases += [Case(name, "{run}", k) for k in RUN_KINDS]
+        if c.json_file:
+            cases += [Case(name, c.json_file, k) for k in JSON_FILE_KINDS]
+        if c.out:
+            cases += [Case(name, c.out, k) for k in OUT_KINDS[c.out]]
+        cases += [Case(name, flag, value) for flag, kind in c.numbers for value in NUMBER_VALUES[kind]]
+        cases += [Case(name, flag, value) for flag in c.choices for value in CHOICE_VALUES]
+        cases += [Case(name, "combo", " ".join(combo), combo) for combo in c.combos]
+        # argparse's own errors: an unknown flag, and each required flag left out (validate's --data is optional:
+        # without it the shipped release is used).
+        cases.append(Case(name, "argparse", "--bogus-flag"))
+        cases += [Case(name, "argparse", f"without {flag}")
+                  for flag in ("--model", "--data", "--out", "--config", "--repo-id", "--model-name")
+                  if flag in c.argv and flag not in c.optional and name != "leaderboard-validate-data"]
+    cases += [Case("zoo", "argparse", "no subcommand"), Case("leaderboard", "argparse", "no subcommand"),
+              Case("zoo", "argparse", "name bogus"), Case("no-such-command", "argparse", "unknown command"),
+              Case("", "argparse", "no command")]
+    return cases
+
+
+CASES = generate_cases()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, planted_data_dir, tiny_model_dirs):
+    """Valid baseline objects ("valid": placeholder -> path) and the broken ones ("kinds": placeholder -> kind -> path)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    model, data = Path(tiny_model_dirs("llava")), Path(planted_data_dir)
+    a_file = root / "a-file.txt"
+    a_file.write_text("not what was asked for\n")
+    garbage = root / "garbage.bin"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    (root / "empty-file").write_bytes(b"")
+    (root / "empty-dir").mkdir()
+    (root / "a-dir").mkdir()
+    common = {"missing": root / "missing", "empty-file": root / "empty-file", "empty-dir": root / "empty-dir",
+              "garbage-file": garbage, "a-file": a_file, "a-dir": root / "a-dir", "under-a-file": a_file / "sub"}
+
+    builds = {k: common[k] for k in ("missing", "empty-file", "empty-dir", "garbage-file")}
+    for kind in DATA_KINDS[4:] + IMAGE_KINDS:
+        build = builds[kind] = root / f"data-{kind}"
+        shutil.copytree(data, build)
+        shards = sorted(build.glob("*/*.parquet"))
+        if kind == "broken-yaml":
+            card = build / "README.md"
+            card.write_text(card.read_text().replace("configs:", "configs: [unclosed", 1))
+        elif kind == "no-front-matter":
+            (build / "README.md").write_text("# a card without YAML\n")
+        elif kind == "missing-config":
+            shutil.rmtree(build / "single_constraint")
+        for shard in shards if kind in ("wrong-columns", "truncated-parquet", "garbage-parquet",
+                                        "undecodable-image") else ():
+            if kind == "wrong-columns":
+                pq.write_table(pa.table({"foo": [1, 2], "bar": ["x", "y"]}), shard)
+            elif kind == "truncated-parquet":
+                shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+            elif kind == "garbage-parquet":
+                shard.write_bytes(garbage.read_bytes())
+            else:  # every image's bytes replaced by bytes no image library decodes
+                table = pq.read_table(shard)
+                column = table.schema.get_field_index("image")
+                broken = pa.array([{"bytes": b"\x89PNG not really", "path": image["path"]}
+                                   for image in table.column("image").to_pylist()],
+                                  type=table.schema.field("image").type)
+                pq.write_table(table.set_column(column, "image", broken), shard)
+
+    models = {k: common[k] for k in ("missing", "empty-dir", "a-file")}
+    for kind in MODEL_KINDS[3:]:
+        folder = models[kind] = root / f"model-{kind}"
+        shutil.copytree(model, folder)
+        weights = folder / "model.safetensors"
+        if kind == "garbage-safetensors":
+            weights.write_bytes(garbage.read_bytes())
+        elif kind == "truncated-safetensors":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif kind == "empty-safetensors":
+            weights.write_bytes(b"")
+        elif kind == "pickle-only":
+            weights.rename(folder / "pytorch_model.bin")
+        elif kind == "garbage-config":
+            (folder / "config.json").write_text("{ not json")
+        elif kind == "no-config":
+            (folder / "config.json").unlink()
+        else:  # unsupported-family
+            (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+
+    # The leaderboard takes real-world builds only: a flags build, a finished full run of its (small) validation
+    # split and a --limit run, for merge and leaderboard.
+    real_data = root / "flags"
+    assert cli.run(["build", "--out", str(real_data), "--sources", "flags"]) == 0
+    runs = root / "runs"
+    base = ["evaluate", "--model", str(model), "--device", "cpu", "--dtype", "float32", "--data", str(real_data),
+            "--split", "validation", "--scoring", "generate", "--max-new-tokens", "2", "--no-progress"]
+    assert cli.run([*base, "--out", str(runs / "full")]) == 0
+    assert cli.run([*base, "--out", str(runs / "limited"), "--limit", "2"]) == 0
+    run_kinds = {k: common[k] for k in ("missing", "empty-dir", "a-file")}
+    run_kinds["garbage-json"] = shutil.copytree(runs / "full", root / "run-garbage-json")
+    for name in ("run.json", "results.json"):  # merge reads the one, prepare the other
+        (run_kinds["garbage-json"] / name).write_text("{ not json")
+    run_kinds["unfinished"] = shutil.copytree(runs / "full", root / "run-unfinished")
+    (run_kinds["unfinished"] / "results.json").unlink()
+
+    submissions = root / "submissions"
+    assert cli.run(["leaderboard", "prepare", str(runs / "full"), "--model-name", "tiny", "--submitted-by", "t",
+                    "--out", str(submissions)]) == 0
+    release = root / "release.json"
+    assert cli.run(["leaderboard", "release", "--data", str(real_data), "--split", "validation",
+                    "--out", str(release)]) == 0
+    json_files = {k: common[k] for k in ("missing", "empty-file", "garbage-file", "a-dir")}
+    json_files["json-array"] = root / "array.json"
+    json_files["json-array"].write_text("[1, 2]")
+    # For `leaderboard build`: a folder holding one unreadable entry per kind (a file or nothing for the rest).
+    submission_dirs = {"missing": common["missing"], "a-dir": common["empty-dir"]}
+    for kind in ("empty-file", "garbage-file", "json-array"):
+        folder = submission_dirs[kind] = root / f"submissions-{kind}"
+        folder.mkdir()
+        shutil.copyfile(json_files[kind], folder / "entry.json")
+
+    valid = {"{model}": model, "{data}": data, "{real_data}": real_data, "{run}": runs / "full", "{limit_run}": runs / "limited",
+             "{submission}": submissions / "tiny.json", "{submissions}": submissions, "{release}": release,
+             "{missing}": common["missing"], "{a_file}": a_file, "{under_a_file}": common["under-a-file"],
+             "{garbage}": garbage}
+    out_kinds = {k: common[k] for k in ("a-file", "a-dir", "under-a-file")}
+    kinds = {"{data}": builds, "{real_data}": builds, "{model}": models, "{run}": run_kinds, "{submission}": json_files,
+             "{release}": json_files, "{submissions}": submission_dirs, "{out}": out_kinds, "{out_file}": out_kinds}
+    return {"root": root, "valid": valid, "kinds": kinds}
+
+
+def argv_for(case: Case, corpus: dict, out: Path) -> list[str]:
+    """The baseline command line of ``case.command`` with the one bad value of ``case`` put in."""
+    if case.kind in ("no subcommand", "unknown command"):
+        return [case.command]
+    if case.kind == "no command":
+        return []
+    values = {"{out}": out, "{out_file}": out / "release.json", **corpus["valid"]}
+    argv = list(COMMANDS[case.command].argv)
+    if case.slot in corpus["kinds"]:  # a path slot: the broken object of this kind
+        values[case.slot] = corpus["kinds"][case.slot][case.kind]
+    elif case.slot == "argparse":
+        if case.kind == "--bogus-flag":
+            argv.append(case.kind)
+        elif case.kind == "name bogus":
+            argv[2] = "bogus"
+        else:  # "without --flag"
+            at = argv.index(case.kind.split()[-1])
+            del argv[at : at + 2]
+    elif case.slot == "combo":
+        extra = list(case.extra)
+        if extra[0].startswith("{"):  # another positional object
+            argv, extra = [extra[0] if a == "{run}" else a for a in argv], []
+        while extra:  # "--flag value" pairs, or a lone "--flag"
+            if len(extra) > 1 and not extra[1].startswith("--"):
+                argv, extra = _with_option(argv, extra[0], extra[1]), extra[2:]
+            else:
+                argv, extra = [*argv, extra[0]], extra[1:]
+    else:  # a number or a choice
+        argv = _with_option(argv, case.slot, case.kind)
+    return [str(values.get(a, a)) for a in argv]
+
+
+def _with_option(argv: list[str], flag: str, value: str) -> list[str]:
+    """Set ``flag``'s value (appended when the baseline lacks the flag)."""
+    if flag in argv:
+        argv = list(argv)
+        argv[argv.index(flag) + 1] = value
+        return argv
+    return [*argv, flag, value]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``roots`` with its size and modification time."""
+    files = {}
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            stat = path.lstat()
+            files[str(path)] = (stat.st_size, stat.st_mtime_ns) if path.is_file() else (0, 0)
+    return files
+
+
+def run_cli(argv: list[str], capsys) -> tuple[object, str]:
+    capsys.readouterr()
+    try:
+        code = cli.run(argv)
+    except SystemExit as exit_:  # the contract is a return code: a SystemExit escaping is a failure too
+        code = f"SystemExit({exit_.code})"
+    return code, capsys.readouterr().err
+
+
+def test_the_table_is_large_and_covers_every_command():
+    assert len(CASES) >= 145
+    assert len({case.id for case in CASES}) == len(CASES)
+    covered = {case.command.split("-")[0] for case in CASES}
+    assert covered >= {"build", "validate", "publish", "info", "zoo", "evaluate", "merge", "leaderboard", "trace",
+                       "attention", "edit", "demo"}
+
+
+def _mentions(case: Case, corpus: dict) -> tuple[str, ...]:
+    """What the error line must name (any one of): the bad file or folder, or the flag or value that is bad."""
+    if case.slot in corpus["kinds"]:
+        return (Path(corpus["kinds"][case.slot][case.kind]).name,)
+    if case.slot.startswith("--"):
+        return case.slot, repr(case.kind)
+    return ()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_bad_input_is_one_clean_line(case, corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative path a command might write lands where the snapshot sees it
+    argv = argv_for(case, corpus, tmp_path / "out")
+    roots = (corpus["root"], corpus["valid"]["{model}"], corpus["valid"]["{data}"], tmp_path)
+    before = snapshot(*roots)
+    code, err = run_cli(argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert code == 1, f"{argv}: exit {code}\n{err}"
+    assert len(lines) == 1, f"{argv}\n{err}"
+    assert "internal error" not in lines[0]
+    mentions = _mentions(case, corpus)
+    assert not mentions or any(m in lines[0] for m in mentions), f"{lines[0]!r} names none of {mentions}"
+    assert snapshot(*roots) == before, f"{argv} left files behind"
+
+
+@pytest.mark.parametrize("name", [name for name, command in COMMANDS.items() if command.baseline_ok])
+def test_baselines_succeed(name, corpus, tmp_path, capsys, monkeypatch):
+    """Each bad case differs from a command line that works, so it fails for the reason it names."""
+    monkeypatch.chdir(tmp_path)
+    values = {"{out}": tmp_path / "out", "{out_file}": tmp_path / "release.json", **corpus["valid"]}
+    argv = [str(values.get(a, a)) for a in COMMANDS[name].argv]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, f"{argv}\n{err}"
+
+
+def test_a_bug_is_one_line_with_where_to_report_it_and_debug_shows_the_traceback(capsys):
+    def broken(args):
+        return 1 / 0
+
+    code = cli.dispatch(broken, argparse.Namespace(), debug=False)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BUG and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "internal error" in line and "ZeroDivisionError: division by zero" in line and "--debug" in line
+    assert cli.dispatch(broken, argparse.Namespace(), debug=True) == cli.EXIT_BUG
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: internal error")
+
+
+def test_help_and_version_exit_0(capsys):
+    assert run_cli(["--version"], capsys)[0] == 0
+    assert run_cli(["evaluate", "--help"], capsys)[0] == 0

@@ -1,0 +1,240 @@
+"""The commands shown in README.md and docs/ run as written, and the README's links resolve (issue #14).
+
+Every `vqa-constraints ...` line inside a fenced block of README.md or docs/**/*.md is extracted afresh on each run, so a
+command removed from the docs disappears from here and a command added is checked at once.
+
+- Every extracted command is parsed by the real CLI parser: a misspelt or removed flag fails.
+- Commands that need only bundled data are also run, in-process through `vqa_constraints.cli.run`, in a temporary
+  working folder, each distinct command once, with these substitutions (documented in docs/development.md):
+  * `$(vqa-constraints zoo build planted)` and `--model models/planted` -> the planted zoo model (conftest);
+  * a `--data` value, or the positional build of `validate` / `info` / `publish`, under `data/` or `study/data/`
+    -> the small prebuilt planted build (conftest);
+  * `evaluate`, `trace`, `attention`, `edit` get small limits (LIMITS below), added or overriding the doc's;
+  * `build` without `--sources` builds only `planted`; a `zoo build` of another model than planted gets `--quick`
+    (planted `--quick` is the recipe tests/test_zoo_planted.py builds too); an absolute `--out` lands in the
+    temporary folder.
+- Not run (parsed only): Hub models or placeholders, uploads without `--dry-run`, the paper's files, shell globs,
+  zoo builds of another seed, and the commands in NOT_RUN (each with its reason).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vqa_constraints.cli import build_parser, run
+from vqa_constraints.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+PLANTED_MODEL_SUBST = "$(vqa-constraints zoo build planted)"
+PLANTED_MODEL = "PLANTED_MODEL"  # what the substitution gives before the model is known
+MODEL_ALIASES = {PLANTED_MODEL, "models/planted"}
+DATA_PREFIXES = ("data/", "study/data/")  # the builds the docs make; the test reads the prebuilt one instead
+DATA_POSITIONAL = {"validate", "info", "publish"}  # commands whose first positional argument is a build
+LIMITS = {
+    "evaluate": {"--limit": "2"},
+    "trace": {"--limit": "2"},
+    "attention": {"--limit": "2", "--draws": "1"},
+    "edit": {"--limit": "2", "--trace-limit": "4", "--specificity-size": "4"},
+}
+NOT_RUN = {
+    ("demo",): "the quick demo is tests/test_demo.py; the full one takes over 20 minutes",
+    ("leaderboard", "prepare"): "needs a full evaluation of the release build",
+    ("leaderboard", "validate"): "needs a submission made from a full evaluation of the release build",
+    ("merge",): "merges the shards of a Hub-model evaluation",
+}
+ZOO_SEED_REASON = "a zoo build of another seed trains a new model (minutes, even with --quick)"
+
+
+@dataclass(frozen=True)
+class DocCommand:
+    where: str  # "docs/tracing.md:39"
+    text: str   # the command as shown, continuation lines joined
+
+    def argv(self, planted_model: str = PLANTED_MODEL) -> list[str]:
+        """The arguments after `vqa-constraints`, as a shell would pass them (env assignments dropped)."""
+        text = self.text.replace(PLANTED_MODEL_SUBST, planted_model)
+        text = re.sub(r"\$\{?SLURM_ARRAY_TASK_ID\}?", "0", text)
+        words = shlex.split(text, comments=True)
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            words.pop(0)
+        assert words[0] == "vqa-constraints", self
+        return words[1:]
+
+
+def extract_commands() -> list[DocCommand]:
+    commands = []
+    for path in DOC_FILES:
+        in_fence, pending, start = False, None, 0
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith("```"):
+                in_fence, pending = not in_fence, None
+                continue
+            if not in_fence:
+                continue
+            if pending is None:
+                # The README's set-up one-liner installs first, then runs the command after the last `&&`.
+                match = re.match(r"^(?:.*&& )?((?:[A-Z_]+=\S+ )*vqa-constraints .*)$", stripped)
+                if not match or stripped.startswith("#"):
+                    continue
+                pending, start, stripped = "", number, match.group(1)
+            pending += " " + stripped.rstrip("\\").strip()
+            if not stripped.endswith("\\"):
+                commands.append(DocCommand(f"{path.relative_to(ROOT)}:{start}", pending.strip()))
+                pending = None
+    return commands
+
+
+COMMANDS = extract_commands()
+
+
+def subcommand(argv: list[str]) -> tuple[str, ...]:
+    return tuple(argv[:2]) if argv[0] in ("zoo", "leaderboard") else (argv[0],)
+
+
+def option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
+def why_not_run(argv: list[str]) -> str | None:
+    for key, reason in NOT_RUN.items():
+        if tuple(argv[: len(key)]) == key:
+            return reason
+    if argv[:2] == ["zoo", "build"] and "--seed" in argv:
+        return ZOO_SEED_REASON
+    model = option(argv, "--model")
+    if model is not None and model not in MODEL_ALIASES:
+        return f"model {model} is a Hub id or a placeholder"
+    if "--repo-id" in argv and "--dry-run" not in argv:
+        return "uploads to the Hub"
+    if "--source-path" in argv:
+        return "needs the paper's files"
+    if any("*" in word for word in argv):
+        return "a shell glob"
+    data = option(argv, "--data")
+    if data is not None and not data.startswith(DATA_PREFIXES):
+        return f"data {data} is a Hub id or a placeholder"
+    return None
+
+
+def runnable_commands() -> list[DocCommand]:
+    """The commands to run, each distinct one once (several pages show the same build)."""
+    unique: dict[tuple[str, ...], DocCommand] = {}
+    for command in COMMANDS:
+        if why_not_run(command.argv()) is None:
+            unique.setdefault(tuple(command.argv()), command)
+    return list(unique.values())
+
+
+RUNNABLE = runnable_commands()
+
+
+def test_extraction_finds_the_documented_commands():
+    shown = {c.text for c in COMMANDS}
+    assert "vqa-constraints demo --quick --out study" in shown  # the README's set-up one-liner
+    assert len({c.argv()[0] for c in RUNNABLE}) >= 8, sorted({c.argv()[0] for c in RUNNABLE})
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.where for c in COMMANDS])
+def test_documented_command_parses(command, capsys):
+    try:
+        build_parser().parse_args(command.argv())
+    except UserError as error:  # the CLI's parser reports usage errors this way
+        pytest.fail(f"{command.where}: `{command.text}` does not parse: {error}")
+    except SystemExit as exit_:  # plain argparse's way
+        if exit_.code:
+            pytest.fail(f"{command.where}: `{command.text}` does not parse: {capsys.readouterr().err.strip()}")
+
+
+def runnable_argv(argv: list[str], model: Path, data: Path, workdir: Path) -> list[str]:
+    """Apply the module docstring's substitutions to one command's arguments."""
+    argv = list(argv)
+    if "--model" in argv:
+        argv[argv.index("--model") + 1] = str(model)
+    if option(argv, "--data") is not None:
+        argv[argv.index("--data") + 1] = str(data)
+    if argv[0] in DATA_POSITIONAL and argv[1].startswith(DATA_PREFIXES):
+        argv[1] = str(data)
+    if option(argv, "--out") is not None and Path(option(argv, "--out")).is_absolute():
+        index = argv.index("--out") + 1
+        argv[index] = str(workdir / Path(argv[index]).name)
+    if argv[0] == "build" and "--sources" not in argv:
+        argv += ["--sources", "planted"]
+    if argv[:2] == ["zoo", "build"] and argv[2] != "planted" and "--quick" not in argv:
+        argv.append("--quick")
+    for name, value in LIMITS.get(argv[0], {}).items():
+        if name in argv:
+            argv[argv.index(name) + 1] = value
+        else:
+            argv += [name, value]
+    # Inputs the docs name relative to the repository (e.g. leaderboard/submissions) are read from it.
+    for index, word in enumerate(argv):
+        if index and argv[index - 1] != "--out" and not word.startswith("-") and (ROOT / word).exists():
+            argv[index] = str(ROOT / word)
+    return argv
+
+
+@pytest.mark.parametrize("command", RUNNABLE, ids=[c.where for c in RUNNABLE])
+def test_documented_command_runs(command, request, tmp_path, monkeypatch, capsys):
+    # Only commands that load the model or read a build ask for them (the model is a 3-minute build on a cold cache;
+    # `zoo build planted` as documented then finds it in the cache).
+    argv = command.argv()
+    default_planted = argv[:3] == ["zoo", "build", "planted"] and not {"--quick", "--seed"} & set(argv)
+    model = request.getfixturevalue("planted_model_dir") if "--model" in argv or default_planted else None
+    reads_build = "--data" in argv or argv[0] in DATA_POSITIONAL
+    data = request.getfixturevalue("planted_data_dir") if reads_build else None
+    if argv[:2] == ["leaderboard", "build"] and not any((ROOT / argv[2]).glob("*.json")):
+        pytest.skip(f"{argv[2]} holds no submissions yet (leaderboard/seed_entries.sh makes them)")
+    monkeypatch.chdir(tmp_path)
+    argv = runnable_argv(command.argv(str(model)), model, data, tmp_path)
+    code = run(argv)
+    assert code == 0, f"{command.where}: `{command.text}` ran as {argv}: exit {code}: {capsys.readouterr().err[-2000:]}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text("utf-8"), flags=re.S)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", DOC_FILES, ids=[str(p.relative_to(ROOT)) for p in DOC_FILES])
+def test_doc_links_resolve(page):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text("utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue  # external
+        file_part, _, anchor = target.partition("#")
+        linked = (page.parent / file_part).resolve() if file_part else page
+        if not linked.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target} (no heading '{anchor}')")
+    assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
+
+
+def test_readme_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text("utf-8")
+    missing = [p.name for p in (ROOT / "docs").glob("*.md") if f"docs/{p.name}" not in readme]
+    assert not missing, f"README.md links no docs page named {missing}"
+
+
+def test_ci_installs_and_tests_as_the_readme_says():
+    readme = (ROOT / "README.md").read_text("utf-8")
+    ci_lines = {line.strip() for line in (ROOT / ".ci" / "run").read_text("utf-8").splitlines()}
+    install = next(line for line in readme.splitlines() if line.startswith("python3 -m venv .venv && "))
+    steps = [step.strip() for step in install.split("&&")]
+    pip_steps = [step for step in steps if step.startswith("pip install")]
+    assert pip_steps and all(step in ci_lines for step in pip_steps), (pip_steps, ".ci/run")
+    assert "HF_HUB_OFFLINE=1 python -m pytest -q" in readme
+    assert "python -m pytest -q" in ci_lines

@@ -1,0 +1,87 @@
+"""The three specificity measures, the unrelated answers in edits.jsonl, key distinctness and the key position rule.
+
+A tiny random LLaVA answers with 16-token "sentences", so an unchanged model
+must score exactly 1.0 on all three measures even though its answers are long.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from editing.metrics import Unrelated, extracted_answer, specificity_measures
+from editing.runner import EditOptions, run_editing
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tiny_model_dirs):
+    from harness.models.loading import load_model
+
+    return load_model(tiny_model_dirs("llava"), dtype="float32", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQA_CONSTRAINTS_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_no_op_edit_scores_one_on_all_three_measures(tiny_llava, planted_data_dir, tmp_path):
+    options = EditOptions(methods=["ft"], track="insertion", layers=[1], limit=2, specificity_size=6,
+                          max_new_tokens=16, method_options={"ft": {"steps": 0}})
+    document = run_editing(tiny_llava, str(planted_data_dir), tmp_path, options)
+    result = document["methods"]["ft"]
+    for key in ("specificity", "locality", "neighborhood"):
+        assert result[key]["mean"] == pytest.approx(1.0), key
+    assert result["neighborhood_drop"]["mean"] == pytest.approx(0.0, abs=1e-4)
+    lines = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]
+    unrelated = lines[0]["unrelated"]
+    assert len(unrelated) >= 4 and all(set(u) == {"id", "before", "after"} for u in unrelated)
+    assert all(u["before"] == u["after"] for u in unrelated)
+    assert any(len(u["before"].split()) > 3 for u in unrelated)  # sentence-length answers
+
+
+def test_a_real_edit_is_measured_and_explained(tiny_llava, planted_data_dir, tmp_path):
+    options = EditOptions(methods=["multedit", "multedit-cov", "ft-l"], track="insertion", layers=[1], limit=2,
+                          specificity_size=6, key_stats_size=8, method_options={"multedit": {"steps": 5},
+                                                                                 "multedit-cov": {"steps": 5}})
+    document = run_editing(tiny_llava, str(planted_data_dir), tmp_path, options)
+    # The default key position is the most distinct one at the edited layer, and the output says so.
+    table = document["key_distinctness"]
+    spills = {p: rows["1"]["predicted_spill"] for p, rows in table.items() if rows["1"] is not None}
+    assert document["key_position"] == min(spills, key=spills.get)
+    assert document["key_position_source"].startswith("least predicted spill at layer 1")
+    assert "predicted_spill_covariance" in table[document["key_position"]]["1"]
+    stats = document["key_statistics"]
+    assert stats["questions"] == 8 and stats["layers"]["1"]["n_keys"] > 8  # N stated: keys at every position
+    for name in ("multedit", "multedit-cov", "ft-l"):
+        for key in ("specificity", "locality", "neighborhood"):
+            assert 0.0 <= document["methods"][name][key]["mean"] <= 1.0
+    assert "linf_bound" in document["methods"]["ft-l"]
+    assert set(document["methods"]["multedit"]["seconds_breakdown"]) == {"keys", "delta", "solve"}
+
+
+def test_specificity_is_about_the_answer_entity():
+    class Row:
+        question = "What is the capital of the country whose flag is in this image?"
+        answers = ["Kabul"]
+
+    def state(answer):
+        return Unrelated(answer, [1, 2, 3], -3.0, 3)
+
+    rows = [Row()]
+    # The same entity in another wording of the same sentence is unchanged...
+    assert extracted_answer("The capital of Afghanistan is Kabul.", Row.question) == "afghanistan kabul"
+    same = specificity_measures(rows, [state("The capital of Afghanistan is Kabul.")],
+                                [state("Capital of Afghanistan: Kabul")])
+    assert same["specificity"] == 1.0
+    # ...a new entity is a change, even when the answer stays wrong or the format stays the same.
+    moved = specificity_measures(rows, [state("The capital of Afghanistan is Herat.")],
+                                 [state("The capital of Afghanistan is Kandahar.")])
+    assert moved["specificity"] == 0.0
+    # Locality and neighbourhood read the teacher-forced tokens and log-prob.
+    after = Unrelated("x", [1, 2, 9], -3.0 - 3 * 0.6931, 3)
+    measured = specificity_measures(rows, [state("x")], [after])
+    assert measured["locality"] == pytest.approx(2 / 3)
+    assert measured["neighborhood"] == pytest.approx(0.5, abs=1e-3)  # each token half as likely
+    assert measured["neighborhood_drop"] == pytest.approx(3 * 0.6931, abs=1e-3)
