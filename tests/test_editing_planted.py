@@ -66,8 +66,10 @@ def test_multedit_inserts_facts_at_the_planted_layer(insertion_run, planted):
 @pytest.fixture(scope="module")
 def sweep_run(planted, planted_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("edit-sweep")
-    options = EditOptions(methods=["multedit"], track="insertion", limit=10, sweep_layers=True,
-                          specificity_size=4, layers=[0])
+    # The planted MLP writes the fact into the last token's residual stream, so the sweep keys there
+    # (as the insertion run does); `auto` ranks key positions by distinctness, not by where K writes.
+    options = EditOptions(methods=["multedit"], track="insertion", key_position="last", limit=10,
+                          sweep_layers=True, specificity_size=4, layers=[0])
     return run_editing(planted, str(planted_data_dir), out, options), out
 
 

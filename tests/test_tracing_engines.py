@@ -175,3 +175,30 @@ def test_every_corruption_acts_on_the_language_models_input(tiny_llava, example)
         assert torch.equal(seen["inputs_embeds"], prepared.corruption.apply(clean))
         changed = (seen["inputs_embeds"] != clean).any(-1).any(0).nonzero().flatten().tolist()
         assert changed == sorted(encoded.image_positions if mode == "image-noise" else positions)
+
+
+@pytest.mark.parametrize("mode", ["replace", "noise"])
+def test_a_tiny_cache_budget_forcing_batch_1_gives_identical_results(tiny_llava, example, mode):
+    encoded, positions = example
+    targets = {"constraint": positions, "last": [encoded.last_position]}
+    results = []
+    for budget in (1, 1 << 30):
+        engine = ct.make_engine("fast", cache_budget_bytes=budget)
+        prepared = _prepare(tiny_llava, example, engine, mode)
+        assert engine._chunk_size(prepared, encoded.last_position) == (1 if budget == 1 else 64)
+        results.append(ct.trace_example(prepared, engine, targets, list(KINDS), 1))
+    for name in targets:  # batch 1 vs 64 differ only in float32 summation order
+        np.testing.assert_allclose(results[0][name], results[1][name], atol=2e-6, rtol=0)
+
+
+def test_cache_budget_sizes_parse_and_bad_ones_are_one_line_errors(capsys):
+    from harness.tracing.engine_fast import DEFAULT_CACHE_BUDGET, cache_budget, parse_bytes
+    from vqa_constraints.cli import run
+
+    assert [parse_bytes(t) for t in ("2GiB", "512MiB", "1GB", "4096", "1.5kib")] == [2 << 30, 512 << 20, 10**9, 4096, 1536]
+    assert cache_budget(torch.device("cpu"), None) == DEFAULT_CACHE_BUDGET and cache_budget(torch.device("cpu"), 5) == 5
+    for bad in ("2XB", "lots", "0MiB", "-1GiB", "nan"):
+        code = run(["trace", "--model", "m", "--data", "d", "--config", "single_constraint", "--out", "o",
+                    "--cache-budget", bad])
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and err.startswith("error:") and "--cache-budget" in err and "\n" not in err, (bad, err)

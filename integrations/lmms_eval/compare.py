@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from harness.lmms_eval_samples import read_logged, samples_files, samples_from_logged
+from vqa_constraints.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -40,4 +41,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as error:
+        sys.exit(f"error: {error}")
