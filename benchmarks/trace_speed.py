@@ -54,31 +54,10 @@ IMAGE_SIZE, PATCH = 336, 14
 
 
 def build_checkpoint(size: str, out: Path) -> Path:
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from harness.models.tiny import build_llava15_shaped
 
-    from harness.models.tiny import LLAVA_CHAT_TEMPLATE, bpe_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = bpe_tokenizer(["<image>"])
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
-                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
-        tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE,
-    )
     shape = SIZES[size]
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH, **shape["vision"]).to_dict(),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=0,
-                                eos_token_id=1, pad_token_id=2, **shape["text"]).to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
-    )
-    model = LlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    return build_llava15_shaped(out, shape["vision"], shape["text"], image_size=IMAGE_SIZE, patch=PATCH)
 
 
 def decoder_flops(text: dict, vocab: int, tokens: int, context: int, layers: int, scored: int) -> float:

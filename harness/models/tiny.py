@@ -335,3 +335,30 @@ def _save(model, processor, out: Path) -> None:
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+
+
+def build_llava15_shaped(out: Path, vision: dict, text: dict, vocab_size: int | None = None,
+                         image_size: int = 336, patch: int = 14) -> Path:
+    """A random LLaVA-1.5-shaped checkpoint (576 image tokens at 336 px / 14 px patches) for the benchmarks:
+    real prompt lengths with small or chosen layer shapes. ``vocab_size`` defaults to the tokenizer's."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    torch.manual_seed(0)
+    tokenizer = bpe_tokenizer(["<image>"])
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch, **vision).to_dict(),
+        text_config=LlamaConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=2048,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=2, **text).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    LlavaForConditionalGeneration(config).eval().save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return Path(out)
