@@ -160,18 +160,24 @@ def key_corpus(data: str, options: EditOptions, exclude: Sequence) -> tuple[list
             split = load_split(data, SPECIFICITY_CONFIG, split_name)
         except UserError:
             continue
-        indices = list(range(len(split)))
-        random.Random(options.seed + 2).shuffle(indices)
-        chosen = []
-        for index in indices:
-            record = split.record(index)
-            if record.id not in excluded:
-                chosen.append(record)
-            if len(chosen) == options.key_stats_size:
-                break
+        chosen = seeded_records(split, options.seed + 2, lambda r: r.id not in excluded, options.key_stats_size)
         if chosen:
             return chosen, f"{split.fingerprint}:{SPECIFICITY_CONFIG}/{split_name}"
     raise UserError(f"{data}: no {SPECIFICITY_CONFIG} questions to estimate the key covariance from")
+
+
+def seeded_records(split, seed: int, keep, limit: int) -> list:
+    """Up to ``limit`` records that ``keep`` accepts, in an order shuffled by ``seed``."""
+    indices = list(range(len(split)))
+    random.Random(seed).shuffle(indices)
+    chosen = []
+    for index in indices:
+        record = split.record(index)
+        if keep(record):
+            chosen.append(record)
+        if len(chosen) == limit:
+            break
+    return chosen
 
 
 def specificity_sample(data: str, options: EditOptions) -> list:
@@ -197,16 +203,8 @@ def preservation_requests(data: str, options: EditOptions, requests: Sequence[Ed
         log.warning("%s has no %s/validation split: MultEdit runs without preserved keys", data, SPECIFICITY_CONFIG)
         return []
     subjects = {r.subject for r in requests}
-    indices = list(range(len(split)))
-    random.Random(options.seed + 1).shuffle(indices)
-    chosen = []
-    for index in indices:
-        record = split.record(index)
-        if record.subject not in subjects:
-            chosen.append(request_from_record(record, "preserve"))
-        if len(chosen) == options.preserve_size:
-            break
-    return chosen
+    chosen = seeded_records(split, options.seed + 1, lambda r: r.subject not in subjects, options.preserve_size)
+    return [request_from_record(record, "preserve") for record in chosen]
 
 
 # --- running one method ----------------------------------------------------------

@@ -22,7 +22,6 @@ restoration; ``engine_fast``: shared prefix cache and batched suffixes).
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -111,25 +110,25 @@ def replacement_token(tokenizer, replace_token: str) -> tuple[int, str]:
     return int(ids[0]), text
 
 
-_EMBEDDING_STD: dict[tuple, float] = {}
-
-
 def embedding_std(adapter: ModelAdapter) -> float:
-    """Std of the token embedding matrix, computed once per run (per weight version) in row chunks:
-    a float copy of a 7B model's bf16 embedding matrix is 0.5 GB, too much to make per question."""
+    """Std of the token embedding matrix, computed once per loaded model (and weight version) in row chunks:
+    a float copy of a 7B model's bf16 embedding matrix is 0.5 GB, too much to make per question.
+    Kept on the adapter, not in a module-level table, so another model loaded at the same address
+    can never read this one's value."""
     weight = adapter.embed_tokens().weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
-    if key not in _EMBEDDING_STD:
-        total = squares = 0.0
-        with torch.no_grad():
-            for rows in weight.detach().split(1024):
-                rows = rows.double()
-                total += float(rows.sum())
-                squares += float((rows * rows).sum())
-        count = weight.numel()
-        _EMBEDDING_STD.clear()  # one model per run: keep one entry
-        _EMBEDDING_STD[key] = ((squares - total * total / count) / (count - 1)) ** 0.5
-    return _EMBEDDING_STD[key]
+    cached = getattr(adapter, "_embedding_std", None)
+    if cached is not None and cached[0] is weight and cached[1] == weight._version:
+        return cached[2]
+    total = squares = 0.0
+    with torch.no_grad():
+        for rows in weight.detach().split(1024):
+            rows = rows.double()
+            total += float(rows.sum())
+            squares += float((rows * rows).sum())
+    count = weight.numel()
+    std = ((squares - total * total / count) / (count - 1)) ** 0.5
+    adapter._embedding_std = (weight, weight._version, std)
+    return std
 
 
 def make_corruption(
