@@ -8,7 +8,11 @@ A prediction, not a measurement: no accelerator was lent when this was written. 
 - the fast engine's measured efficiency *relative to a dense forward* (its useful FLOP/s over the reference
   engine's FLOP/s, from a ``trace_speed.py --json`` output on the SmolLM2 shape), carried over to the GPU;
 - an assumed GPU: bf16 dense peak and the fraction of it a dense 7B forward reaches (MFU), and its memory
-  bandwidth, since batched suffix runs re-read the weights and the tiled prefix cache every batch.
+  bandwidth, since every batch of suffix runs re-reads the weights and the shared prefix cache (once per
+  batch: the fast engine attends to one copy, harness/tracing/shared_prefix.py) and writes and reads each
+  row's attention scores over the prefix.
+- editing: MultEdit's delta steps run only the tokens from the key position on (the image prefix is cached:
+  editing/prefix_cache.py); FT's steps train the weights and must run the whole prompt.
 
     python benchmarks/trace_cost_7b.py [--speed-json trace_speed.json] [--questions 9700] [--gpus 8]
 """
@@ -58,6 +62,7 @@ def main() -> int:
     p.add_argument("--edit-steps", type=int, default=25, help="δ / fine-tuning gradient steps per edit (at most)")
     p.add_argument("--edit-prompts", type=int, default=4, help="prompts per optimisation step (question + paraphrases)")
     p.add_argument("--eval-prompts", type=int, default=14, help="forwards per edit to score it (before and after)")
+    p.add_argument("--key-position", type=int, default=585, help="MultEdit's key position (start of its delta steps)")
     a = p.parse_args()
 
     measured = None
@@ -80,19 +85,27 @@ def main() -> int:
     # Per question also: greedy answer (~10 tokens), clean + corrupted runs, the fast engine's exactness checks.
     fixed = 6 * full
     compute_s = a.questions * (per_question * least_mean / (dense * rel) + fixed / dense)
-    # Memory traffic: every batch reads the weights once and writes + reads its tiled prefix cache.
-    kv_row = 2 * layers * T * hidden * 2  # bytes, bf16
-    free = a.memory * 1e9 - PARAMS * 2
-    rows = max(1, min(a.max_batch, int(free * 0.5 // kv_row)))
+    # Memory traffic: every batch reads the weights and the shared prefix cache once, and writes + reads each
+    # row's float32 attention scores and weights over the prefix (one layer at a time; suffix ~ T - first).
+    kv_prefix = 2 * layers * T * hidden * 2  # bytes, bf16: one copy per question, not per row
+    suffix = (a.constraints * (T - a.constraint_start) + 1) / (a.constraints + 1)
+    scores_row = 2 * 2 * 4 * TEXT["num_attention_heads"] * suffix * T * layers  # written and read, fp32
+    free = a.memory * 1e9 - PARAMS * 2 - kv_prefix
+    rows = max(1, min(a.max_batch, int(free * 0.5 // (scores_row / layers))))
     batches = a.questions * math.ceil(per_question / rows)
-    traffic_s = batches * (PARAMS * 2 + 2 * rows * kv_row) / (a.bandwidth * 1e12)
+    traffic_s = batches * (PARAMS * 2 + kv_prefix + rows * scores_row) / (a.bandwidth * 1e12)
     trace_s = max(compute_s, traffic_s)
     reference_s = a.questions * (per_question * full + fixed) / dense
-    peak = PARAMS * 2 + rows * kv_row + 3 * kv_row + 2 * layers * T * hidden * 2 + 1 * GIB
+    peak = PARAMS * 2 + 3 * kv_prefix + rows * scores_row / layers + 2 * layers * T * hidden * 2 + 1 * GIB
 
-    # Editing: each optimisation step is a forward + backward (~3x a forward) over the prompts.
-    step = 3 * decoder_flops(TEXT, VOCAB, T, T, layers, 1) * a.edit_prompts
-    edit_s = a.edits * (a.edit_steps * step + a.eval_prompts * 2 * full) / dense
+    # Editing: each optimisation step is a forward + backward (~3x a forward) over the prompts. MultEdit's delta
+    # steps run the tokens from the key position on (a cached prefix); FT's run the whole prompt.
+    ft_step = 3 * decoder_flops(TEXT, VOCAB, T, T, layers, 1) * a.edit_prompts
+    multedit_step = 3 * decoder_flops(TEXT, VOCAB, T - a.key_position, T, layers, 1) * a.edit_prompts
+    prefix_once = decoder_flops(TEXT, VOCAB, T, T, layers, 1) * a.edit_prompts  # the cached prefix, per edit
+    scoring = a.eval_prompts * 2 * full
+    edit_s = a.edits * (a.edit_steps * ft_step + scoring) / dense
+    multedit_s = a.edits * (a.edit_steps * multedit_step + prefix_once + scoring) / dense
     # Rough: weights + one step's saved activations over every layer (no optimizer state: δ is one vector).
     edit_peak = PARAMS * 2 + a.edit_prompts * T * (4 * hidden + 3 * TEXT["intermediate_size"]) * 2 * layers + 2 * GIB
 
@@ -106,16 +119,19 @@ def main() -> int:
     print(f"  least work per restoration {least_mean / 1e9:.1f} GFLOP vs reference {full / 1e9:.0f} GFLOP "
           f"(FLOP limit {full / least_mean:.0f}x)")
     print(f"  fast engine, 1 GPU: compute {compute_s / 3600:.2f} h, memory traffic {traffic_s / 3600:.2f} h "
-          f"(batch {rows}, {kv_row / GIB:.2f} GiB tiled cache per row) -> {trace_s / 3600:.2f} h; "
+          f"(batch {rows}, shared prefix cache {kv_prefix / GIB:.2f} GiB, {scores_row / GIB:.3f} GiB of attention "
+          f"scores per row) -> {trace_s / 3600:.2f} h; "
           f"peak memory ~{peak / GIB:.0f} GiB")
     print(f"  fast engine, {a.gpus} GPUs with --shard I/{a.gpus}: {trace_s / a.gpus / 3600:.2f} h each "
           f"(+ ~1 min model load per shard)")
     print(f"  reference engine, 1 GPU: {reference_s / 3600:.1f} h")
     print(f"editing {a.edits} requests (<= {a.edit_steps} steps x {a.edit_prompts} prompts each, "
           f"{a.eval_prompts} scoring forwards before and after):")
-    print(f"  1 GPU: {edit_s / 3600:.2f} h ({edit_s / a.edits:.1f} s/edit), peak ~{edit_peak / GIB:.0f} GiB; "
+    print(f"  FT, 1 GPU: {edit_s / 3600:.2f} h ({edit_s / a.edits:.1f} s/edit), peak ~{edit_peak / GIB:.0f} GiB; "
           f"{a.gpus} GPUs: {edit_s / a.gpus / 3600:.2f} h (requests split into "
           f"{a.gpus} disjoint runs by hand: `edit` has no --shard yet)")
+    print(f"  MultEdit (delta steps from position {a.key_position} on), 1 GPU: {multedit_s / 3600:.2f} h "
+          f"({multedit_s / a.edits:.1f} s/edit); {a.gpus} GPUs: {multedit_s / a.gpus / 3600:.2f} h")
     return 0
 
 

@@ -158,13 +158,18 @@ def bench(size: str, corruption: str, reference_cells: int, repeats: int, profil
     # The reference subset spreads over kinds, layers and both positions, like the whole trace.
     ref_sets = sets[:: max(1, len(sets) // reference_cells)][:reference_cells]
 
-    rates, probs, report = {}, {}, None
-    for name, cells in (("fast", sets), ("reference", ref_sets)):
-        engine = ct.make_engine(name)
+    rates, probs, reports = {}, {}, {}
+    # "fast" attends to the shared prefix once per batch; "fast-tiled" repeats it per row (the engine before that).
+    engines = (("fast", "fast", sets, {}), ("fast-tiled", "fast", sets, {"shared_prefix": False}),
+               ("reference", "reference", ref_sets, {}))
+    for label, name, cells, options in engines:
+        engine = ct.make_engine(name, **options)
         prepared = ct.prepare(adapter, encoded, engine, corruption, positions, seed=0, samples=1)
-        rates[name], probs[name] = timed(engine, prepared, cells, repeats)
+        if name == "fast":
+            assert prepared.extra["prefix_mode"] == ("tiled" if options else "shared"), prepared.extra
+        rates[label], probs[label] = timed(engine, prepared, cells, repeats)
         if name == "fast" and profile_top:
-            report = profile(engine, prepared, cells, profile_top)
+            reports[label] = profile(engine, prepared, cells, profile_top)
     picked = [sets.index(c) for c in ref_sets]
     vocab = adapter.model.get_output_embeddings().weight.shape[0]
     least, full = flop_limit(size, vocab, encoded.length, len(encoded.image_positions), sets)
@@ -177,11 +182,14 @@ def bench(size: str, corruption: str, reference_cells: int, repeats: int, profil
         "question_tokens": question_tokens, "restorations": len(sets), "reference_restorations": len(ref_sets),
         "repeats": repeats, "fast_per_s": rates["fast"], "reference_per_s": rates["reference"],
         "fast_median": fast, "reference_median": ref, "ratio_median": fast / ref,
+        "fast_tiled_per_s": rates["fast-tiled"], "fast_tiled_median": statistics.median(rates["fast-tiled"]),
+        "tiled_ratio_median": statistics.median(rates["fast-tiled"]) / ref,
+        "max_abs_diff_shared_vs_tiled": float(np.abs(probs["fast"] - probs["fast-tiled"]).max()),
         "ratio_range": [min(rates["fast"]) / max(rates["reference"]), max(rates["fast"]) / min(rates["reference"])],
         "least_flops_per_restoration": least, "reference_flops_per_restoration": full, "flop_limit": full / least,
         "reference_gflop_per_s": full * ref / 1e9, "fast_useful_gflop_per_s": fast_flops * fast / 1e9,
         "max_abs_diff": float(np.abs(probs["fast"][picked] - probs["reference"]).max()),
-        "profile": report,
+        "profile": reports.get("fast"), "profile_tiled": reports.get("fast-tiled"),
     }
 
 
@@ -218,15 +226,18 @@ def main() -> None:
             print(f"  fast {r['fast_median']:.1f}/s (min {min(r['fast_per_s']):.1f}, max {max(r['fast_per_s']):.1f}), "
                   f"reference {r['reference_median']:.2f}/s (min {min(r['reference_per_s']):.2f}, "
                   f"max {max(r['reference_per_s']):.2f})")
+            print(f"  fast with the tiled prefix (before): {r['fast_tiled_median']:.1f}/s, ratio "
+                  f"{r['tiled_ratio_median']:.1f}x; shared vs tiled max |diff| {r['max_abs_diff_shared_vs_tiled']:.2e}")
             print(f"  median ratio {r['ratio_median']:.1f}x (range {r['ratio_range'][0]:.1f}-{r['ratio_range'][1]:.1f}x); "
                   f"FLOP limit of the speed-up {r['flop_limit']:.1f}x "
                   f"({r['least_flops_per_restoration'] / 1e9:.3f} vs {r['reference_flops_per_restoration'] / 1e9:.2f} GFLOP "
                   f"per restoration); max |diff| {r['max_abs_diff']:.2e}")
             print(f"  achieved: reference {r['reference_gflop_per_s']:.1f} GFLOP/s, fast {r['fast_useful_gflop_per_s']:.1f} "
                   f"useful GFLOP/s; load average after {r['load_average_after'][0]:.2f}")
-            if r["profile"]:
-                print("  profile of one fast-engine pass (top ops by self CPU time):")
-                print(r["profile"])
+            for key, title in (("profile", "shared prefix"), ("profile_tiled", "tiled prefix")):
+                if r[key]:
+                    print(f"  profile of one fast-engine pass, {title} (top ops by self CPU time):")
+                    print(r[key])
     if args.json:
         tmp_path = args.json.with_suffix(args.json.suffix + ".tmp")
         tmp_path.write_text(json.dumps({"machine": m, "corruption": args.corruption, "results": results}, indent=1))

@@ -303,6 +303,9 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
         # Per edit: where MultEdit's time goes (keys, delta optimisation, closed-form solve).
         summary["seconds_breakdown"] = {k: round(sum(i["seconds"][k] for i in infos) / max(1, len(rows)), 4)
                                         for k in infos[0]["seconds"]}
+    if infos and "delta_forward" in infos[0]:
+        # MultEdit: how its delta steps ran (prefix-cached, or full forwards where the cache was not exact).
+        summary["delta_forward"] = sorted({kind for info in infos for kind in info["delta_forward"]})
     return summary
 
 

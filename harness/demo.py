@@ -143,6 +143,21 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
               "--key-stats-size", "32",
               *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit")],
              "editing_results.json"),
+    ]
+    if model_name != "planted":
+        # flag-llava names the country before answering: trace that recognition step too, and edit both tracks.
+        steps += [
+            Step(f"{model_name}-trace-mllm-subject",
+                 ["trace", *common, "--config", "single_constraint", *mllm_trace, "--target", "subject",
+                  "--kinds", "hidden,mlp", "--out", str(runs / f"{model_name}-trace-mllm-subject"),
+                  *limit(size.trace_limit), "--no-progress"],
+                 "trace_stats.json"),
+            Step(f"{model_name}-edit-insertion",
+                 ["edit", *common, "--method", "multedit,multedit-cov,ft,ft-l", "--track", "insertion", *edit_common,
+                  "--key-stats-size", "32", *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit-insertion")],
+                 "editing_results.json"),
+        ]
+    steps += [
         # The sweep repeats every edit at every swept layer: MultEdit alone, on fewer edits, keeps it affordable.
         Step(f"{model_name}-edit-sweep",
              ["edit", *common, "--method", "multedit", "--track", edit_track, *edit_common, *limit(size.sweep_limit),
@@ -194,6 +209,12 @@ def build_zoo_model(name: str, quick: bool) -> Path:
     return Path(build(DEFAULT_RECIPE))
 
 
+def heldout_subjects(model_dir: Path) -> list[str]:
+    """The subjects a zoo model was never tuned on (flag-llava's held-out countries; none for the others)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return list(config.get("vqa_constraints", {}).get("heldout_countries", []))
+
+
 def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
     from harness.report import write_report
 
@@ -205,17 +226,26 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
 
     models: dict[str, Path] = {}
     for name in size.models:
-        source = MODEL_SOURCE[name]
-        data = out / "data" / source
-        build_step = Step(f"dataset-{source}", ["build", "--out", str(data), "--sources", source, "--seed", str(seed)],
-                          "README.md")
-        run_step(build_step, data)
-        all_steps.append(build_step)
         console.rule(f"[bold]zoo: {name}")
         started = time.perf_counter()
         models[name] = build_zoo_model(name, quick)
         all_steps.append(Step(f"zoo-{name}", ["zoo", "build", name], "config.json",
                               seconds=time.perf_counter() - started))
+        source = MODEL_SOURCE[name]
+        data = out / "data" / source
+        build_argv = ["build", "--out", str(data), "--sources", source, "--seed", str(seed)]
+        heldout = heldout_subjects(models[name])
+        if heldout:
+            # A model tuned on some subjects is studied on the others only (it never saw a question on them).
+            data = out / "data" / f"{source}-heldout"
+            subjects_file = out / "data" / f"{name}-heldout-subjects.txt"
+            subjects_file.parent.mkdir(parents=True, exist_ok=True)
+            subjects_file.write_text("".join(f"{subject}\n" for subject in heldout), "utf-8")
+            build_argv = ["build", "--out", str(data), "--sources", source, "--seed", str(seed),
+                          "--subjects", str(subjects_file)]
+        build_step = Step(f"dataset-{data.name}", build_argv, "README.md")
+        run_step(build_step, data)
+        all_steps.append(build_step)
         for step in model_steps(name, models[name], data, runs, size, seed):
             run_step(step, runs / step.name)
             all_steps.append(step)

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from harness.findings import findings_section  # noqa: E402
 from harness.outputs import read_complete  # noqa: E402
 
 REPORT_NAME = "report.md"
@@ -106,6 +107,7 @@ def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) 
     lines: list[str] = []
     traces = {
         "MLLM (with image)": runs / f"{name}-trace-mllm",
+        "MLLM, subject target (recognition)": runs / f"{name}-trace-mllm-subject",
         "text-only LLM": runs / f"{name}-trace-text-only",
         "multi-constraint": runs / f"{name}-trace-multi",
     }
@@ -334,6 +336,12 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         "file named above its table; rerunning the demo reuses finished runs.",
         "",
     ]
+    # The learned model first, then the planted one (the tools' ground-truth check).
+    ordered = sorted(models, key=lambda name: name == "planted")
+    lines += ["## The paper's findings, tested", "",
+              "Each finding as the paper states it, the rule that decides it here, and the verdict on each model "
+              "with the numbers (95% intervals, n). flag-llava is studied on its held-out countries only.", "",
+              *findings_section(runs, ordered)]
     for name, model_dir in models.items():
         planted_layer = load_json(Path(model_dir) / "config.json").get("planted_layer")
         lines += [f"## Model: {name}", "", f"Checkpoint: `{model_dir}`.", ""]
@@ -344,6 +352,8 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         lines += ["### Causal traces", ""] + trace_section(name, runs, out, planted_layer)
         lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out)
         lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", runs / f"{name}-edit-sweep", out)
+        if (runs / f"{name}-edit-insertion").exists():
+            lines += ["#### Insertion track", ""] + editing_section(name, runs / f"{name}-edit-insertion", runs / "-", out)
     if steps:
         lines += ["## Steps", "", *table_head("step", "command", "time")]
         for step in steps:

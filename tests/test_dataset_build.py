@@ -200,3 +200,24 @@ def test_publish_refuses_an_invalid_build(planted_data_dir, tmp_path, capsys):
     assert run(["publish", str(out), "--repo-id", "someone/x", "--dry-run"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not valid" in errors[0] and "validation-00000-of-00001.parquet" in errors[0]
+
+
+def test_subjects_file_keeps_only_those_subjects_and_an_unknown_one_is_a_one_line_error(full_build, tmp_path, capsys):
+    """How the demo studies flag-llava on its held-out countries only."""
+    split = load_split(str(full_build), "single_constraint")
+    everyone = sorted({subject for subject, source in zip(split.rows["subject"], split.rows["source"]) if source == "flags"})
+    chosen = everyone[:3]
+    listed = tmp_path / "subjects.txt"
+    listed.write_text("\n".join(chosen) + "\n\n")
+    out = tmp_path / "heldout"
+    assert run(["build", "--out", str(out), "--sources", "flags", "--subjects", str(listed)]) == 0
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["subjects"] == chosen and "single_constraint/test" in info["rows"]
+    for config in {key.split("/")[0] for key in info["rows"]}:
+        subjects = set(load_split(str(out), config).rows["subject"])
+        assert subjects and subjects <= set(chosen), config
+    capsys.readouterr()
+    listed.write_text(f"{chosen[0]}\nAtlantis\n")
+    assert run(["build", "--out", str(tmp_path / "bad"), "--sources", "flags", "--subjects", str(listed)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "Atlantis" in error and not (tmp_path / "bad").exists()

@@ -48,3 +48,16 @@ def test_rerun_reuses_finished_steps(demo_dir):
     assert run(["demo", "--quick", "--out", str(demo_dir)]) == 0
     after = {p: p.stat().st_mtime_ns for p in (demo_dir / "runs").rglob("*.json")}
     assert before == after
+
+
+def test_findings_table_has_a_verdict_per_finding_and_quotes_the_run_files(demo_dir, planted_model_dir):
+    report = (demo_dir / "report.md").read_text()
+    rows = [line for line in report.splitlines() if re.match(r"\| [1-5] \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3", "4", "5"]
+    for row in rows:
+        assert len(re.findall(r"\*\*(holds|does not hold|inconclusive)\*\*", row)) == 1, row  # planted only
+    # Finding 1 on the planted model: the MLLM's peak is the planted layer (image-noise trace, last token).
+    planted_layer = json.loads((planted_model_dir / "config.json").read_text())["planted_layer"]
+    assert f"MLLM: peak MLP layer {planted_layer} " in rows[0]
+    editing = json.loads((demo_dir / "runs" / "planted-edit" / "editing_results.json").read_text())
+    assert f"multedit {fmt(editing['methods']['multedit']['score'])}" in rows[4]

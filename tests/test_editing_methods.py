@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -280,3 +281,22 @@ def test_ft_l_records_whether_its_bound_was_active(tiny_llava):
     handle = loose.apply(adapter, [_request("Tokyo")], [1])
     handle.restore()
     assert handle.info["bound_active"] is False and handle.info["clipped_steps"] == 0
+
+
+@pytest.mark.parametrize("key_position", ["last", "constraint"])
+def test_prefix_cached_delta_steps_equal_full_forwards(tiny_llava, key_position):
+    """The delta optimisation's steps run only from the earliest key position on (the image is cached once);
+    the deltas, losses and written weights are those of full forwards."""
+    adapter = tiny_llava
+    requests = [_request("Tokyo"), _request("Paris and Rome")]
+    results = {}
+    for cached in (True, False):
+        method = MultEdit(steps=4, patience=99, key_position=key_position, cache_prefix=cached)
+        handle = method.apply(adapter, requests, [1])
+        results[cached] = (adapter.mlp_out_proj(1).weight.detach().clone(), handle.info)
+        handle.restore()
+    (w_cached, info_cached), (w_full, info_full) = results[True], results[False]
+    assert info_cached["delta_forward"] == ["prefix-cached"] and info_full["delta_forward"] == []
+    np.testing.assert_allclose(info_cached["per_layer"][0]["final_nll"], info_full["per_layer"][0]["final_nll"],
+                               atol=1e-4)
+    torch.testing.assert_close(w_cached, w_full, atol=1e-5, rtol=1e-4)

@@ -223,6 +223,8 @@ def test_edit_changes_the_weights_and_restores_them_bit_for_bit(family_adapter, 
     before = weights_hash(adapter.model)
     handle = make_method(method, key_position="last", steps=2).apply(adapter, [request], [1])
     assert weights_hash(adapter.model) != before, f"{method} changed nothing"
+    if method == "multedit":  # its delta steps continue a cached prefix on every family (editing/prefix_cache.py)
+        assert handle.info["delta_forward"] == ["prefix-cached"]
     handle.restore()
     assert weights_hash(adapter.model) == before
     assert all(p.grad is None for p in adapter.model.parameters())

@@ -202,3 +202,43 @@ def test_cache_budget_sizes_parse_and_bad_ones_are_one_line_errors(capsys):
                     "--cache-budget", bad])
         err = capsys.readouterr().err.strip()
         assert code == 1 and err.startswith("error:") and "--cache-budget" in err and "\n" not in err, (bad, err)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_shared_prefix_attention_equals_attention_over_the_concatenated_keys(samples):
+    """Log-sum-exp merge of the shared prefix and each row's causal suffix, against SDPA on the tiled keys."""
+    from harness.tracing.shared_prefix import _PREFIX, attend
+
+    torch.manual_seed(0)
+    n, heads, kv_heads, prefix_len, length, dim = 4, 6, 2, 37, 5, 8
+    rows = n * samples
+    prefix_k, prefix_v = torch.randn(samples, kv_heads, prefix_len, dim), torch.randn(samples, kv_heads, prefix_len, dim)
+    query, key, value = torch.randn(rows, heads, length, dim), torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+
+    class Module(torch.nn.Module):
+        layer_idx = 0
+
+    token = _PREFIX.set([(prefix_k, prefix_v)])
+    try:
+        out, _ = attend(Module(), query, key, value, None, scaling=0.3)
+    finally:
+        _PREFIX.reset(token)
+    tiled_k = torch.cat([prefix_k.repeat(n, 1, 1, 1), key], dim=2).repeat_interleave(heads // kv_heads, dim=1)
+    tiled_v = torch.cat([prefix_v.repeat(n, 1, 1, 1), value], dim=2).repeat_interleave(heads // kv_heads, dim=1)
+    mask = torch.ones(length, prefix_len + length, dtype=torch.bool).tril(prefix_len)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, tiled_k, tiled_v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ct.CORRUPTIONS)
+def test_shared_prefix_and_tiled_cache_agree_at_every_cell(tiny_llava, example, mode):
+    encoded, positions = example
+    targets = {"constraint": positions, "last": [encoded.last_position]}
+    results = {}
+    for shared in (True, False):
+        engine = ct.make_engine("fast", shared_prefix=shared)
+        prepared = _prepare(tiny_llava, example, engine, mode)
+        assert prepared.extra["prefix_mode"] == ("shared" if shared else "tiled")
+        results[shared] = ct.trace_example(prepared, engine, targets, list(KINDS), 1)
+    for name in targets:
+        np.testing.assert_allclose(results[True][name], results[False][name], atol=1e-5, rtol=0)

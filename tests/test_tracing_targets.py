@@ -59,6 +59,13 @@ def test_answer_target_is_the_gold_answer_after_the_models_own_words():
         first = choose_target(adapter, question, None, [capital], generation.text, "first-token")
         assert first.source == "own-first-token" and not first.encoded.answer_positions
 
+        # --target subject: the country named in the answer (the recognition step), after "The capital of".
+        subject = choose_target(adapter, question, None, [country], generation.text, "subject")
+        assert (subject.mode, subject.source, subject.prefix, subject.text) == ("subject", "gold", "The capital of ", country)
+        scored = [int(subject.encoded.input_ids[0, q]) for q in subject.encoded.answer_positions]
+        assert adapter.tokenizer.decode(scored) == f" {country}"
+        assert adapter.tokenizer.decode(subject.encoded.input_ids[0, subject.encoded.answer_positions[0] - 1]).strip() == "of"
+
 
 def _options(model, data, out, **overrides) -> TraceOptions:
     base = dict(model=str(model), data=str(data), config="single_constraint", out=out, corruption="image-noise",

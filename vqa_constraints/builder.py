@@ -133,8 +133,10 @@ def build(
     source_paths: Iterable[str] | Mapping[str, str] | None = None,
     seed: int = 0,
     skip_invalid: bool = False,
+    subjects: Iterable[str] | None = None,
 ) -> BuildReport:
-    """Build the folder; ``sources=None`` means ``DEFAULT_SOURCES`` plus every source given a path."""
+    """Build the folder; ``sources=None`` means ``DEFAULT_SOURCES`` plus every source given a path.
+    ``subjects``: keep only questions about these subjects (e.g. a model's held-out countries)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     paths = parse_source_paths(source_paths)
@@ -152,6 +154,13 @@ def build(
         skipped.extend(context.skipped)
         rows_by_source[name] = len(accepted)
         log.info("source %s: %d records, %d skipped", name, len(accepted), len(context.skipped))
+    if subjects is not None:
+        subjects = set(subjects)
+        unknown = subjects - {record.subject for record, _ in records}
+        if unknown:
+            raise UserError(f"--subjects: {len(unknown)} subject(s) have no question in sources {', '.join(names)}, "
+                            f"e.g. {sorted(unknown)[0]!r}")
+        records = [(record, row) for record, row in records if record.subject in subjects]
     records = _drop_duplicate_ids(records, skip_invalid, skipped)
     if not records:
         raise UserError(f"sources {', '.join(names)} produced no valid records; nothing to build")
@@ -175,6 +184,7 @@ def build(
             "rows": counts,
             "rows_by_source": rows_by_source,
             "skipped": len(skipped),
+            "subjects": None if subjects is None else sorted(subjects),
         }
         by_split = {key: [record for record, _ in pairs] for key, pairs in groups.items()}
         (tmp_dir / "README.md").write_text(render_card(layout, by_split, info, DEFAULT_CONFIG), "utf-8")

@@ -35,6 +35,9 @@ def add_build(subparsers) -> None:
     parser.add_argument(
         "--skip-invalid", action="store_true", help="skip invalid rows (reported with reasons) instead of stopping"
     )
+    parser.add_argument("--subjects", type=Path, metavar="FILE",
+                        help="keep only questions about the subjects listed in FILE, one per line (e.g. a model's "
+                        "held-out countries); every listed subject must have questions")
     parser.set_defaults(func=run_build)
 
 
@@ -42,10 +45,23 @@ def run_build(args) -> int:
     from vqa_constraints.builder import build
 
     sources = None if args.sources is None else args.sources.split(",")
+    subjects = None if args.subjects is None else read_subjects(args.subjects)
     report = build(args.out, sources=sources, source_paths=args.source_path, seed=args.seed,
-                   skip_invalid=args.skip_invalid)
+                   skip_invalid=args.skip_invalid, subjects=subjects)
     print(report.summary())
     return 0
+
+
+def read_subjects(path: Path) -> list[str]:
+    """Subject names, one per line (blank lines ignored)."""
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--subjects {path}: cannot read it ({type(error).__name__})") from None
+    names = [line.strip() for line in lines if line.strip()]
+    if not names:
+        raise UserError(f"--subjects {path}: no subject names in it (one per line)")
+    return names
 
 
 def add_validate(subparsers) -> None:

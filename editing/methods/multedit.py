@@ -39,6 +39,7 @@ from editing.methods.base import (
     only_trainable,
     request_prompts,
 )
+from editing.prefix_cache import TOLERANCE, PrefixCachedForward, logits_to_keep
 from editing.requests import EditRequest
 from harness.hooks import edit_outputs, record_inputs
 
@@ -92,6 +93,7 @@ class MultEdit(EditMethod):
     form: str = "lambda"
     cov_ridge: float = 1e-3  # added to C's diagonal, relative to tr(C)/d (covariance form)
     delta_batch: int = 8  # requests whose deltas share a forward pass (memory grows with it)
+    cache_prefix: bool = True  # delta steps run from the earliest key position on (editing/prefix_cache.py)
 
     name = "multedit"
 
@@ -102,6 +104,7 @@ class MultEdit(EditMethod):
             raise UserError(f"unknown MultEdit form {self.form!r}; choose from {', '.join(FORMS)}")
         self._key_corpus: tuple[list, str] | None = None
         self._cov: dict = {}
+        self._forward_kinds: set[str] = set()  # how the delta steps ran: prefix-cached and/or full
 
     def config(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -151,6 +154,7 @@ class MultEdit(EditMethod):
         covs = {int(l): self.covariance(adapter, int(l)) for l in layers} if self.form == "covariance" else {}
         kept = {int(l): self._preserved_keys(adapter, m, int(l)) for l, m in zip(layers, modules)}
         handle = EditHandle.master_copies(modules)
+        self._forward_kinds = set()
         seconds = {"keys": 0.0, "delta": 0.0, "solve": 0.0}
         handle.info = {"layers": [int(l) for l in layers], "form": self.form, "per_layer": [], "seconds": seconds}
         try:
@@ -180,6 +184,7 @@ class MultEdit(EditMethod):
                 self._write(module, K, D, covs.get(layer))
                 seconds["solve"] += time.perf_counter() - began
                 handle.info["per_layer"].append({"layer": layer, "final_nll": losses, "steps": steps})
+            handle.info["delta_forward"] = sorted(self._forward_kinds)
         except Exception:
             handle.restore()
             raise
@@ -200,6 +205,9 @@ class MultEdit(EditMethod):
         offset = batch["input_ids"].shape[1] - keep if keep else 0
         rows = torch.arange(n, device=adapter.device)
         positions = torch.tensor([p.key_position for p in prompts], device=adapter.device)
+        cached = self._prefix_cached(adapter, batch, prompts, offset, keep) if self.cache_prefix else None
+        if cached is not None:  # steps run from the earliest key position on (editing/prefix_cache.py)
+            positions, offset = positions - cached.offset, cached.offset
         delta = torch.zeros(n, v0.shape[1], dtype=torch.float32, device=v0.device, requires_grad=True)
         v0_norm = v0.float().norm(dim=1).clamp_min(1e-6)
         scale = (v0_norm / v0.shape[1] ** 0.5)[:, None]  # Adam moves each delta at its own value's scale
@@ -215,7 +223,10 @@ class MultEdit(EditMethod):
         with only_trainable(adapter.model, []):
             for step in range(self.steps + 1):
                 with edit_outputs({module: add_delta}):
-                    logits = adapter.model(**batch, **({"logits_to_keep": keep} if keep else {})).logits
+                    if cached is not None:
+                        logits = cached.logits()
+                    else:
+                        logits = adapter.model(**batch, **({"logits_to_keep": keep} if keep else {})).logits
                 nll = torch.stack([p.nll(logits[i : i + 1], offset) for i, p in enumerate(prompts)])
                 losses = [float(x) for x in nll.detach()]
                 mean = sum(losses) / n
@@ -234,6 +245,28 @@ class MultEdit(EditMethod):
                     factor = (self.max_delta_ratio * v0_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
                     delta.mul_(factor[:, None])
         return (delta * scale).detach(), losses, steps
+
+    def _prefix_cached(self, adapter, batch, prompts, offset: int, keep: int) -> PrefixCachedForward | None:
+        """A forward that caches everything before the earliest key position, if it reproduces the full model's
+        answer NLL at delta = 0 (else None: full forwards)."""
+        start = min(p.key_position for p in prompts)
+        if start < 1:
+            return None
+        with torch.no_grad():
+            full = adapter.model(**batch, **({"logits_to_keep": keep} if keep else {})).logits
+            expected = [float(p.nll(full[i : i + 1], offset)) for i, p in enumerate(prompts)]
+            try:
+                cached = PrefixCachedForward(adapter, batch, start)
+                logits = cached.logits()
+            except (TypeError, ValueError, RuntimeError, AttributeError):
+                self._forward_kinds.add("full")
+                return None
+            got = [float(p.nll(logits[i : i + 1], start)) for i, p in enumerate(prompts)]
+        if max(abs(a - b) for a, b in zip(expected, got)) > TOLERANCE:
+            self._forward_kinds.add("full")
+            return None
+        self._forward_kinds.add("prefix-cached")
+        return cached
 
     @torch.no_grad()
     def _write(self, module, K: torch.Tensor, deltas: torch.Tensor, cov=None) -> None:
@@ -257,13 +290,6 @@ class MultEditCovariance(MultEdit):
     form: str = "covariance"
 
     name = "multedit-cov"
-
-
-def logits_to_keep(adapter, count: int) -> int:
-    """``count`` when the model's forward can skip the other positions' logits, else 0 (all)."""
-    import inspect
-
-    return count if "logits_to_keep" in inspect.signature(adapter.model.forward).parameters else 0
 
 
 @torch.no_grad()

@@ -356,7 +356,8 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
 
     question = record.text_only_question if options.text_only else record.question
     image = None if options.text_only else record.image
-    chosen = choose_target(adapter, question, image, record.answers, prediction, options.target, options.answer)
+    golds = [record.subject] if options.target == "subject" else record.answers
+    chosen = choose_target(adapter, question, image, golds, prediction, options.target, options.answer)
     encoded = chosen.encoded  # answer_positions: the target's tokens only
     try:
         located = locate_constraints(record, encoded, options.text_only)
@@ -397,6 +398,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
                     "effect": [float(x) for x in effect],
                     "normalised": [float(x) if np.isfinite(x) else None for x in normalised],
                     "engine": prepared.extra.get("engine", engine.name),
+                    "fast_prefix": prepared.extra.get("prefix_mode"),  # shared / tiled (fast engine only)
                 })
     return rows
 
@@ -487,8 +489,14 @@ def shard_records(adapter, records: list, shard: str | None) -> tuple[list, list
 def engine_counts(rows: list[dict]) -> dict[str, int]:
     """How many traced units (an example under one corruption) each engine ran; the fast engine hands
     an example to the reference engine when it cannot show exactness for it."""
-    units = {(row["id"], row["corrupted"], row["corrupted_index"]): row.get("engine", "fast") for row in rows}
-    return {name: sum(1 for engine in units.values() if engine == name) for name in ENGINES}
+    units = {(row["id"], row["corrupted"], row["corrupted_index"]): (row.get("engine", "fast"), row.get("fast_prefix"))
+             for row in rows}
+    counts = {name: sum(1 for engine, _ in units.values() if engine == name) for name in ENGINES}
+    # Units the fast engine ran on the tiled cache because shared-prefix attention was not exact for them.
+    tiled = sum(1 for engine, prefix in units.values() if engine == "fast" and prefix == "tiled")
+    if tiled:
+        counts["fast_tiled_prefix"] = tiled
+    return counts
 
 
 def replacement_record(options, adapter: ModelAdapter) -> dict | None:

@@ -33,7 +33,8 @@ def add_trace(subparsers) -> None:
                         help="constraint: each constraint's tokens and the last token; last: last token only; all: also every text position")
     parser.add_argument("--target", default="answer", choices=TARGETS,
                         help="answer: the gold answer's tokens, teacher forced where the answer begins in the model's "
-                             "own greedy output; first-token: the model's own top first token")
+                             "own greedy output; subject: the same for the question's subject (a model that names the country "
+                             "before answering: the recognition step); first-token: the model's own top first token")
     parser.add_argument("--answer", default="first-token", choices=("first-token", "full"),
                         help="with --target first-token: score the model's first token or its whole answer")
     parser.add_argument("--min-affected", type=positive_int, default=5,

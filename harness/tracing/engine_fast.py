@@ -41,6 +41,7 @@ from harness.hooks import record_outputs
 
 from .engine_reference import ReferenceEngine
 from .patching import Prepared, RestoreSet, answer_probability, restoring
+from .shared_prefix import shared_prefix_attention
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of expanded key/value cache per batch on
 CUDA_FREE_SHARE = 0.5  # of the GPU's free memory: the rest is left for activations and the allocator
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 DEFAULT_LAYER_BUCKETS = 4
+# How a batch reads the corrupted prefix: "shared" attends to one copy (harness/tracing/shared_prefix.py),
+# "tiled" repeats it per row in a stock cache (any attention implementation). Tried in this order.
+PREFIX_MODES = ("shared", "tiled")
 EXACT_TOLERANCE = 1e-4  # largest |p_fast - p_full model| accepted on an example's checks
 
 
@@ -55,8 +59,9 @@ class FastEngine:
     name = "fast"
 
     def __init__(self, max_batch: int = 64, cache_budget_bytes: int | None = None,
-                 layer_buckets: int = DEFAULT_LAYER_BUCKETS):
+                 layer_buckets: int = DEFAULT_LAYER_BUCKETS, shared_prefix: bool = True):
         self.max_batch = max_batch
+        self.shared_prefix = shared_prefix  # False: always the tiled cache (for comparisons)
         self.cache_budget_bytes = cache_budget_bytes  # None: from the device (see cache_budget)
         self.layer_buckets = layer_buckets
         self.reference = ReferenceEngine()  # for examples whose exactness cannot be shown
@@ -78,13 +83,22 @@ class FastEngine:
         prepared.extra["corrupt_kv"] = _key_values(out.cache)
         prepared.extra["corrupt_p"] = answer_probability(logits, prepared.target_tokens)  # per noise sample
         prepared.p_corrupt = float(prepared.extra["corrupt_p"].mean())
-        problem = self.exactness_problem(prepared)
-        if problem is not None:
-            log.warning("%s: %s; this example is traced with the reference engine", adapter.name_or_path, problem)
+        problems = []
+        for mode in PREFIX_MODES if self.shared_prefix else PREFIX_MODES[1:]:
+            prepared.extra["prefix_mode"] = mode
+            problem = self.exactness_problem(prepared)
+            if problem is None:
+                break
+            problems.append(f"{mode} prefix: {problem}")
+        else:
+            reason = "; ".join(problems)
+            log.warning("%s: %s; this example is traced with the reference engine", adapter.name_or_path, reason)
             prepared.extra.clear()
             self.reference.prepare(prepared)
-            prepared.extra["fallback_reason"] = problem
+            prepared.extra["fallback_reason"] = reason
             return
+        if problems:
+            log.info("%s: %s; using the tiled prefix", adapter.name_or_path, problems[0])
         prepared.extra["can_skip_layers"] = self.layer_buckets > 1 and self._skipping_is_exact(prepared)
 
     def score(self, prepared: Prepared, restore_sets: list[RestoreSet], progress=None) -> np.ndarray:
@@ -147,10 +161,15 @@ class FastEngine:
         return min(layer for _, layer, _ in cells) // stride * stride
 
     def _chunk_size(self, prepared: Prepared, offset: int) -> int:
-        """Restorations per batch so the expanded cache stays within the budget."""
+        """Restorations per batch so the per-row memory (the expanded cache, or with a shared prefix one layer's
+        float32 attention scores and weights) stays within the budget."""
         kv = prepared.extra["corrupt_kv"]
         keys = kv[0][0]  # [samples, kv_heads, T, head_dim]
-        per_row = 2 * len(kv) * keys.shape[1] * keys.shape[3] * max(offset, 1) * keys.element_size()
+        if prepared.extra.get("prefix_mode") == "shared":
+            heads = getattr(prepared.adapter.language_model().config, "num_attention_heads", keys.shape[1])
+            per_row = 2 * 4 * heads * (keys.shape[2] - offset) * max(offset, 1)
+        else:
+            per_row = 2 * len(kv) * keys.shape[1] * keys.shape[3] * max(offset, 1) * keys.element_size()
         rows = cache_budget(keys.device, self.cache_budget_bytes) // max(per_row, 1)
         return max(1, min(self.max_batch, rows // prepared.corruption.samples))
 
@@ -163,14 +182,19 @@ class FastEngine:
             inputs = prepared.extra["corrupt_hidden"][start_layer - 1]
         inputs = inputs[:, offset:].repeat(n, 1, 1)
         lm = prepared.adapter.language_model()
-        cache = None
-        if offset > 0:
-            cache = DynamicCache(config=lm.config)
-            for layer, (keys, values) in enumerate(prepared.extra["corrupt_kv"]):
-                cache.update(_tile(keys[:, :, :offset], n), _tile(values[:, :, :offset], n), layer)
         positions = _positions(prepared, offset, inputs.shape[0])
-        with layers_from(lm, start_layer):
-            out = lm(inputs_embeds=inputs, position_ids=positions, cache=cache, use_cache=cache is not None)
+        if offset > 0 and prepared.extra.get("prefix_mode") == "shared":
+            prefix = [(keys[:, :, :offset], values[:, :, :offset]) for keys, values in prepared.extra["corrupt_kv"]]
+            with shared_prefix_attention(lm, prefix) as cache, layers_from(lm, start_layer):
+                out = lm(inputs_embeds=inputs, position_ids=positions, cache=cache, use_cache=True)
+        else:
+            cache = None
+            if offset > 0:
+                cache = DynamicCache(config=lm.config)
+                for layer, (keys, values) in enumerate(prepared.extra["corrupt_kv"]):
+                    cache.update(_tile(keys[:, :, :offset], n), _tile(values[:, :, :offset], n), layer)
+            with layers_from(lm, start_layer):
+                out = lm(inputs_embeds=inputs, position_ids=positions, cache=cache, use_cache=cache is not None)
         return _lm_head(prepared)(out.last_hidden_state[:, [q - offset for q in prepared.score_positions]])
 
     def _run_suffix(self, prepared: Prepared, restore_sets: list[RestoreSet], offset: int, start_layer: int) -> np.ndarray:

@@ -37,6 +37,23 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return float(u / (positives * negatives))
 
 
+def auroc_interval(scores: Sequence[float], labels: Sequence[bool], seed: int, resamples: int = 1000) -> list | None:
+    """95% interval of the AUROC: percentiles over resamples drawn within each class (so every resample has
+    both), seeded. None without both classes."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if len(positives) == 0 or len(negatives) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        chosen = np.concatenate([rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
+        values.append(auroc(scores[chosen], labels[chosen]))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def split_selection(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of ``range(n)`` into (selection, evaluation) index arrays."""
     order = np.random.default_rng(seed).permutation(n)
@@ -76,11 +93,14 @@ def failure_prediction(
         "selected_layers": chosen,
         "auroc_contribution": None,
         "auroc_confidence": auroc(confidence[evaluation], correct[evaluation]),
+        "auroc_confidence_ci": auroc_interval(confidence[evaluation], correct[evaluation], seed),
+        "auroc_contribution_ci": None,
         "note": "",
     }
     if chosen:
         summed = per_layer[evaluation][:, chosen].sum(axis=1)
         result["auroc_contribution"] = auroc(summed, correct[evaluation])
+        result["auroc_contribution_ci"] = auroc_interval(summed, correct[evaluation], seed)
     if result["auroc_contribution"] is None or result["auroc_confidence"] is None:
         result["note"] = "AUROC needs both correct and wrong answers in the selection and evaluation parts"
     return result

@@ -10,6 +10,11 @@ the answer correct). When the output holds no gold answer (a wrong answer under
 ``--traced all``) the target falls back to the model's own top first token,
 and the row says so (``answer_source``).
 
+``subject``: the same, with the question's subject (the pictured country) in
+place of the gold answer: for a model that names the country before answering
+("The capital of Afghanistan is Kabul.") this traces the recognition step,
+p(" Afghanistan") after "The capital of", rather than the retrieval step.
+
 ``first-token``: the model's own top first token (``--answer full``: its whole
 greedy answer), as before answer-aware targets.
 """
@@ -22,7 +27,7 @@ from dataclasses import dataclass, replace
 from harness.models.base import Encoded
 from harness.scoring import normalize_answer
 
-TARGETS = ("answer", "first-token")
+TARGETS = ("answer", "subject", "first-token")
 SOURCES = ("gold", "own-first-token", "own-answer")
 
 
@@ -30,8 +35,8 @@ SOURCES = ("gold", "own-first-token", "own-answer")
 class Target:
     """The traced target of one question: ``encoded`` scores exactly its tokens (``answer_positions``)."""
 
-    mode: str  # answer | first-token
-    source: str  # gold: a gold answer found in the output; own-first-token / own-answer: the model's own
+    mode: str  # answer | subject | first-token
+    source: str  # gold: a gold answer (the subject, for mode subject) found in the output; own-first-token / own-answer: the model's own
     prefix: str  # the model's own words forced before the target ("" for none)
     text: str  # the target's text as teacher forced ("" for the model's own top first token)
     encoded: Encoded  # prompt + prefix + text; answer_positions = the target's tokens only (none: top token)
@@ -72,7 +77,7 @@ def choose_target(adapter, question: str, image, answers, prediction: str | None
         return adapter.encode(question, answer=answer) if image is None else adapter.encode(question, image, answer=answer)
 
     bare = encode(None)
-    if mode == "answer" and prediction is not None:
+    if mode in ("answer", "subject") and prediction is not None:
         found = answer_start(prediction, answers)
         if found is not None:
             start, gold = found
@@ -83,7 +88,7 @@ def choose_target(adapter, question: str, image, answers, prediction: str | None
             gold_positions = [q for q in encoded.answer_positions
                               if encoded.token_char_spans[q][1] > begin and encoded.token_char_spans[q][0] < begin + len(gold)]
             if gold_positions:
-                return Target("answer", "gold", prefix, gold, replace(encoded, answer_positions=gold_positions),
+                return Target(mode, "gold", prefix, gold, replace(encoded, answer_positions=gold_positions),
                               encoded.answer_positions[0] - 1)
     if answer_scoring == "full" and (prediction or answers):
         text = prediction or answers[0]
