@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--tracks", default="correction,insertion")
     parser.add_argument("--modes", default="single,batch", help="single: one edit at a time; batch: all as one")
+    parser.add_argument("--which", default="chosen,other", help="chosen: the chosen layer; other: the second layer")
     parser.add_argument("--specificity-size", type=int, default=32)
     parser.add_argument("--key-position", default="auto", choices=["auto", "subject-token", "constraint", "last"])
     parser.add_argument("--max-new-tokens", type=int, default=24, help="flag-llava's sentence answers need 24")
@@ -98,8 +99,10 @@ def main() -> None:
     for track in args.tracks.split(","):
         lines = list(HEADER)
         layers_done: list[int] = []
-        for which in ("chosen", "other"):
+        for which in args.which.split(","):
             if which == "other":
+                if args.other_layer is None and not layers_done:
+                    raise SystemExit("error: --which other alone needs --other-layer")
                 other = args.other_layer if args.other_layer is not None else min(layers_done[0] + 3, adapter.num_layers - 1)
                 layer_list = [other]
             else:

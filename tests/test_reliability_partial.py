@@ -116,8 +116,11 @@ def test_ctrl_c_on_the_trace_command_says_what_was_written(tiny_llava_dir, plant
     out = tmp_path / "trace"
     command = [sys.executable, "-c", "from vqa_constraints.cli import main; main()", "trace",
                "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--config", "single_constraint",
-               "--out", str(out), "--corruption", "image-noise", "--positions", "last", "--kinds", "mlp",
-               "--noise-samples", "2", "--traced", "all", "--limit", "200", "--dtype", "float32", "--device", "cpu"]
+               "--out", str(out), "--corruption", "image-noise", "--positions", "all", "--kinds", "mlp,attn,hidden",
+               "--noise-samples", "2", "--traced", "all", "--limit", "200", "--engine", "reference",
+               "--dtype", "float32", "--device", "cpu"]
+    # A trace of minutes (the reference engine, every position and kind): the fast engine finishes the small
+    # one this test used to run before the signal arrives, and a finished trace has nothing to interrupt.
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = b""
     try:
