@@ -93,7 +93,8 @@ def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tup
         trace_out = Path(out) / "trace"
         run_trace(TraceOptions(model=str(adapter.name_or_path), data=str(data), config=SPECIFICITY_CONFIG,
                                out=trace_out, split=options.split, corruption="image-noise",
-                               limit=options.trace_limit, seed=options.seed, progress=False), adapter)
+                               limit=options.trace_limit, seed=options.seed, progress=False,
+                               max_new_tokens=options.max_new_tokens), adapter)
         path = trace_out / "trace_stats.json"
         source = f"peak MLP layer of a trace of {options.trace_limit} {SPECIFICITY_CONFIG} questions"
     try:

@@ -99,10 +99,14 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
     def limit(value):
         return [] if value is None else ["--limit", str(value)]
 
+    # Sentence answers ("The capital of Nepal is Kathmandu.") need 24 new tokens to be scored; the planted model's
+    # bare ones 16. Traces keep 16: they only locate where the answer starts, which the tuned flag-llava says within
+    # its first 16 tokens (18 of 371 held-out answers reach 15 tokens).
+    answer_tokens = ["--max-new-tokens", "16" if model_name == "planted" else "24"]
     steps = [
         Step(f"{model_name}-evaluate",
              ["evaluate", *common, "--out", str(runs / f"{model_name}-evaluate"), *limit(size.eval_limit),
-              "--no-progress"],
+              *answer_tokens, "--no-progress"],
              "results.json"),
     ]
     if model_name == "planted":
@@ -116,9 +120,13 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
         text_trace = ["--corruption", "replace", "--positions", "constraint"]
         # Key position: the most distinct key at the traced layer (auto); sentence answers need 24 tokens.
         edit_track, key_position = "correction", "auto"
+    # The edited layer: the MLLM trace's peak causal MLP layer. flag-llava's traces find none at the constraint
+    # tokens (the answer is read from the country name it says first; docs/tracing.md), so its edits use layer 9
+    # of 30, where its earlier editing measurements were made; the output records that --layers chose it.
+    edit_layer = (["--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json")]
+                  if model_name == "planted" else ["--layers", "9"])
     edit_common = ["--key-position", key_position, "--max-new-tokens", "16" if model_name == "planted" else "24",
-                   "--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json"),
-                   "--specificity-size", str(size.specificity_size)]
+                   *edit_layer, "--specificity-size", str(size.specificity_size)]
     steps += [
         Step(f"{model_name}-trace-mllm",
              ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", "hidden,mlp,attn",
@@ -136,7 +144,7 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
              "trace_stats.json"),
         Step(f"{model_name}-attention",
              ["attention", *common, "--config", "single_constraint", "--out", str(runs / f"{model_name}-attention"),
-              *limit(size.attention_limit), "--no-progress"],
+              *limit(size.attention_limit), *answer_tokens, "--no-progress"],
              "attention_stats.json"),
         Step(f"{model_name}-edit",
              ["edit", *common, "--method", "multedit,multedit-cov,ft,ft-l", "--track", edit_track, *edit_common,

@@ -3,7 +3,7 @@
 Reads the demo's run folders (trace, attention, edit outputs; complete ones only) and writes, per finding,
 ``holds`` / ``does not hold`` / ``inconclusive`` with the evidence: every number with its 95% interval and
 its n. A verdict is inconclusive whenever the measurement it needs is null (too few affected questions, no
-wrong answers, a missing run), never guessed. The rules are stated beside each finding in ``FINDINGS``.
+causal layer, no wrong answers, a missing run), never guessed. The rules are stated beside each finding in ``FINDINGS``.
 """
 
 from __future__ import annotations
@@ -52,23 +52,35 @@ def load(path: Path) -> dict | None:
 
 
 def find_group(stats: dict | None, kind: str, preferences) -> dict | None:
-    """The first non-null (corrupted, target) group of ``kind`` over all constraint counts, in preference order."""
+    """The first (corrupted, target) group of ``kind`` over all constraint counts, in preference order, that has a
+    causal layer; else the first that is not null; else None."""
     if stats is None:
         return None
+    measured = []
     for corrupted, target in preferences:
         accepted, name = group_names(corrupted, target)
         for wanted in accepted:
             for group in stats["groups"]:
                 if (group["kind"], group["num_constraints"], group["corrupted"], group["target"]) == (kind, "all", wanted, name):
                     if not group["null"]:
-                        return group
-    return None
+                        measured.append(group)
+    # A group with a causal layer first; else the first measured one, so the evidence says what was seen.
+    return next((g for g in measured if g["causal_layers"]), measured[0] if measured else None)
+
+
+def has_causal_layer(group: dict | None) -> bool:
+    """A measured group whose effect crosses the trace's threshold somewhere: its peak is a retrieval layer."""
+    return group is not None and bool(group["causal_layers"])
 
 
 def describe_peak(label: str, group: dict | None) -> str:
     if group is None:
         return f"{label}: null (no group with enough affected questions)"
     peak = group["peak_layer"]
+    if not group["causal_layers"]:
+        return (f"{label}: no causal MLP layer ({group['corrupted']} → {group['target']}; largest effect "
+                f"{fmt_interval(group['mean_effect'][peak], group['ci_low'][peak], group['ci_high'][peak])} at layer "
+                f"{peak}, below the threshold; n = {group['n_affected']} affected of {group['n']})")
     return (f"{label}: peak MLP layer {peak} ({group['corrupted']} → {group['target']}; effect "
             f"{fmt_interval(group['mean_effect'][peak], group['ci_low'][peak], group['ci_high'][peak])}, "
             f"n = {group['n_affected']} affected of {group['n']}), causal layers "
@@ -83,7 +95,7 @@ def where_retrieved(runs: Path, name: str) -> tuple[str, str]:
     mllm = find_group(load(runs / f"{name}-trace-mllm" / "trace_stats.json"), "mlp", PEAK_PREFERENCES)
     text = find_group(load(runs / f"{name}-trace-text-only" / "trace_stats.json"), "mlp", PEAK_PREFERENCES)
     evidence = f"{describe_peak('MLLM', mllm)}; {describe_peak('text-only', text)}"
-    if mllm is None or text is None:
+    if not (has_causal_layer(mllm) and has_causal_layer(text)):
         return UNSURE, evidence
     return (HOLDS if mllm["peak_layer"] < text["peak_layer"] else FAILS), evidence
 
@@ -119,7 +131,7 @@ def multi_constraint(runs: Path, name: str) -> tuple[str, str]:
     visual = find_group(stats, "mlp", [("visual", t) for t in targets])
     textual = find_group(stats, "mlp", [("textual", t) for t in targets])
     evidence = f"{describe_peak('visual', visual)}; {describe_peak('textual', textual)}"
-    if visual is None or textual is None:
+    if not (has_causal_layer(visual) and has_causal_layer(textual)):
         return UNSURE, evidence
     half = len(visual["mean_effect"]) / 2
     return (HOLDS if visual["peak_layer"] < half and textual["peak_layer"] < half else FAILS), evidence

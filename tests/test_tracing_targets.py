@@ -120,6 +120,17 @@ def test_zero_affected_questions_give_null_and_affected_only_means():
     assert stats.peak_of_groups([group], corrupted="visual", target="last") == 0
     assert group["restores_corrupted_layers"] == []
 
+    # Affected, but no layer's effect crosses the threshold: a largest value exists, a causal layer does not, so
+    # MultEdit's default layer (and finding 1's peak) is None rather than the argmax of noise.
+    weak = [row("a", 0.8, 0.2, [0.03, 0.0]), row("b", 0.4, 0.0, [0.01, 0.0])]
+    [group] = [g for g in stats.summarise(weak, 0.1, 50, 0, min_affected=2) if g["num_constraints"] == "all"]
+    assert (group["null"], group["peak_layer"], group["causal_layers"]) == (False, 0, [])
+    assert stats.peak_of_groups([group], corrupted="visual", target="last") is None
+    from harness.findings import UNSURE, describe_peak, has_causal_layer
+
+    assert not has_causal_layer(group) and describe_peak("MLLM", group).startswith("MLLM: no causal MLP layer")
+    assert UNSURE == "inconclusive"
+
     # Restored at the corrupted tokens themselves: layer 0 is marked, in the stats and the report's row.
     at_corrupted = [{**r, "target": "visual constraint", "restores_corrupted": True} for r in affected]
     [group] = [g for g in stats.summarise(at_corrupted, 0.1, 50, 0, min_affected=2) if g["num_constraints"] == "all"]
@@ -157,3 +168,22 @@ def test_bad_target_options_are_one_line_user_errors(tmp_path):
         with pytest.raises(UserError, match=message) as info:
             TraceOptions(model="-", data="-", config="single_constraint", out=tmp_path, **bad).check()
         assert "\n" not in str(info.value)
+
+
+def test_max_new_tokens_bounds_the_answer_the_target_is_found_in(tiny_model_dirs, planted_data_dir, tmp_path):
+    from harness.models.loading import load_model
+    from harness.tracing.causal_trace import shard_records
+    from vqa_constraints.errors import UserError
+    from vqa_constraints.loading import load_split
+
+    adapter = load_model(tiny_model_dirs("llava"), dtype="float32", device="cpu")
+    records = list(load_split(str(planted_data_dir), "single_constraint").records(4))
+    _, short = shard_records(adapter, records, None, max_new_tokens=2)
+    _, long = shard_records(adapter, records, None, max_new_tokens=12)
+    assert all(len(adapter.tokenizer(text, add_special_tokens=False)["input_ids"]) <= 3 for text in short)
+    assert any(len(b) > len(a) and b.startswith(a.strip()[:1]) for a, b in zip(short, long))
+    with pytest.raises(UserError, match="--max-new-tokens 0"):
+        _options("tiny", planted_data_dir, tmp_path, max_new_tokens=0).check()
+    out = run_trace(_options("tiny", planted_data_dir, tmp_path / "t", corruption="noise", text_only=True,
+                             traced="all", max_new_tokens=5), adapter=adapter)
+    assert json.loads((out / "trace_stats.json").read_text())["options"]["max_new_tokens"] == 5

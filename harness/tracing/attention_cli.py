@@ -7,6 +7,7 @@ from pathlib import Path
 
 from harness.commands import shard
 from harness.models.loading import add_model_arguments
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import output_folder, positive_int
 from vqa_constraints.errors import UserError
@@ -36,6 +37,8 @@ def add_attention(subparsers) -> None:
                         help="layers where the knockout cuts attention (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-revision", default=None, help="dataset revision on the Hub")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help="tokens of the greedy answer scored right or wrong (16; flag-llava's sentences need 24)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_attention)
 
@@ -52,7 +55,7 @@ def run_attention(args: argparse.Namespace) -> int:
     check_sizes(adapter, split, args.top_k, args.n_layers)
     options = StudyOptions(top_k=args.top_k, draws=args.draws, seed=args.seed, n_layers=args.n_layers,
                            limit=args.limit, knockout_layers=args.knockout_layers, progress=not args.no_progress,
-                           shard=args.shard)
+                           shard=args.shard, max_new_tokens=args.max_new_tokens)
     stats = run_attention_study(adapter, split, args.out, options, dtype=args.dtype)
     print_summary(stats, args.out)
     return 0

@@ -32,7 +32,7 @@ from harness.bootstrap import keyed_rng
 from harness.outputs import interrupted
 from harness.results import mean_with_ci
 from harness.runs import write_json_atomic
-from harness.scoring import answer_correct, generate
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, generate
 from harness.tracing.attention import question_contributions
 from harness.tracing.failure_prediction import failure_prediction
 from harness.tracing.knockout import knockout
@@ -64,6 +64,7 @@ class StudyOptions:
     knockout_layers: tuple[int, ...] | None = None  # layers where edges are cut (default: all)
     progress: bool = True
     shard: str | None = None  # "I/N": analyse slice I of N of the questions; combine with `merge`
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the greedy answer scored right or wrong (sentence answers need more)
 
 
 def _versions() -> dict:
@@ -84,7 +85,8 @@ def analyse_questions(adapter, records: list, options: StudyOptions, first_index
     ``first_index``: where ``records`` start in the whole question list (a shard), which keys the draws.
     ``rows``/``skipped``, when given, are filled in place, so a caller keeps what an interrupt left.
     """
-    generations = generate(adapter, records) if generations is None else generations
+    generations = (generate(adapter, records, max_new_tokens=options.max_new_tokens)
+                   if generations is None else generations)
     blocks = [adapter.attention(l) for l in range(adapter.num_layers)]
     rows = [] if rows is None else rows
     skipped = Counter() if skipped is None else skipped
@@ -235,7 +237,8 @@ def write_examples(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def shard_questions(adapter, records: list, shard: str | None) -> tuple[list, int, list]:
+def shard_questions(adapter, records: list, shard: str | None,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[list, int, list]:
     """(this shard's records, its first index in the whole list, the model's generations for them).
 
     Generations come from batches fixed by position in the whole list, so a shard gets exactly the
@@ -247,7 +250,8 @@ def shard_questions(adapter, records: list, shard: str | None) -> tuple[list, in
     parsed = parse_shard(shard)
     start, end = parsed.bounds(len(records)) if parsed else (0, len(records))
     low, high = aligned_window(start, end, len(records), DEFAULT_BATCH_SIZE)
-    generations = generate(adapter, records[low:high], batch_size=DEFAULT_BATCH_SIZE) if end > start else []
+    generations = (generate(adapter, records[low:high], max_new_tokens=max_new_tokens, batch_size=DEFAULT_BATCH_SIZE)
+                   if end > start else [])
     return records[start:end], start, generations[start - low : end - low]
 
 
@@ -265,7 +269,8 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
     out.mkdir(parents=True, exist_ok=True)
     records, rows, skipped, complete = [], [], Counter(), True
     try:
-        records, first, generations = shard_questions(adapter, list(split.records(options.limit)), options.shard)
+        records, first, generations = shard_questions(adapter, list(split.records(options.limit)), options.shard,
+                                                         options.max_new_tokens)
         analyse_questions(adapter, records, options, first, generations, rows, skipped)
     except KeyboardInterrupt:
         complete = False  # the questions analysed so far are written below, marked complete: false
@@ -285,7 +290,7 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
             "top_k": options.top_k, "draws": options.draws, "seed": options.seed, "n_layers": options.n_layers,
             "selection_fraction": options.selection_fraction, "limit": options.limit,
             "knockout_layers": None if options.knockout_layers is None else list(options.knockout_layers),
-            "shard": options.shard,
+            "shard": options.shard, "max_new_tokens": options.max_new_tokens,
         },
         "versions": _versions(),
     }

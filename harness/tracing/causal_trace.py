@@ -32,6 +32,7 @@ import torch
 
 from harness.hooks import record_outputs
 from harness.outputs import interrupted
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.models.base import Encoded, ModelAdapter
 from vqa_constraints.errors import UserError
 
@@ -262,6 +263,7 @@ class TraceOptions:
     cache_budget: int | None = None  # bytes of expanded cache per fast-engine batch (None: from the device)
     progress: bool = True
     traced: str = "correct"  # correct: only questions answered right (the paper) | all: every question, its own top answer
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the greedy answer the target is found in (sentences need more)
 
     def check(self) -> None:
         if self.corruption not in CORRUPTIONS:
@@ -272,6 +274,8 @@ class TraceOptions:
             raise UserError(f"--target {self.target!r}: choose from {', '.join(TARGETS)}")
         if self.min_affected < 1:
             raise UserError(f"--min-affected {self.min_affected}: must be at least 1")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
         if self.answer not in ANSWER_SCORES:
             raise UserError(f"--answer {self.answer!r}: choose from {', '.join(ANSWER_SCORES)}")
         if self.positions not in POSITIONS:
@@ -434,7 +438,8 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
         raise UserError(f"--window {options.window} is larger than the model ({adapter.num_layers} layers)")
     replacement_record(options, adapter)  # a blank or whitespace-only replacement fails here, before any work
     split = load_split(options.data, options.config, options.split)
-    records, predictions = shard_records(adapter, list(split.records(options.limit)), options.shard)
+    records, predictions = shard_records(adapter, list(split.records(options.limit)), options.shard,
+                                         options.max_new_tokens)
     engine = make_engine(options.engine, max_batch=options.max_batch, cache_budget_bytes=options.cache_budget)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,7 +475,8 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     return out
 
 
-def shard_records(adapter, records: list, shard: str | None) -> tuple[list, list[str]]:
+def shard_records(adapter, records: list, shard: str | None,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> tuple[list, list[str]]:
     """This shard's records and the model's answers to them.
 
     Answers are generated in batches fixed by position in the whole list (as ``evaluate`` does), so a
@@ -482,7 +488,8 @@ def shard_records(adapter, records: list, shard: str | None) -> tuple[list, list
     parsed = parse_shard(shard)
     start, end = parsed.bounds(len(records)) if parsed else (0, len(records))
     low, high = aligned_window(start, end, len(records), DEFAULT_BATCH_SIZE)
-    answers = generate_answers(adapter, records[low:high], batch_size=DEFAULT_BATCH_SIZE) if end > start else []
+    answers = (generate_answers(adapter, records[low:high], max_new_tokens=max_new_tokens, batch_size=DEFAULT_BATCH_SIZE)
+               if end > start else [])
     return records[start:end], answers[start - low : end - low]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from harness.commands import shard
 from harness.models.loading import add_model_arguments
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import choice_list, finite_float, output_folder, positive_int
 from .causal_trace import CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, TRACED, TraceOptions, run_trace
@@ -54,6 +55,9 @@ def add_trace(subparsers) -> None:
     parser.add_argument("--cache-budget", default=None, type=_cache_budget, metavar="SIZE",
                         help="expanded key/value cache per fast-engine batch, e.g. 2GiB or 512MiB (default: half the "
                              "GPU's free memory on CUDA, 1GiB on the CPU)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help="tokens of the model's greedy answer, in which the answer target is found (16; "
+                             "sentence answers such as flag-llava's need 24)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
 
@@ -74,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         noise_samples=args.noise_samples, dtype=args.dtype, device=args.device, revision=args.revision,
         device_map=args.device_map, max_pixels=args.max_pixels, shard=args.shard,
         trust_remote_code=args.trust_remote_code, threshold=args.threshold, max_batch=args.max_batch,
-        cache_budget=args.cache_budget, progress=not args.no_progress,
+        cache_budget=args.cache_budget, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
     )
     out = run_trace(options)
     print_summary(json.loads((out / "trace_stats.json").read_text()))

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from vqa_constraints.errors import UserError
 
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.shards import parse_shard
 
 TRACE_STATS, TRACE_ROWS = "trace_stats.json", "traces.parquet"
@@ -170,7 +171,8 @@ def merge_attention(folders: list[Path], out: Path) -> Path:
     o = header["options"]
     options = StudyOptions(top_k=o["top_k"], draws=o["draws"], seed=o["seed"], n_layers=o["n_layers"],
                            selection_fraction=o["selection_fraction"], limit=o["limit"],
-                           knockout_layers=None if o["knockout_layers"] is None else tuple(o["knockout_layers"]))
+                           knockout_layers=None if o["knockout_layers"] is None else tuple(o["knockout_layers"]),
+                           max_new_tokens=o.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
     skipped: Counter = Counter()
     for _, document, _ in shards:
         skipped.update(document["counts"]["skipped"])

@@ -132,8 +132,9 @@ def peak_mlp_layer(stats: dict | str | Path, corrupted: str = PEAK_GROUP[0], tar
     """The peak MLP layer of ONE named (corrupted, target) group over all constraint counts (MultEdit's
     default layer), e.g. ``peak_mlp_layer(stats, corrupted="visual", target="last")``.
 
-    None when that group is absent or null (fewer affected questions than ``--min-affected``): a peak
-    is never taken from a group nobody measured. A trace not marked ``complete: true`` (an
+    None when that group is absent or null (fewer affected questions than ``--min-affected``), or when no
+    layer of it is causal (its effect never exceeds ``--threshold``): a peak is never taken from a group
+    nobody measured, nor from noise. A trace not marked ``complete: true`` (an
     interrupted one) is refused with UserError.
     """
     stats = require_complete(stats, "trace_stats") if isinstance(stats, dict) else read_complete(stats)
@@ -146,7 +147,8 @@ def peak_of_groups(groups: list[dict], corrupted: str = PEAK_GROUP[0], target: s
     for wanted in accepted:  # in order: a visual-constraint group before the image's
         for group in groups:
             if (group["kind"], group["num_constraints"], group["corrupted"], group["target"]) == ("mlp", "all", wanted, name):
-                return group["peak_layer"]
+                # A group whose effect never crosses the threshold has a largest value, but no causal layer.
+                return group["peak_layer"] if group["causal_layers"] else None
     return None
 
 
