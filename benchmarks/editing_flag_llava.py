@@ -43,7 +43,8 @@ def rows_for(document: dict, mode: str) -> list[str]:
             extra = "bound never bound" if r["linf_bound"]["never_bound"] else \
                 f"bound active on {r['linf_bound']['edits_where_active']} edits"
         if "seconds_breakdown" in r:
-            extra = "keys/δ/solve s: " + "/".join(f"{v:.2f}" for v in r["seconds_breakdown"].values())
+            split = r["seconds_breakdown"]
+            extra = f"keys/δ/solve s: {split['keys']:.2f}/{split['delta']:.2f}/{split['solve']:.2f}"
         rows.append(f"| {name} | {document['layers'][0]} | {mode} | {r['edits']} | {_cell(r['efficacy'])} | "
                     f"{_cell(r['generalization'])} | {_cell(r['specificity'])} | {_cell(r['locality'])} | "
                     f"{_cell(r['neighborhood'])} | {'–' if score is None else f'{score:.3f}'} | "

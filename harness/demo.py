@@ -19,7 +19,7 @@ import argparse
 import json
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -44,12 +44,24 @@ class DemoSize:
     specificity_size: int
     sweep_limit: int  # edit requests in the layer sweep, which repeats every edit at every swept layer
     sweep_max_layers: int  # a deeper model is swept at evenly spaced layers
+    # flag-llava's edits cost ~30 s each on 2 cores (every specificity question re-answered in 24 tokens after
+    # every edit, four methods, two tracks): it gets its own, smaller editing budget.
+    flag_edit_limit: int = 8
+    flag_specificity_size: int = 16
+    flag_sweep_limit: int = 2
+    flag_sweep_max_layers: int = 6
+
+    def for_model(self, model_name: str) -> "DemoSize":
+        if model_name == "planted":
+            return self
+        return replace(self, edit_limit=self.flag_edit_limit, specificity_size=self.flag_specificity_size,
+                       sweep_limit=self.flag_sweep_limit, sweep_max_layers=self.flag_sweep_max_layers)
 
 
 QUICK = DemoSize(models=("planted",), eval_limit=60, trace_limit=24,
                  attention_limit=24, edit_limit=8, specificity_size=16, sweep_limit=4, sweep_max_layers=10)
-# Sized for about half an hour on 2 cores. flag-llava answers about one flag question in five correctly and
-# only those are traced, so its traces look at 120 questions to trace ~25; every flag-llava edit costs seconds.
+# flag-llava answers about half of its held-out questions correctly and only those are traced, so its traces look
+# at 120 questions to trace ~55.
 FULL = DemoSize(models=("planted", "flag-llava"), eval_limit=200, trace_limit=120,
                 attention_limit=60, edit_limit=12, specificity_size=32, sweep_limit=3, sweep_max_layers=10)
 
@@ -93,6 +105,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
 
 def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: DemoSize, seed: int) -> list[Step]:
     """The evaluate / trace / attention / edit steps for one zoo model."""
+    size = size.for_model(model_name)
     model, data_arg, seed_arg = str(model_dir), str(data), str(seed)
     common = ["--model", model, "--data", data_arg, "--seed", seed_arg]
 
