@@ -119,13 +119,15 @@ def test_ctrl_c_on_the_trace_command_says_what_was_written(tiny_llava_dir, plant
                "--out", str(out), "--corruption", "image-noise", "--positions", "all", "--kinds", "mlp,attn,hidden",
                "--noise-samples", "2", "--traced", "all", "--limit", "200", "--engine", "reference",
                "--dtype", "float32", "--device", "cpu"]
-    # A trace of minutes (the reference engine, every position and kind): the fast engine finishes the small
-    # one this test used to run before the signal arrives, and a finished trace has nothing to interrupt.
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A trace of minutes (the reference engine, every position and kind), so the signal always finds it running.
+    # A shell that starts the suite in the background ignores SIGINT, and the child would inherit that and never
+    # see the signal: give it the default disposition, as a terminal's Ctrl-C would find.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = b""
     try:
         # Wait until the progress bar shows restorations done: the trace loop is running.
-        while not re.search(rb"tracing: *[1-9]", seen):
+        while not re.search(rb"tracing: *[1-9]|tracing:[^\r\n]*\| *[1-9][0-9]*/", seen):
             chunk = process.stderr.read1(4096)
             assert chunk, f"trace ended before tracing started: {seen.decode(errors='replace')[-2000:]}"
             seen += chunk
