@@ -25,9 +25,13 @@ TOLERANCE = 1e-4  # largest |NLL(cached) - NLL(full model)| accepted, per reques
 
 
 class PrefixCachedForward:
-    """Logits of a right-padded batch from position ``offset`` on, the positions before it cached once."""
+    """Logits of a right-padded batch from position ``offset`` on, the positions before it cached once.
 
-    def __init__(self, adapter, batch: dict, offset: int):
+    With ``start_layer`` L > 0 the suffix's input to decoder layer L is computed once too, and each call runs
+    only layers L.. (an edit written inside layer L cannot change what enters it).
+    """
+
+    def __init__(self, adapter, batch: dict, offset: int, start_layer: int = 0):
         self.adapter, self.offset = adapter, offset
         self.lm = adapter.language_model()
         self.head = adapter.model.get_output_embeddings()
@@ -40,6 +44,30 @@ class PrefixCachedForward:
                           attention_mask=None if self.mask is None else self.mask[:, :offset], use_cache=True)
         self.cache = out.cache
         self.prefix = [(layer.keys, layer.values) for layer in self.cache.layers]
+        self.start_layer, self.suffix_input, self.layers_name = 0, None, None
+        if start_layer > 0:
+            self._skip_below(adapter, start_layer)
+
+    def _skip_below(self, adapter, start_layer: int) -> None:
+        """Record the suffix's hidden state entering ``start_layer``; later calls start there."""
+        first = adapter.layers()[0]
+        name = next((n for n, child in self.lm.named_children()
+                     if isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is first), None)
+        if name is None:  # layers not held directly by the language model: run them all
+            return
+        seen = {}
+
+        def capture(module, args, kwargs):
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = adapter.layers()[start_layer].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self._run(self.embeds[:, self.offset:])
+        finally:
+            handle.remove()
+        if "hidden" in seen:
+            self.start_layer, self.suffix_input, self.layers_name = start_layer, seen["hidden"].detach(), name
 
     def _positions(self, start: int, end: int | None = None):
         return None if self.positions is None else self.positions[..., start:end]
@@ -47,13 +75,24 @@ class PrefixCachedForward:
     def logits(self) -> torch.Tensor:
         """``[rows, T - offset, vocab]``: the logits at positions ``offset`` .. T-1 (hooks on the language model's
         modules see only those positions)."""
+        if self.suffix_input is None:
+            return self.head(self._run(self.embeds[:, self.offset:]))
+        layers = getattr(self.lm, self.layers_name)
+        # The decoder loops over whatever list it holds: hand it layers L.. and their input for the duration.
+        setattr(self.lm, self.layers_name, torch.nn.ModuleList(list(layers)[self.start_layer:]))
         try:
-            out = self.lm(inputs_embeds=self.embeds[:, self.offset:], position_ids=self._positions(self.offset),
+            return self.head(self._run(self.suffix_input))
+        finally:
+            setattr(self.lm, self.layers_name, layers)
+
+    def _run(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.lm(inputs_embeds=inputs_embeds, position_ids=self._positions(self.offset),
                           attention_mask=self.mask, cache=self.cache, use_cache=True)
         finally:  # drop this step's suffix from the cache: the next step appends its own
             for layer, (keys, values) in zip(self.cache.layers, self.prefix):
                 layer.keys, layer.values = keys, values
-        return self.head(out.last_hidden_state)
+        return out.last_hidden_state
 
 
 def logits_to_keep(adapter, count: int) -> int:

@@ -297,6 +297,7 @@ def test_prefix_cached_delta_steps_equal_full_forwards(tiny_llava, key_position)
         handle.restore()
     (w_cached, info_cached), (w_full, info_full) = results[True], results[False]
     assert info_cached["delta_forward"] == ["prefix-cached"] and info_full["delta_forward"] == []
+    assert info_cached["delta_start_layers"] == [1]  # the steps ran only the edited layer and those above it
     np.testing.assert_allclose(info_cached["per_layer"][0]["final_nll"], info_full["per_layer"][0]["final_nll"],
                                atol=1e-4)
     torch.testing.assert_close(w_cached, w_full, atol=1e-5, rtol=1e-4)

@@ -105,6 +105,7 @@ class MultEdit(EditMethod):
         self._key_corpus: tuple[list, str] | None = None
         self._cov: dict = {}
         self._forward_kinds: set[str] = set()  # how the delta steps ran: prefix-cached and/or full
+        self._start_layers: set[int] = set()  # the decoder layer prefix-cached steps started at (0: all layers)
 
     def config(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -154,7 +155,7 @@ class MultEdit(EditMethod):
         covs = {int(l): self.covariance(adapter, int(l)) for l in layers} if self.form == "covariance" else {}
         kept = {int(l): self._preserved_keys(adapter, m, int(l)) for l, m in zip(layers, modules)}
         handle = EditHandle.master_copies(modules)
-        self._forward_kinds = set()
+        self._forward_kinds, self._start_layers = set(), set()
         seconds = {"keys": 0.0, "delta": 0.0, "solve": 0.0}
         handle.info = {"layers": [int(l) for l in layers], "form": self.form, "per_layer": [], "seconds": seconds}
         try:
@@ -169,7 +170,7 @@ class MultEdit(EditMethod):
                 for start in range(0, len(prompts), self.delta_batch):
                     part = slice(start, start + self.delta_batch)
                     delta, loss, taken = self._optimise_deltas(adapter, module, prompts[part],
-                                                               torch.stack(values[part]))
+                                                               torch.stack(values[part]), layer)
                     deltas.append(delta)
                     losses += loss
                     steps.append(taken)
@@ -185,12 +186,13 @@ class MultEdit(EditMethod):
                 seconds["solve"] += time.perf_counter() - began
                 handle.info["per_layer"].append({"layer": layer, "final_nll": losses, "steps": steps})
             handle.info["delta_forward"] = sorted(self._forward_kinds)
+            handle.info["delta_start_layers"] = sorted(self._start_layers)
         except Exception:
             handle.restore()
             raise
         return handle
 
-    def _optimise_deltas(self, adapter, module, prompts: Sequence[TeacherForced], v0: torch.Tensor):
+    def _optimise_deltas(self, adapter, module, prompts: Sequence[TeacherForced], v0: torch.Tensor, layer: int = 0):
         """Residuals (n x d) that, added to the projection's output at each key position, yield the targets.
 
         All requests share each forward pass (right padding keeps every row's
@@ -205,7 +207,7 @@ class MultEdit(EditMethod):
         offset = batch["input_ids"].shape[1] - keep if keep else 0
         rows = torch.arange(n, device=adapter.device)
         positions = torch.tensor([p.key_position for p in prompts], device=adapter.device)
-        cached = self._prefix_cached(adapter, batch, prompts, offset, keep) if self.cache_prefix else None
+        cached = self._prefix_cached(adapter, batch, prompts, offset, keep, layer) if self.cache_prefix else None
         if cached is not None:  # steps run from the earliest key position on (editing/prefix_cache.py)
             positions, offset = positions - cached.offset, cached.offset
         delta = torch.zeros(n, v0.shape[1], dtype=torch.float32, device=v0.device, requires_grad=True)
@@ -246,7 +248,8 @@ class MultEdit(EditMethod):
                     delta.mul_(factor[:, None])
         return (delta * scale).detach(), losses, steps
 
-    def _prefix_cached(self, adapter, batch, prompts, offset: int, keep: int) -> PrefixCachedForward | None:
+    def _prefix_cached(self, adapter, batch, prompts, offset: int, keep: int,
+                       layer: int = 0) -> PrefixCachedForward | None:
         """A forward that caches everything before the earliest key position, if it reproduces the full model's
         answer NLL at delta = 0 (else None: full forwards)."""
         start = min(p.key_position for p in prompts)
@@ -256,7 +259,7 @@ class MultEdit(EditMethod):
             full = adapter.model(**batch, **({"logits_to_keep": keep} if keep else {})).logits
             expected = [float(p.nll(full[i : i + 1], offset)) for i, p in enumerate(prompts)]
             try:
-                cached = PrefixCachedForward(adapter, batch, start)
+                cached = PrefixCachedForward(adapter, batch, start, start_layer=layer)
                 logits = cached.logits()
             except (TypeError, ValueError, RuntimeError, AttributeError):
                 self._forward_kinds.add("full")
@@ -266,6 +269,7 @@ class MultEdit(EditMethod):
             self._forward_kinds.add("full")
             return None
         self._forward_kinds.add("prefix-cached")
+        self._start_layers.add(cached.start_layer)
         return cached
 
     @torch.no_grad()
