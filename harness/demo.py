@@ -131,15 +131,14 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
     else:
         mllm_trace = ["--corruption", "replace", "--positions", "constraint"]
         text_trace = ["--corruption", "replace", "--positions", "constraint"]
-        # Key position: the most distinct key at the traced layer (auto); sentence answers need 24 tokens.
+        # Key position: the most distinct key at the traced layer (auto).
         edit_track, key_position = "correction", "auto"
     # The edited layer: the MLLM trace's peak causal MLP layer. flag-llava's traces find none at the constraint
     # tokens (the answer is read from the country name it says first; docs/tracing.md), so its edits use layer 9
     # of 30, where its earlier editing measurements were made; the output records that --layers chose it.
     edit_layer = (["--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json")]
                   if model_name == "planted" else ["--layers", "9"])
-    edit_common = ["--key-position", key_position, "--max-new-tokens", "16" if model_name == "planted" else "24",
-                   *edit_layer, "--specificity-size", str(size.specificity_size)]
+    edit_common = ["--key-position", key_position, *answer_tokens, *edit_layer, "--specificity-size", str(size.specificity_size)]
     steps += [
         Step(f"{model_name}-trace-mllm",
              ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", "hidden,mlp,attn",
