@@ -41,7 +41,7 @@ def rows_for(document: dict, mode: str) -> list[str]:
         extra = ""
         if "linf_bound" in r:
             extra = "bound never bound" if r["linf_bound"]["never_bound"] else \
-                f"bound active on {r['linf_bound']['edits_where_active']} edits"
+                f"bound active on {r['linf_bound']['edits_where_active']} of {r['linf_bound']['edit_operations']} edit operations"
         if "seconds_breakdown" in r:
             split = r["seconds_breakdown"]
             extra = f"keys/δ/solve s: {split['keys']:.2f}/{split['delta']:.2f}/{split['solve']:.2f}"

@@ -298,8 +298,9 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
     })
     if getattr(method, "linf", None) is not None:
         active = [bool(info.get("bound_active")) for info in infos]
+        # Counted per edit operation: one per request, or one per batch when requests are edited together.
         summary["linf_bound"] = {"linf": method.linf, "edits_where_active": int(sum(active)),
-                                 "never_bound": not any(active)}
+                                 "edit_operations": len(active), "never_bound": not any(active)}
     if infos and "seconds" in infos[0]:
         # Per edit: where MultEdit's time goes (keys, delta optimisation, closed-form solve).
         summary["seconds_breakdown"] = {k: round(sum(i["seconds"][k] for i in infos) / max(1, len(rows)), 4)

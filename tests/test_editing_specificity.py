@@ -57,7 +57,9 @@ def test_a_real_edit_is_measured_and_explained(tiny_llava, planted_data_dir, tmp
     for name in ("multedit", "multedit-cov", "ft-l"):
         for key in ("specificity", "locality", "neighborhood"):
             assert 0.0 <= document["methods"][name][key]["mean"] <= 1.0
-    assert "linf_bound" in document["methods"]["ft-l"]
+    bound = document["methods"]["ft-l"]["linf_bound"]
+    assert bound["edit_operations"] == document["methods"]["ft-l"]["edits"]  # one at a time: one operation per edit
+    assert 0 <= bound["edits_where_active"] <= bound["edit_operations"]
     assert set(document["methods"]["multedit"]["seconds_breakdown"]) == {"keys", "delta", "solve"}
 
 

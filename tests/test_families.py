@@ -225,6 +225,7 @@ def test_edit_changes_the_weights_and_restores_them_bit_for_bit(family_adapter, 
     assert weights_hash(adapter.model) != before, f"{method} changed nothing"
     if method == "multedit":  # its delta steps continue a cached prefix on every family (editing/prefix_cache.py)
         assert handle.info["delta_forward"] == ["prefix-cached"]
+        assert handle.info["delta_start_layers"] == [1], "the steps did not start at the edited layer"
     handle.restore()
     assert weights_hash(adapter.model) == before
     assert all(p.grad is None for p in adapter.model.parameters())
