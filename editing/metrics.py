@@ -4,6 +4,9 @@
   the new answer's log-probability (teacher forced);
 - generalization: the same on the record's paraphrases (same image) and on
   other images of the same entity (same question);
+- subject_kept: of those answers that named the subject before the edit, the
+  share still naming it after (a model that says the country first can pass
+  efficacy by seeing a different country);
 - on a fixed sample of unrelated questions, three views of "nothing else changed":
   ``specificity`` (headline): the answer *entity* is unchanged: the same match
   result against the question's gold answers and the same extracted answer
@@ -90,8 +93,19 @@ def edit_metrics(request: EditRequest, pre: Snapshot, post: Snapshot) -> dict:
         "generalization": _mean(both),
         "generalization_paraphrases": _mean(paraphrases),
         "generalization_views": _mean(views),
+        "subject_kept": subject_kept(request, pre, post),
         "logprob_gain": post.target_logprob - pre.target_logprob,
     }
+
+
+def subject_kept(request: EditRequest, pre: Snapshot, post: Snapshot) -> float | None:
+    """Of the probe's answers that named the subject before the edit ("The capital of Kenya is …"), the share that
+    still name it after: an edit that makes the model see another country passes efficacy without editing the fact.
+    None when no pre-edit answer names the subject (a model that answers bare entities)."""
+    subject = [request.subject]
+    pairs = zip([pre.question, *pre.paraphrases, *pre.views], [post.question, *post.paraphrases, *post.views])
+    kept = [answer_correct(after, subject) for before, after in pairs if answer_correct(before, subject)]
+    return _mean(kept)
 
 
 def same_prediction(a: str, b: str) -> bool:

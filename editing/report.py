@@ -8,6 +8,7 @@ from pathlib import Path
 COLUMNS = [
     ("efficacy", "Efficacy"),
     ("generalization", "Generalization"),
+    ("subject_kept", "Subject kept"),
     ("specificity", "Specificity"),
     ("locality", "Locality"),
     ("neighborhood", "Neighborhood"),

@@ -233,13 +233,13 @@ def editing_section(name: str, run: Path, sweep_run: Path, root: Path) -> list[s
                     f"{results['layers']} ({results['layer_source']}), {results['requests']} edit requests, "
                     f"{results['specificity_questions']} specificity questions."),
         "",
-        *table_head("method", "edits", "efficacy", "generalization", "specificity", "locality", "neighborhood",
-                    "log-prob gain", "mean score", "s / edit", "peak memory (MB)"),
+        *table_head("method", "edits", "efficacy", "generalization", "subject kept", "specificity", "locality",
+                    "neighborhood", "log-prob gain", "mean score", "s / edit", "peak memory (MB)"),
     ]
     for method, cell in results["methods"].items():
         lines.append(
             f"| {method} | {cell['edits']} | {fmt_stat(cell['efficacy'])} | {fmt_stat(cell['generalization'])} "
-            f"| {fmt_stat(cell['specificity'])} | {fmt_stat(cell.get('locality'))} "
+            f"| {fmt_stat(cell.get('subject_kept'))} | {fmt_stat(cell['specificity'])} | {fmt_stat(cell.get('locality'))} "
             f"| {fmt_stat(cell.get('neighborhood'))} | {fmt_stat(cell['logprob_gain'])} | {fmt(cell['score'])} "
             f"| {fmt(cell['seconds_per_edit'], 2)} | {fmt(cell['peak_memory_mb'], 1)} |"
         )

@@ -87,3 +87,22 @@ def test_specificity_is_about_the_answer_entity():
     assert measured["locality"] == pytest.approx(2 / 3)
     assert measured["neighborhood"] == pytest.approx(0.5, abs=1e-3)  # each token half as likely
     assert measured["neighborhood_drop"] == pytest.approx(3 * 0.6931, abs=1e-3)
+
+
+def test_subject_kept_reads_only_answers_that_named_the_subject():
+    from editing.metrics import Snapshot, edit_metrics
+    from editing.requests import EditRequest
+
+    request = EditRequest(id="r", question="What is the capital of the country whose flag is in this image?",
+                          image=None, target="Praia", current="The capital of Cape Verde is Cape Town.",
+                          subject="Cape Verde", relation="capital", track="insertion",
+                          paraphrases=("Which city is the capital?", "Name the capital."))
+    before = Snapshot("The capital of Cape Verde is Cape Town.",
+                      ["The capital of Cape Verde is Cape Town.", "Cape Town."], [], -5.0)
+    # The edited question now names the target for the right country; one paraphrase sees another country.
+    after = Snapshot("The capital of Cape Verde is Praia.", ["The capital of Kenya is Nairobi.", "Praia."], [], -1.0)
+    row = edit_metrics(request, before, after)
+    assert row["efficacy"] == 1.0 and row["generalization"] == 0.5
+    assert row["subject_kept"] == 0.5  # of the two answers that named Cape Verde, one still does
+    bare = Snapshot("Cape Town", ["Cape Town", "Cape Town"], [], -5.0)  # a model that never names the subject
+    assert edit_metrics(request, bare, Snapshot("Praia", ["Praia", "Praia"], [], -1.0))["subject_kept"] is None
