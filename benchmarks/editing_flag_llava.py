@@ -6,8 +6,9 @@
 For each track, every method edits the chosen layer (the answer-aware trace peak
 unless --layers; key position by key distinctness unless --key-position) and one
 other layer, one edit at a time and all edits as one batch. Each run is scored
-on efficacy, generalization, subject kept (the edited image's answers still
-name its country), the three specificity measures (specificity, locality,
+on efficacy (also counted only where the answer still names the edited
+image's country), generalization, subject kept (the edited image's answers
+still name its country), the three specificity measures (specificity, locality,
 neighborhood), seconds per edit (with MultEdit's time split into keys /
 delta optimisation / solve) and whether FT-L's bound ever bound. Prints one
 measured table per track and writes every run folder under --out.
@@ -47,15 +48,16 @@ def rows_for(document: dict, mode: str) -> list[str]:
             split = r["seconds_breakdown"]
             extra = f"keys/δ/solve s: {split['keys']:.2f}/{split['delta']:.2f}/{split['solve']:.2f}"
         rows.append(f"| {name} | {document['layers'][0]} | {mode} | {r['edits']} | {_cell(r['efficacy'])} | "
-                    f"{_cell(r['generalization'])} | {_cell(r.get('subject_kept'))} | {_cell(r['specificity'])} | {_cell(r['locality'])} | "
+                    f"{_cell(r.get('efficacy_subject_kept'))} | {_cell(r['generalization'])} | "
+                    f"{_cell(r.get('subject_kept'))} | {_cell(r['specificity'])} | {_cell(r['locality'])} | "
                     f"{_cell(r['neighborhood'])} | {'–' if score is None else f'{score:.3f}'} | "
                     f"{r['seconds_per_edit']:.2f} | {extra} |")
     return rows
 
 
-HEADER = ["| Method | Layer | Edits at once | n | Efficacy | Generalization | Subject kept | Specificity | Locality "
-          "| Neighborhood | Mean (E, G, S) | s / edit | Notes |",
-          "|---|---:|---|---:|---|---|---|---|---|---|---:|---:|---|"]
+HEADER = ["| Method | Layer | Edits at once | n | Efficacy | Efficacy, subject kept | Generalization | Subject kept "
+          "| Specificity | Locality | Neighborhood | Mean (E, G, S) | s / edit | Notes |",
+          "|---|---:|---|---:|---|---|---|---|---|---|---|---:|---:|---|"]
 
 
 def main() -> None:
@@ -131,7 +133,7 @@ def main() -> None:
                                          for p, rows in document["key_distinctness"].items()},
                     "methods": {n: {k: r[k]["mean"] if isinstance(r[k], dict) and "mean" in r[k] else r[k]
                                     for k in ("efficacy", "generalization", "specificity", "locality",
-                                              "neighborhood", "subject_kept", "score", "seconds_per_edit", "edits")}
+                                              "neighborhood", "subject_kept", "efficacy_subject_kept", "score", "seconds_per_edit", "edits")}
                                 for n, r in document["methods"].items()},
                 }
         print(f"\n## {track}\n")

@@ -6,7 +6,8 @@
   other images of the same entity (same question);
 - subject_kept: of those answers that named the subject before the edit, the
   share still naming it after (a model that says the country first can pass
-  efficacy by seeing a different country);
+  efficacy by seeing a different country); efficacy_subject_kept: efficacy that
+  also requires the edited answer to still name the subject when it did before;
 - on a fixed sample of unrelated questions, three views of "nothing else changed":
   ``specificity`` (headline): the answer *entity* is unchanged: the same match
   result against the question's gold answers and the same extracted answer
@@ -94,6 +95,9 @@ def edit_metrics(request: EditRequest, pre: Snapshot, post: Snapshot) -> dict:
         "generalization_paraphrases": _mean(paraphrases),
         "generalization_views": _mean(views),
         "subject_kept": subject_kept(request, pre, post),
+        "efficacy_subject_kept": float(answer_correct(post.question, target)
+                                       and (answer_correct(post.question, [request.subject])
+                                            or not answer_correct(pre.question, [request.subject]))),
         "logprob_gain": post.target_logprob - pre.target_logprob,
     }
 

@@ -282,7 +282,7 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
     memory, memory_kind = metrics.peak_memory_mb(adapter.device)
     summary = {key: metrics.summarise([r[key] for r in rows], options.seed)
                for key in ("efficacy", "generalization", "generalization_paraphrases", "generalization_views",
-                           "subject_kept", *SPECIFICITY_KEYS, "logprob_gain")}
+                           "subject_kept", "efficacy_subject_kept", *SPECIFICITY_KEYS, "logprob_gain")}
     means = [summary[k]["mean"] for k in ("efficacy", "generalization", "specificity")]
     summary.update({
         "edits": len(rows),

@@ -104,5 +104,9 @@ def test_subject_kept_reads_only_answers_that_named_the_subject():
     row = edit_metrics(request, before, after)
     assert row["efficacy"] == 1.0 and row["generalization"] == 0.5
     assert row["subject_kept"] == 0.5  # of the two answers that named Cape Verde, one still does
+    assert row["efficacy_subject_kept"] == 1.0  # the edited question still names Cape Verde
+    lost = Snapshot("The capital of Kenya is Praia.", ["Praia.", "Praia."], [], -1.0)
+    moved = edit_metrics(request, before, lost)
+    assert moved["efficacy"] == 1.0 and moved["efficacy_subject_kept"] == 0.0 and moved["subject_kept"] == 0.0
     bare = Snapshot("Cape Town", ["Cape Town", "Cape Town"], [], -5.0)  # a model that never names the subject
     assert edit_metrics(request, bare, Snapshot("Praia", ["Praia", "Praia"], [], -1.0))["subject_kept"] is None
