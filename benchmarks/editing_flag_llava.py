@@ -42,8 +42,9 @@ def rows_for(document: dict, mode: str) -> list[str]:
         score = sum(means) / 3 if None not in means else None
         extra = ""
         if "linf_bound" in r:
-            extra = "bound never bound" if r["linf_bound"]["never_bound"] else \
-                f"bound active on {r['linf_bound']['edits_where_active']} of {r['linf_bound']['edit_operations']} edit operations"
+            bound = r["linf_bound"]
+            extra = "bound never bound" if bound["never_bound"] else \
+                f"bound active on {bound['edits_where_active']} of {bound['edit_operations']} edit operations"
         if "seconds_breakdown" in r:
             split = r["seconds_breakdown"]
             extra = f"keys/δ/solve s: {split['keys']:.2f}/{split['delta']:.2f}/{split['solve']:.2f}"
@@ -133,7 +134,8 @@ def main() -> None:
                                          for p, rows in document["key_distinctness"].items()},
                     "methods": {n: {k: r[k]["mean"] if isinstance(r[k], dict) and "mean" in r[k] else r[k]
                                     for k in ("efficacy", "generalization", "specificity", "locality",
-                                              "neighborhood", "subject_kept", "efficacy_subject_kept", "score", "seconds_per_edit", "edits")}
+                                              "neighborhood", "subject_kept", "efficacy_subject_kept", "score",
+                                              "seconds_per_edit", "edits")}
                                 for n, r in document["methods"].items()},
                 }
         print(f"\n## {track}\n")

@@ -89,15 +89,17 @@ def edit_metrics(request: EditRequest, pre: Snapshot, post: Snapshot) -> dict:
     paraphrases = [answer_correct(a, target) for a in post.paraphrases]
     views = [answer_correct(a, target) for a in post.views]
     both = paraphrases + views
+    efficacy = answer_correct(post.question, target)
+    subject = [request.subject]
+    # The edited answer named the subject before the edit and no longer does (it may now see another country).
+    subject_lost = answer_correct(pre.question, subject) and not answer_correct(post.question, subject)
     return {
-        "efficacy": float(answer_correct(post.question, target)),
+        "efficacy": float(efficacy),
         "generalization": _mean(both),
         "generalization_paraphrases": _mean(paraphrases),
         "generalization_views": _mean(views),
         "subject_kept": subject_kept(request, pre, post),
-        "efficacy_subject_kept": float(answer_correct(post.question, target)
-                                       and (answer_correct(post.question, [request.subject])
-                                            or not answer_correct(pre.question, [request.subject]))),
+        "efficacy_subject_kept": float(efficacy and not subject_lost),
         "logprob_gain": post.target_logprob - pre.target_logprob,
     }
 

@@ -55,7 +55,8 @@ def table(document: dict) -> str:
             lines.append("")
             lines.append(f"{name}: L∞ bound {bound['linf']:g} " + (
                 "never bound (it equals FT here)" if bound["never_bound"]
-                else f"clipped a step on {bound['edits_where_active']} of {bound['edit_operations']} edit operations") + ".")
+                else f"clipped a step on {bound['edits_where_active']} of {bound['edit_operations']} edit operations"
+            ) + ".")
     if document.get("sweep"):
         lines += ["", "Efficacy by edited layer (one edit at a time):", ""]
         for name, rows in document["sweep"].items():

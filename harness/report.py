@@ -239,7 +239,8 @@ def editing_section(name: str, run: Path, sweep_run: Path, root: Path) -> list[s
     for method, cell in results["methods"].items():
         lines.append(
             f"| {method} | {cell['edits']} | {fmt_stat(cell['efficacy'])} | {fmt_stat(cell['generalization'])} "
-            f"| {fmt_stat(cell.get('subject_kept'))} | {fmt_stat(cell['specificity'])} | {fmt_stat(cell.get('locality'))} "
+            f"| {fmt_stat(cell.get('subject_kept'))} | {fmt_stat(cell['specificity'])} "
+            f"| {fmt_stat(cell.get('locality'))} "
             f"| {fmt_stat(cell.get('neighborhood'))} | {fmt_stat(cell['logprob_gain'])} | {fmt(cell['score'])} "
             f"| {fmt(cell['seconds_per_edit'], 2)} | {fmt(cell['peak_memory_mb'], 1)} |"
         )
