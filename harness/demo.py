@@ -97,6 +97,33 @@ def add_demo(subparsers) -> None:
     parser.set_defaults(func=run_demo_cli)
 
 
+def add_controls(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "controls", help="run the study's rules on ground-truth planted models (known verdicts); writes DIR/controls.json")
+    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
+    parser.add_argument("--quick", action="store_true", help="shorter planted builds (enough for the verdicts)")
+    parser.add_argument("--limit", type=int, default=40, help="questions traced per planted model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_controls_cli)
+
+
+def run_controls_cli(args: argparse.Namespace) -> int:
+    from harness.controls import run_controls
+
+    path = run_controls(args.out, quick=args.quick, limit=args.limit, seed=args.seed)
+    document = json.loads(path.read_text())
+    table = Table(title="ground-truth controls")
+    for column in ("finding", "side", "verdict", "passes", "evidence"):
+        table.add_column(column)
+    for number, entry in sorted(document["controls"].items()):
+        for side in ("positive", "null"):
+            table.add_row(number, side, entry[side]["verdict"], "yes" if entry[side]["passes"] else "NO",
+                          entry[side]["evidence"])
+    console.print(table)
+    print(path)
+    return 0
+
+
 def run_demo_cli(args: argparse.Namespace) -> int:
     report = run_demo(args.out, quick=args.quick, seed=args.seed)
     print(report)
@@ -270,6 +297,15 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
             run_step(step, runs / step.name)
             all_steps.append(step)
 
+    if not quick:
+        # The controls' verdicts stand beside the models' in the findings table (harness/controls.py).
+        from harness.controls import run_controls
+
+        console.rule("[bold]ground-truth controls")
+        started = time.perf_counter()
+        run_controls(out / "controls", seed=seed)
+        all_steps.append(Step("controls", ["controls", "--out", str(out / "controls")], "controls.json",
+                              seconds=time.perf_counter() - started))
     report = write_report(out, models={k: str(v) for k, v in models.items()}, steps=all_steps, quick=quick)
     print_summary(all_steps, report)
     return report

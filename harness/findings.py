@@ -1,40 +1,59 @@
 """The paper's findings put to the test on each demo model: one row per finding, a verdict, and the numbers.
 
-Reads the demo's run folders (trace, attention, edit outputs; complete ones only) and writes, per finding,
-``holds`` / ``does not hold`` / ``inconclusive`` with the evidence: every number with its 95% interval and
-its n. A verdict is inconclusive whenever the measurement it needs is null (too few affected questions, no
-causal layer, no wrong answers, a missing run), never guessed. The rules are stated beside each finding in ``FINDINGS``.
+Reads the demo's run folders (trace, attention, edit outputs; complete ones only) and writes, per finding, one of
+
+- ``holds`` / ``does not hold``: only when a 95% bootstrap interval excludes the other side;
+- ``inconclusive``: the interval straddles it;
+- ``not tested``: the measurement cannot see the effect on that model (too few affected or answered questions,
+  no route from the corrupted input to the answer, a target read before the fact, a forced prefix that hands the
+  corrupted run the subject, two sides measured differently), with the reason.
+
+Every rule is a function of run folders, so the same rule is applied to the ground-truth controls
+(``harness/controls.py``), where the right verdict is known, and to the models under study.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from harness.outputs import is_complete, read_complete
-from harness.tracing.stats import group_names
+import numpy as np
 
-HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
-MIN_CLASS = 5  # fewer right (or wrong) answers than this in the AUROC's evaluation half: inconclusive
+from harness.bootstrap import bootstrap_interval, keyed_rng
+from harness.outputs import is_complete, read_complete
+from harness.tracing.stats import AFFECTED_RATIO, group_names
+
+HOLDS, FAILS, UNSURE, UNTESTED = "holds", "does not hold", "inconclusive", "not tested"
+MIN_CLASS = 5  # fewer right (or wrong) answers than this in the AUROC's evaluation half: not tested
+MIN_QUESTIONS = 5  # fewer questions with a measured effect than this on a side: not tested
+# "Earlier" means by at least half a layer: a difference of centres of mass surely below that is no difference
+# in where a fact is stored (two seeds of one planted model differ by less; see harness/controls.py).
+MIN_LAYER_GAP = 0.5
+RESAMPLES = 2000
 
 # (number, question, the paper's claim, our rule)
 FINDINGS = [
     ("1", "Where is the fact retrieved?",
      "causal MLP layers are early in the MLLM (LLaVA: 1–4), later in the text-only LLM (Vicuna: 4–7)",
-     "holds if the MLLM's peak MLP layer (restoring the constraint's last token) is below the text-only one's"),
+     "per question, the centre of mass of the MLP restoration effect (self-restoring cells excluded) in the "
+     "text-only trace minus the MLLM's, same corruption family, window and restored group on both sides; holds if "
+     f"the 95% interval of the mean difference is above {MIN_LAYER_GAP} layer, does not hold if below it"),
     ("2", "Do the constraint tokens carry the image's information?",
      "information flows image → constraint tokens in early layers",
-     "holds if image→constraint attention contributions peak in the first half of the layers and blocking the "
-     "top image tokens' attention to the constraint lowers p more than blocking random ones (95% intervals apart)"),
+     "per layer band, blocking the top-k image tokens' attention to the constraint minus blocking k random ones "
+     "(p of the target read where it is predicted); holds if the earliest band whose interval is above 0 starts in "
+     "the first half of the layers, does not hold if it starts in the second half"),
     ("3", "Multi-constraint questions: visual vs textual constraint",
      "both kinds of constraint are retrieved through early causal layers",
-     "holds if both groups' peak MLP layers are in the first half of the layers"),
+     "per question, the centre of mass of the MLP restoration effect for each constraint kind; holds if both "
+     "intervals lie in the first half of the layers, does not hold if either lies in the second half"),
     ("4", "Can failure be predicted?",
-     "the constraint→last-token attention contribution predicts a wrong answer",
-     f"holds if its AUROC's 95% interval is above 0.5 (held-out half, ≥ {MIN_CLASS} right and wrong answers)"),
+     "the constraint→target attention contribution predicts a wrong answer",
+     f"AUROC on the held-out half, read where the answer entity is predicted; holds if its 95% interval is above "
+     f"0.5, does not hold if below (≥ {MIN_CLASS} right and wrong answers)"),
     ("5", "Editing the causal layer",
      "MultEdit at the causal layer corrects and inserts facts better than fine-tuning",
-     "holds if MultEdit's mean of efficacy, generalization and specificity beats FT's and FT-L's on every "
-     "track run"),
+     "paired, subject-clustered interval of MultEdit − baseline on the harmonic mean of efficacy, generalization "
+     "and specificity; holds if better than FT and FT-L on every track, does not hold if worse than either"),
 ]
 
 
@@ -51,21 +70,48 @@ def load(path: Path) -> dict | None:
     return read_complete(path) if is_complete(path) else None
 
 
+def interval_verdict(low: float, high: float, boundary: float = 0.0) -> str:
+    """``holds`` when the interval lies above ``boundary``, ``does not hold`` below it, else ``inconclusive``."""
+    if low > boundary:
+        return HOLDS
+    if high < boundary:
+        return FAILS
+    return UNSURE
+
+
+def mean_interval(values, key: str, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5%, 97.5%) of ``values`` by percentile bootstrap; the generator depends on ``key`` only."""
+    data = np.asarray(values, dtype=np.float64)
+    low, high = bootstrap_interval(data, keyed_rng(seed, key), resamples=RESAMPLES)
+    return float(data.mean()), float(low), float(high)
+
+
+# --- trace measurements --------------------------------------------------------------------------
+
+
 def find_group(stats: dict | None, kind: str, preferences) -> dict | None:
     """The first (corrupted, target) group of ``kind`` over all constraint counts, in preference order, that has a
     causal layer; else the first that is not null; else None."""
     if stats is None:
         return None
-    measured = []
-    for corrupted, target in preferences:
-        accepted, name = group_names(corrupted, target)
-        for wanted in accepted:
-            for group in stats["groups"]:
-                if (group["kind"], group["num_constraints"], group["corrupted"], group["target"]) == (kind, "all", wanted, name):
-                    if not group["null"]:
-                        measured.append(group)
-    # A group with a causal layer first; else the first measured one, so the evidence says what was seen.
+    measured = [group for corrupted, target in preferences for group in _groups(stats, kind, corrupted, target)
+                if not group["null"]]
     return next((g for g in measured if g["causal_layers"]), measured[0] if measured else None)
+
+
+def _groups(stats: dict, kind: str, corrupted: str, target: str) -> list[dict]:
+    accepted, name = group_names(corrupted, target)
+    return [group for wanted in accepted for group in stats["groups"]
+            if (group["kind"], group["num_constraints"], group["corrupted"], group["target"]) == (kind, "all", wanted, name)]
+
+
+def shared_group(documents: list[dict], kind: str, preferences) -> tuple[str, str] | None:
+    """The first (corrupted, target) preference measured (not null) in EVERY document: both sides of a comparison
+    are read at the same group, never the best-looking one of each."""
+    for corrupted, target in preferences:
+        if all(any(not g["null"] for g in _groups(doc, kind, corrupted, target)) for doc in documents):
+            return corrupted, target
+    return None
 
 
 def has_causal_layer(group: dict | None) -> bool:
@@ -87,109 +133,245 @@ def describe_peak(label: str, group: dict | None) -> str:
             f"{', '.join(map(str, group['causal_layers'])) or '–'}")
 
 
-PEAK_PREFERENCES = (("visual", "constraint_last"), ("textual", "constraint_last"), ("image", "last"),
-                    ("visual", "last"))
+def centre_of_mass(row: dict) -> float | None:
+    """Where one question's restoration effect sits: Σ l·max(e_l, 0) / Σ max(e_l, 0) over its normalised effect,
+    self-restoring layers (layer 0 at a corrupted position) left out; None when no layer has a positive effect."""
+    effect = np.array([np.nan if v is None else v for v in row["normalised"]], dtype=np.float64)
+    if row.get("restores_corrupted"):
+        window = int(row["window"])
+        effect[[layer for layer in range(len(effect)) if layer - window // 2 <= 0]] = np.nan
+    weights = np.clip(np.nan_to_num(effect, nan=0.0), 0.0, None)
+    if weights.sum() <= 0:
+        return None
+    return float((weights * np.arange(len(weights))).sum() / weights.sum())
+
+
+def question_centres(folder: Path, kind: str, corrupted: str, target: str) -> dict[str, float]:
+    """question id -> centre of mass of the named group's effect, over affected questions (traces.parquet)."""
+    import pyarrow.parquet as pq
+
+    accepted, name = group_names(corrupted, target)
+    centres = {}
+    for row in pq.read_table(folder / "traces.parquet").to_pylist():
+        if row["kind"] != kind or row["corrupted"] not in accepted or row["target"] != name:
+            continue
+        if row["p_corrupt"] > AFFECTED_RATIO * row["p_clean"]:
+            continue  # not affected: its normalised effect is noise over noise
+        centre = centre_of_mass(row)
+        if centre is not None:
+            centres[row["id"]] = centre
+    return centres
+
+
+def trace_validity(stats: dict) -> str | None:
+    """Why a trace cannot test a retrieval finding (None: it can)."""
+    target = stats.get("target", {})
+    if target.get("mode") != "answer":
+        return f"the trace scores the {target.get('mode')} target, which comes before the fact is retrieved"
+    if target.get("prefix_subject", "keep") == "keep" and (target.get("hops") or {}).get("retrieval", 0):
+        return "the forced prefix names the subject and was handed unchanged to the corrupted run (the subject leaks)"
+    return None
+
+
+def corruption_family(stats: dict) -> str:
+    """replace, or noise (Gaussian noise at 3× the std of the input that carries the subject: the constraint's
+    token embeddings, or the image features under image-noise)."""
+    return "replace" if stats["options"]["corruption"] == "replace" else "noise"
+
+
+def windows_of(stats: dict) -> dict:
+    return stats.get("windows") or {"window": stats["options"]["window"]}
+
+
+RETRIEVAL_PREFERENCES = (("visual", "constraint_last"), ("visual", "predicting"), ("visual", "last"))
+
+
+def retrieval_layers_rule(early_folder: Path, late_folder: Path, labels=("MLLM", "text-only"),
+                          preferences=RETRIEVAL_PREFERENCES) -> tuple[str, str]:
+    """Finding 1's rule on two traces: is the fact retrieved earlier in ``early_folder``'s model than in
+    ``late_folder``'s? Paired by question where both sides traced the same questions."""
+    early, late = load(early_folder / "trace_stats.json"), load(late_folder / "trace_stats.json")
+    if early is None or late is None:
+        return UNTESTED, "a trace is missing or incomplete"
+    for label, stats in zip(labels, (early, late)):
+        reason = trace_validity(stats)
+        if reason:
+            return UNTESTED, f"{label}: {reason}"
+    if corruption_family(early) != corruption_family(late) or windows_of(early) != windows_of(late):
+        return UNTESTED, (f"the two sides were traced differently ({labels[0]}: {early['options']['corruption']}, "
+                          f"windows {windows_of(early)}; {labels[1]}: {late['options']['corruption']}, windows "
+                          f"{windows_of(late)})")
+    chosen = shared_group([early, late], "mlp", preferences)
+    if chosen is None:
+        counts = "; ".join(f"{label}: {describe_peak(label, find_group(s, 'mlp', preferences))}"
+                           for label, s in zip(labels, (early, late)))
+        return UNTESTED, f"no route: no restored group has enough affected questions on both sides ({counts})"
+    a = question_centres(early_folder, "mlp", *chosen)
+    b = question_centres(late_folder, "mlp", *chosen)
+    group = f"{chosen[0]} → {group_names(*chosen)[1]}"
+    paired = sorted(set(a) & set(b))
+    if len(paired) >= MIN_QUESTIONS:
+        mean, low, high = mean_interval([b[q] - a[q] for q in paired], f"f1:{group}")
+        how = f"paired over {len(paired)} questions"
+    elif min(len(a), len(b)) >= MIN_QUESTIONS:
+        rng = keyed_rng(0, f"f1-unpaired:{group}")
+        xa, xb = np.array(list(a.values())), np.array(list(b.values()))
+        draws = (xb[rng.integers(0, len(xb), (RESAMPLES, len(xb)))].mean(1)
+                 - xa[rng.integers(0, len(xa), (RESAMPLES, len(xa)))].mean(1))
+        mean, (low, high) = float(xb.mean() - xa.mean()), np.percentile(draws, (2.5, 97.5))
+        how = f"unpaired, n = {len(a)} and {len(b)}"
+    else:
+        return UNTESTED, f"too few questions with a measured effect ({labels[0]} {len(a)}, {labels[1]} {len(b)})"
+    centres = ", ".join(f"{label} {np.mean(list(c.values())):.2f}" for label, c in zip(labels, (a, b)))
+    evidence = (f"{group}, MLP, {early['options']['corruption']} / {late['options']['corruption']}, windows "
+                f"{windows_of(early)}: centre of mass {centres}; {labels[1]} − {labels[0]} "
+                f"{fmt_interval(mean, float(low), float(high))} layers ({how})")
+    return interval_verdict(float(low), float(high), MIN_LAYER_GAP), evidence
+
+
+def early_layers_rule(folder: Path, kinds=("visual", "textual")) -> tuple[str, str]:
+    """Finding 3's rule on one multi-constraint trace: is each constraint kind retrieved in the first half?"""
+    stats = load(folder / "trace_stats.json")
+    if stats is None:
+        return UNTESTED, "no multi-constraint trace"
+    reason = trace_validity(stats)
+    if reason:
+        return UNTESTED, reason
+    half = (stats["model"]["num_layers"] - 1) / 2
+    verdicts, parts = [], []
+    for kind in kinds:
+        chosen = shared_group([stats], "mlp", ((kind, "constraint_last"), (kind, "predicting"), (kind, "last")))
+        centres = list(question_centres(folder, "mlp", *chosen).values()) if chosen else []
+        if len(centres) < MIN_QUESTIONS:
+            return UNTESTED, (f"{kind} constraint: too few questions whose answer its corruption affects "
+                              f"({len(centres)}; {stats['counts']['traced']} traced of {stats['counts']['records']})")
+        mean, low, high = mean_interval(centres, f"f3:{kind}")
+        # holds when the interval lies below the middle layer (early), fails when above it
+        verdicts.append(interval_verdict(half - high, half - low))
+        parts.append(f"{kind}: centre of mass {fmt_interval(mean, low, high)} (n = {len(centres)}, middle layer "
+                     f"{half:g})")
+    verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
+    return verdict, "; ".join(parts)
+
+
+# --- attention measurements ----------------------------------------------------------------------
+
+
+def image_to_constraint_rule(folder: Path) -> tuple[str, str]:
+    """Finding 2's rule on one attention run (its ``finding_2`` block: knockout per layer band)."""
+    stats = load(folder / "attention_stats.json")
+    if stats is None:
+        return UNTESTED, "no attention run"
+    block = stats.get("finding_2")
+    if not block:
+        return UNTESTED, "the attention run reads knockout at the prompt's last token (no per-band knockout at the target)"
+    bands = [b for b in block["bands"] if b.get("ci_low") is not None]
+    if not bands or min(b["n"] for b in bands) < MIN_QUESTIONS:
+        return UNTESTED, f"too few questions for the knockout (n = {min((b['n'] for b in block['bands']), default=0)})"
+    layers = stats.get("num_layers") or block.get("num_layers")
+    parts = [f"layers {b['band'][0]}–{b['band'][1]}: top − random {fmt_interval(b['difference'], b['ci_low'], b['ci_high'])}"
+             for b in bands]
+    evidence = f"{'; '.join(parts)} (k = {bands[0].get('k')}, n = {bands[0]['n']})"
+    significant = [b for b in bands if b["ci_low"] > 0]
+    if not significant:
+        return UNSURE, evidence
+    earliest = min(significant, key=lambda b: b["band"][0])
+    return (HOLDS if earliest["band"][0] < layers / 2 else FAILS), evidence
+
+
+def failure_prediction_rule(folder: Path) -> tuple[str, str]:
+    """Finding 4's rule on one attention run."""
+    stats = load(folder / "attention_stats.json")
+    if stats is None:
+        return UNTESTED, "no attention run"
+    block = stats.get("finding_4")
+    if not block:
+        return UNTESTED, "the attention run reads the contribution at the prompt's last token, not where the answer is predicted"
+    right, wrong = block["n_right"], block["n_wrong"]
+    contribution = block.get("auroc_contribution_ci") or [None, None]
+    confidence = block.get("auroc_confidence_ci") or [None, None]
+    evidence = (f"AUROC of the contribution {fmt_interval(block['auroc_contribution'], *contribution)}, of the model's "
+                f"confidence {fmt_interval(block.get('auroc_confidence'), *confidence)}; held-out half {right} right, "
+                f"{wrong} wrong")
+    if min(right, wrong) < MIN_CLASS or contribution[0] is None:
+        return UNTESTED, f"too few right or wrong answers: {evidence}"
+    return interval_verdict(contribution[0], contribution[1], 0.5), evidence
+
+
+# --- editing ---------------------------------------------------------------------------------------
+
+
+BASELINES = ("ft", "ft-l")
+
+
+def editing_rule(folders: list[Path], method: str = "multedit") -> tuple[str, str]:
+    """Finding 5's rule on editing runs: ``method`` against every baseline, on every track run, from the runs'
+    paired, subject-clustered comparisons of the harmonic mean."""
+    parts, verdicts = [], []
+    for folder in folders:
+        results = load(folder / "editing_results.json")
+        if results is None or method not in results.get("methods", {}):
+            continue
+        comparisons = results.get("comparisons")
+        if not comparisons:
+            parts.append(f"{folder.name}: no paired comparison recorded")
+            verdicts.append(UNTESTED)
+            continue
+        track = results["options"]["track"]
+        for entry in comparisons:
+            if entry["method"] != method or entry["baseline"] not in BASELINES:
+                continue
+            parts.append(f"{track}: {method} − {entry['baseline']} {fmt_interval(entry['difference'], entry['ci_low'], entry['ci_high'])} "
+                         f"(n = {entry['n']} edits, {entry.get('n_subjects', '?')} subjects): {entry['verdict']}")
+            verdicts.append({"better": HOLDS, "worse": FAILS}.get(entry["verdict"], UNSURE))
+    if not verdicts or UNTESTED in verdicts:
+        return UNTESTED, "; ".join(parts) or "no editing run with MultEdit"
+    verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
+    return verdict, "; ".join(parts)
+
+
+# --- the demo's run folders ------------------------------------------------------------------------
 
 
 def where_retrieved(runs: Path, name: str) -> tuple[str, str]:
-    mllm = find_group(load(runs / f"{name}-trace-mllm" / "trace_stats.json"), "mlp", PEAK_PREFERENCES)
-    text = find_group(load(runs / f"{name}-trace-text-only" / "trace_stats.json"), "mlp", PEAK_PREFERENCES)
-    evidence = f"{describe_peak('MLLM', mllm)}; {describe_peak('text-only', text)}"
-    if not (has_causal_layer(mllm) and has_causal_layer(text)):
-        return UNSURE, evidence
-    return (HOLDS if mllm["peak_layer"] < text["peak_layer"] else FAILS), evidence
+    return retrieval_layers_rule(runs / f"{name}-trace-mllm", runs / f"{name}-trace-text-only")
 
 
 def constraint_carries_image(runs: Path, name: str) -> tuple[str, str]:
-    stats = load(runs / f"{name}-attention" / "attention_stats.json")
-    if stats is None:
-        return UNSURE, "no attention run"
-    layers = stats["per_layer"]["image_to_visual_constraint"]["all"]
-    knockout = stats["knockout"]["constraint"]
-    if not layers or not knockout["n"]:
-        return UNSURE, "no question analysed"
-    top = max(layers, key=lambda cell: -1e30 if cell["value"] is None else cell["value"])
-    early = top["layer"] < len(layers) / 2
-    drop_top, drop_random = knockout["drop_top"], knockout["drop_random"]
-    evidence = (f"image→constraint contribution peaks at layer {top['layer']} of {len(layers)} "
-                f"({fmt_interval(top['value'], top['ci_low'], top['ci_high'])}, n = {top['n']}); blocking the top "
-                f"{knockout['k']} image tokens' attention to the constraint lowers p by "
-                f"{fmt_interval(drop_top['value'], drop_top['ci_low'], drop_top['ci_high'])}, random ones by "
-                f"{fmt_interval(drop_random['value'], drop_random['ci_low'], drop_random['ci_high'])} (n = {knockout['n']})")
-    if None in (drop_top["ci_low"], drop_random["ci_high"]):
-        return UNSURE, evidence
-    apart = drop_top["ci_low"] > drop_random["ci_high"]
-    if early and apart:
-        return HOLDS, evidence
-    overlapping = drop_top["ci_low"] <= drop_random["ci_high"] and drop_random["ci_low"] <= drop_top["ci_high"]
-    return (UNSURE if early and overlapping else FAILS), evidence
+    return image_to_constraint_rule(runs / f"{name}-attention")
 
 
 def multi_constraint(runs: Path, name: str) -> tuple[str, str]:
-    stats = load(runs / f"{name}-trace-multi" / "trace_stats.json")
-    targets = ("constraint_last", "last")
-    visual = find_group(stats, "mlp", [("visual", t) for t in targets])
-    textual = find_group(stats, "mlp", [("textual", t) for t in targets])
-    evidence = f"{describe_peak('visual', visual)}; {describe_peak('textual', textual)}"
-    if not (has_causal_layer(visual) and has_causal_layer(textual)):
-        return UNSURE, evidence
-    half = len(visual["mean_effect"]) / 2
-    return (HOLDS if visual["peak_layer"] < half and textual["peak_layer"] < half else FAILS), evidence
+    return early_layers_rule(runs / f"{name}-trace-multi")
 
 
 def failure_predictable(runs: Path, name: str) -> tuple[str, str]:
-    stats = load(runs / f"{name}-attention" / "attention_stats.json")
-    prediction = (stats or {}).get("failure_prediction")
-    if not prediction:
-        return UNSURE, "no attention run"
-    n, right = prediction["evaluation_n"], prediction["evaluation_n_correct"]
-    contribution = prediction.get("auroc_contribution_ci") or [None, None]
-    confidence = prediction.get("auroc_confidence_ci") or [None, None]
-    evidence = (f"AUROC of the contribution (layers {prediction['selected_layers']}) "
-                f"{fmt_interval(prediction['auroc_contribution'], *contribution)}, of the model's confidence "
-                f"{fmt_interval(prediction['auroc_confidence'], *confidence)}; held-out half n = {n} "
-                f"({right} right, {n - right} wrong)")
-    if min(right, n - right) < MIN_CLASS or contribution[0] is None:
-        return UNSURE, evidence
-    if contribution[0] > 0.5:
-        return HOLDS, evidence
-    return (FAILS if contribution[1] < 0.5 else UNSURE), evidence
+    return failure_prediction_rule(runs / f"{name}-attention")
 
 
 def editing(runs: Path, name: str) -> tuple[str, str]:
-    parts, verdicts = [], []
-    for folder in sorted(runs.glob(f"{name}-edit*")):
-        if folder.name.endswith("-sweep"):
-            continue
-        results = load(folder / "editing_results.json")
-        if results is None or "multedit" not in results["methods"]:
-            continue
-        methods = results["methods"]
-        scores = {m: cell["score"] for m, cell in methods.items()}
-        best = {m: s for m, s in scores.items() if not m.startswith("multedit")}
-        ours = max(s for m, s in scores.items() if m.startswith("multedit") and s is not None)
-        efficacy = methods["multedit"]["efficacy"]
-        parts.append(f"{results['options']['track']} (layer {results['layers']}, {results['requests']} edits): mean score "
-                     + ", ".join(f"{m} {fmt(s)}" for m, s in scores.items())
-                     + f"; MultEdit efficacy {fmt_interval(efficacy['mean'], efficacy['ci_low'], efficacy['ci_high'])}")
-        if best:
-            verdicts.append(ours > max(s for s in best.values() if s is not None))
-    if not verdicts:
-        return UNSURE, "; ".join(parts) or "no editing run"
-    return (HOLDS if all(verdicts) else FAILS), "; ".join(parts)
+    return editing_rule([f for f in sorted(runs.glob(f"{name}-edit*")) if not f.name.endswith("-sweep")])
 
 
 TESTS = [where_retrieved, constraint_carries_image, multi_constraint, failure_predictable, editing]
 
 
-def findings_section(runs: Path, models: list[str]) -> list[str]:
-    """Markdown: one row per finding, one column per model (verdict and evidence)."""
-    lines = ["| # | question | the paper's finding | rule | " + " | ".join(f"on {m}" for m in models) + " |",
-             "|" + "---|" * (4 + len(models))]
+def findings_section(runs: Path, models: list[str], controls: dict[str, tuple[str, str]] | None = None) -> list[str]:
+    """Markdown: one row per finding, one column per model (verdict and evidence), and, where given, the
+    ground-truth controls' verdicts (finding number -> (positive verdict, null verdict)) beside them."""
+    header = "| # | question | the paper's finding | rule | " + " | ".join(f"on {m}" for m in models)
+    columns = 4 + len(models)
+    if controls is not None:
+        header += " | control: positive / null"
+        columns += 1
+    lines = [header + " |", "|" + "---|" * columns]
     for (number, question, claim, rule), test in zip(FINDINGS, TESTS):
         cells = []
         for model in models:
             verdict, evidence = test(runs, model)
             cells.append(f"**{verdict}**: {evidence}".replace("|", "\\|"))
+        if controls is not None:
+            positive, null = controls.get(number, (UNTESTED, UNTESTED))
+            cells.append(f"{positive} / {null}")
         lines.append(f"| {number} | {question} | {claim} | {rule} | " + " | ".join(cells) + " |")
     return lines + [""]

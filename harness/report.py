@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from harness.controls import CONTROLS_FILE, control_verdicts  # noqa: E402
 from harness.findings import findings_section  # noqa: E402
 from harness.outputs import read_complete  # noqa: E402
 
@@ -342,7 +343,7 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
     lines += ["## The paper's findings, tested", "",
               "Each finding as the paper states it, the rule that decides it here, and the verdict on each model "
               "with the numbers (95% intervals, n). flag-llava is studied on its held-out countries only.", "",
-              *findings_section(runs, ordered)]
+              *findings_section(runs, ordered, controls=control_verdicts(out / "controls" / CONTROLS_FILE) or None)]
     for name, model_dir in models.items():
         planted_layer = load_json(Path(model_dir) / "config.json").get("planted_layer")
         lines += [f"## Model: {name}", "", f"Checkpoint: `{model_dir}`.", ""]

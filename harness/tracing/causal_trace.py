@@ -49,6 +49,7 @@ CORRUPTIONS = ("replace", "noise", "image-noise")
 ANSWER_SCORES = ("first-token", "full")
 POSITIONS = ("constraint", "last", "all")
 TRACED = ("correct", "all")
+PREFIX_SUBJECT = ("corrupt", "keep")
 ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
 NOISE_SCALE = 3.0  # noise std as a multiple of the embedding (or image-feature) std, as in ROME
 DEFAULT_REPLACE_TOKEN = " Paris"
@@ -141,27 +142,36 @@ def make_corruption(
     seed: int,
     samples: int,
     replace_token: str = DEFAULT_REPLACE_TOKEN,
+    bridge_positions: list[int] = (),
 ) -> Corruption:
     """The corruption of one example, applied to the language model's input embeddings ``clean_embeds``;
-    noise is drawn from a generator seeded per example."""
+    noise is drawn from a generator seeded per example.
+
+    ``bridge_positions`` (the forced prefix's tokens naming the subject, ``targets.py``) are corrupted as
+    text in every mode: replaced by the same token under ``replace``, Gaussian noise of the token-embedding
+    scale otherwise (also under ``image-noise``, whose own scale is the image features')."""
     generator = torch.Generator().manual_seed(seed)
     hidden = clean_embeds.shape[-1]
+    bridge_positions = [q for q in bridge_positions if q not in constraint_positions]
     if mode == "replace":
         token_id, text = replacement_token(adapter.tokenizer, replace_token)
         replacement = adapter.embed_tokens().weight[token_id].detach()
-        return Corruption(mode, list(constraint_positions), replacement=replacement, replacement_id=token_id,
-                          replacement_text=text)
+        return Corruption(mode, list(constraint_positions) + bridge_positions, replacement=replacement,
+                          replacement_id=token_id, replacement_text=text)
     if mode == "noise":
-        scale = NOISE_SCALE * embedding_std(adapter)
         positions = list(constraint_positions)
+        scales = [NOISE_SCALE * embedding_std(adapter)] * len(positions)
     elif mode == "image-noise":
         if not encoded.image_positions:
             raise UserError("--corruption image-noise needs an image: not available with --text-only or a text model")
         positions = list(encoded.image_positions)
-        scale = NOISE_SCALE * clean_embeds[0, positions].float().std().item()
+        scales = [NOISE_SCALE * clean_embeds[0, positions].float().std().item()] * len(positions)
     else:
         raise UserError(f"--corruption {mode!r}: choose from {', '.join(CORRUPTIONS)}")
-    noise = torch.randn(samples, len(positions), hidden, generator=generator) * scale
+    if bridge_positions:
+        positions += bridge_positions
+        scales += [NOISE_SCALE * embedding_std(adapter)] * len(bridge_positions)
+    noise = torch.randn(samples, len(positions), hidden, generator=generator) * torch.tensor(scales).view(1, -1, 1)
     return Corruption(mode, positions, noise=noise.to(clean_embeds.device))
 
 
@@ -174,10 +184,12 @@ def prepare(
     seed: int = 0,
     samples: int = 5,
     replace_token: str = DEFAULT_REPLACE_TOKEN,
+    bridge_positions: list[int] = (),
 ) -> Prepared:
     """Clean run + corrupted run of one example: everything restored runs need."""
     clean, embeds, position_ids, tokens, score_positions, p_clean = clean_run(adapter, encoded)
-    corruption = make_corruption(adapter, mode, constraint_positions, encoded, embeds, seed, samples, replace_token)
+    corruption = make_corruption(adapter, mode, constraint_positions, encoded, embeds, seed, samples, replace_token,
+                                 bridge_positions)
     prepared = Prepared(adapter, encoded.inputs, embeds, corruption, clean, tokens, score_positions, p_clean,
                         position_ids=position_ids)
     engine.prepare(prepared)
@@ -198,12 +210,15 @@ def restore_set(kind: str, layer: int, positions: list[int], window: int, num_la
 
 
 def trace_example(
-    prepared: Prepared, engine, targets: dict[str, list[int]], kinds: list[str], window: int, progress=None
+    prepared: Prepared, engine, targets: dict[str, list[int]], kinds: list[str], window: int | dict[str, int],
+    progress=None
 ) -> dict[str, np.ndarray]:
-    """p_restored for each target (a named set of positions): name -> [len(kinds), layers]."""
+    """p_restored for each target (a named set of positions): name -> [len(kinds), layers]; ``window``: one
+    for every kind, or kind -> window."""
     layers = prepared.num_layers
+    windows = window if isinstance(window, dict) else {kind: window for kind in kinds}
     sets = [
-        restore_set(kind, layer, positions, window, layers)
+        restore_set(kind, layer, positions, windows[kind], layers)
         for positions in targets.values()
         for kind in kinds
         for layer in range(layers)
@@ -240,7 +255,8 @@ class TraceOptions:
     corruption: str = "replace"
     replace_token: str = DEFAULT_REPLACE_TOKEN
     kinds: tuple[str, ...] = KINDS
-    window: int = 1
+    window: int | str | dict = 1  # every kind; "rome" (scaled to depth, see windows_by_kind); or kind -> window
+    prefix_subject: str = "corrupt"  # corrupt: the forced prefix's subject tokens with the constraint | keep (leaks)
     positions: str = "constraint"  # constraint (+ last token) | last | all (every text position)
     answer: str = "first-token"  # with target first-token: p of the model's first token | full: of its whole answer
     target: str = "answer"  # answer: the gold answer's tokens where it begins in the model's output | first-token
@@ -285,8 +301,12 @@ class TraceOptions:
             raise UserError(f"--kinds {','.join(self.kinds)!r}: choose from {', '.join(KINDS)}")
         if self.engine not in ENGINES:
             raise UserError(f"--engine {self.engine!r}: choose from {', '.join(ENGINES)}")
-        if self.window < 1:
+        self.window = parse_window(self.window)
+        values = self.window.values() if isinstance(self.window, dict) else ([] if self.window == "rome" else [self.window])
+        if any(value < 1 for value in values):
             raise UserError(f"--window {self.window}: must be at least 1")
+        if self.prefix_subject not in PREFIX_SUBJECT:
+            raise UserError(f"--prefix-subject {self.prefix_subject!r}: choose from {', '.join(PREFIX_SUBJECT)}")
         if self.noise_samples < 1:
             raise UserError(f"--noise-samples {self.noise_samples}: must be at least 1")
         if self.text_only and self.corruption == "image-noise":
@@ -337,20 +357,62 @@ def example_seed(seed: int, record_id: str, unit: int) -> int:
     return zlib.crc32(f"{seed}:{record_id}:{unit}".encode())
 
 
-def trace_targets(located, encoded: Encoded, positions: str, last: int | None = None) -> list[tuple[str, int, list[int]]]:
+def trace_targets(located, encoded: Encoded, positions: str, last: int | None = None,
+                  predicting: int | None = None, bridges: list[int] = ()) -> list[tuple[str, int, list[int]]]:
     """(target kind, index, positions) restored as one unit: each constraint's tokens together, each
-    constraint's last token alone (ROME's key token), the prompt's last token, and with ``all`` every
-    text position of the prompt on its own."""
+    constraint's last token alone (ROME's key token), the prompt's last token, the token that predicts the
+    target when a forced prefix puts it elsewhere, the prefix's tokens naming the subject (``bridges``,
+    together and their last), and with ``all`` every text position of the prompt on its own."""
     last = encoded.last_position if last is None else last  # the prompt's last token, also under a forced answer
     targets = []
     if positions in ("constraint", "all"):
         targets += [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
         targets += [(f"{kind} constraint (last token)", i, pos[-1:]) for i, (kind, pos) in enumerate(located)]
     targets.append(("last token", 0, [last]))
+    if predicting is not None and predicting != last:
+        targets.append(("predicting token", 0, [predicting]))
+    if bridges and positions in ("constraint", "all"):
+        targets += [("prefix subject", 0, list(bridges)), ("prefix subject (last token)", 0, [bridges[-1]])]
     if positions == "all":
         text = [q for q, (a, b) in enumerate(encoded.token_char_spans[:last]) if a >= 0]
         targets += [("position", q, [q]) for q in text]
     return targets
+
+
+def bridge_entities(record) -> list[str]:
+    """The entities a question reaches its answer through: its subject, and what its visual constraints refer to."""
+    named = [record.subject] + [c.entity for c in record.constraints if c.type == "visual"]
+    return [entity for i, entity in enumerate(named) if entity and entity not in named[:i]]
+
+
+def windows_by_kind(window, num_layers: int) -> dict[str, int]:
+    """kind -> restoration window. ``window``: an int (every kind), ``"rome"`` (1 for hidden states; for MLP
+    and attention ROME's 10 layers of GPT-2 XL's 48, scaled to this model's depth) or a mapping."""
+    if window == "rome":
+        scaled = max(1, round(10 * num_layers / 48))
+        return {"hidden": 1, "mlp": scaled, "attn": scaled}
+    if isinstance(window, dict):
+        return {kind: int(window.get(kind, 1)) for kind in KINDS}
+    return {kind: int(window) for kind in KINDS}
+
+
+def parse_window(text) -> int | str | dict:
+    """``--window``: ``5``, ``rome``, or per kind ``hidden=1,mlp=5,attn=5`` (kinds not named: 1)."""
+    if isinstance(text, (int, dict)) or text == "rome":
+        return text
+    text = str(text).strip()
+    try:
+        if "=" not in text:
+            return int(text)
+        window = {}
+        for part in text.split(","):
+            kind, _, value = part.partition("=")
+            if kind.strip() not in KINDS:
+                raise ValueError
+            window[kind.strip()] = int(value)
+        return window
+    except ValueError:
+        raise UserError(f"--window {text!r}: give a number, 'rome', or per kind e.g. 'hidden=1,mlp=5,attn=5'") from None
 
 
 def trace_record(adapter, record, engine, options: TraceOptions, bar=None, prediction: str | None = None) -> list[dict]:
@@ -361,7 +423,8 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
     question = record.text_only_question if options.text_only else record.question
     image = None if options.text_only else record.image
     golds = [record.subject] if options.target == "subject" else record.answers
-    chosen = choose_target(adapter, question, image, golds, prediction, options.target, options.answer)
+    chosen = choose_target(adapter, question, image, golds, prediction, options.target, options.answer,
+                           bridges=bridge_entities(record))
     encoded = chosen.encoded  # answer_positions: the target's tokens only
     try:
         located = locate_constraints(record, encoded, options.text_only)
@@ -371,21 +434,28 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         units = [("image", 0, [])]
     else:
         units = [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
-    targets = trace_targets(located, encoded, options.positions, last=chosen.prompt_last)
+    # The subject named in the forced prefix is corrupted with every unit: otherwise the corrupted run reads
+    # the answer off the model's own words (targets.py).
+    bridges = list(chosen.bridge_positions) if options.prefix_subject == "corrupt" else []
+    predicting = chosen.predicting_position if chosen.encoded.answer_positions else None
+    targets = trace_targets(located, encoded, options.positions, last=chosen.prompt_last, predicting=predicting,
+                            bridges=list(chosen.bridge_positions))
+    windows = windows_by_kind(options.window, adapter.num_layers)
     rows = []
     for corrupted, corrupted_index, corrupt_positions in units:
         prepared = prepare(
             adapter, encoded, engine, options.corruption, corrupt_positions,
             seed=example_seed(options.seed, record.id, corrupted_index),
             samples=1 if options.corruption == "replace" else options.noise_samples,
-            replace_token=options.replace_token,
+            replace_token=options.replace_token, bridge_positions=bridges,
         )
         if bar is not None:
             bar.total += len(targets) * len(options.kinds) * prepared.num_layers
             bar.refresh()
         named = {f"{t}#{i}": pos for t, i, pos in targets}
-        restored = trace_example(prepared, engine, named, list(options.kinds), options.window,
+        restored = trace_example(prepared, engine, named, list(options.kinds), windows,
                                  progress=bar.update if bar is not None else None)
+        corrupted_all = set(prepared.corruption.positions) if options.corruption != "image-noise" else set(bridges)
         for (target, index, pos), p in zip(targets, restored.values()):
             for k, kind in enumerate(options.kinds):
                 effect, normalised = indirect_effects(p[k], prepared.p_clean, prepared.p_corrupt)
@@ -393,10 +463,11 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
                     "id": record.id, "config": record.config, "num_constraints": len(record.constraints),
                     "corrupted": corrupted, "corrupted_index": corrupted_index,
                     "target": target, "target_index": index, "target_positions": list(pos),
-                    "target_text": "".join(encoded.prompt[a:b] for a, b in (encoded.token_char_spans[q] for q in pos) if a >= 0),
-                    "kind": kind, "window": options.window, **chosen.record(prepared.target_tokens),
+                    "target_text": "".join(encoded.text[a:b] for a, b in (encoded.token_char_spans[q] for q in pos) if a >= 0),
+                    "kind": kind, "window": windows[kind], **chosen.record(prepared.target_tokens),
+                    "prefix_corrupted": list(bridges),
                     # layer-0 restorations here copy back the corrupted token itself, not stored knowledge
-                    "restores_corrupted": bool(set(pos) & set(corrupt_positions)),
+                    "restores_corrupted": bool(set(pos) & corrupted_all),
                     "p_clean": prepared.p_clean, "p_corrupt": prepared.p_corrupt,
                     "p_restored": [float(x) for x in p[k]],
                     "effect": [float(x) for x in effect],
@@ -434,7 +505,7 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     adapter = adapter if adapter is not None else load_adapter(options)
     if options.text_only and adapter.is_multimodal:
         adapter = adapter.text_only()
-    if options.window > adapter.num_layers:
+    if max(windows_by_kind(options.window, adapter.num_layers).values()) > adapter.num_layers:
         raise UserError(f"--window {options.window} is larger than the model ({adapter.num_layers} layers)")
     replacement_record(options, adapter)  # a blank or whitespace-only replacement fails here, before any work
     split = load_split(options.data, options.config, options.split)
@@ -535,7 +606,9 @@ def stats_document(options, adapter, split, rows, total, traced, skips, complete
         "options": {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(options).items()
                     if key not in ("model", "data", "out", "progress")},
         "replacement": replacement_record(options, adapter),
+        "windows": windows_by_kind(options.window, adapter.num_layers),
         "target": {"mode": options.target, "answer": options.answer, "sources": target_sources(rows),
+                   "prefix_subject": options.prefix_subject, "hops": target_hops(rows),
                    "min_affected": options.min_affected, "affected_ratio": stats.AFFECTED_RATIO},
         "counts": {"records": total, "traced": traced, "rows": len(rows), "engines": engine_counts(rows),
                    "skipped": {"wrong_answer": skips.wrong_answer, "constraint_not_found": skips.constraint_not_found},
@@ -546,6 +619,12 @@ def stats_document(options, adapter, split, rows, total, traced, skips, complete
     document["peak_mlp_group"] = dict(zip(("corrupted", "target"), stats.PEAK_GROUP))
     stats.validate(document)
     return document
+
+
+def target_hops(rows: list[dict]) -> dict[str, int]:
+    """Traced questions per hop (``targets.Target.hop``): recognition, retrieval (subject in the prefix) or direct."""
+    hops = {row["id"]: row.get("hop", "direct") for row in rows}
+    return {name: sum(1 for h in hops.values() if h == name) for name in ("recognition", "retrieval", "direct")}
 
 
 def target_sources(rows: list[dict]) -> dict[str, int]:

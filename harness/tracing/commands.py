@@ -11,7 +11,10 @@ from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import choice_list, finite_float, output_folder, positive_int
-from .causal_trace import CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, TRACED, TraceOptions, run_trace
+from .causal_trace import (
+    CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, PREFIX_SUBJECT, TRACED, TraceOptions, parse_window,
+    run_trace,
+)
 from .engine_fast import parse_bytes
 from .targets import TARGETS
 
@@ -29,7 +32,14 @@ def add_trace(subparsers) -> None:
                         help="word whose token (as it is tokenized after a space inside a sentence) replaces every "
                              "constraint token (replace corruption)")
     parser.add_argument("--kinds", default=",".join(KINDS), type=choice_list(KINDS), help="comma list of hidden,mlp,attn")
-    parser.add_argument("--window", type=positive_int, default=1, help="consecutive layers restored together")
+    parser.add_argument("--window", type=_window, default=1,
+                        help="consecutive layers restored together: a number for every kind (default 1, the paper's "
+                             "LLaVA setting), 'rome' (hidden 1; MLP and attention ROME's 10 of 48 layers scaled to the "
+                             "model's depth), or per kind e.g. 'hidden=1,mlp=5,attn=5'")
+    parser.add_argument("--prefix-subject", default="corrupt", choices=PREFIX_SUBJECT,
+                        help="corrupt (default): when the model's own words before the answer name the subject, corrupt "
+                             "those tokens too, so the corrupted run is not handed what the corruption removes; keep: "
+                             "feed them unchanged (the subject leaks; for comparison only)")
     parser.add_argument("--positions", default="constraint", choices=POSITIONS,
                         help="constraint: each constraint's tokens and the last token; last: last token only; all: also every text position")
     parser.add_argument("--target", default="answer", choices=TARGETS,
@@ -62,6 +72,15 @@ def add_trace(subparsers) -> None:
     parser.set_defaults(func=_run)
 
 
+def _window(text: str):
+    from vqa_constraints.errors import UserError
+
+    try:
+        return parse_window(text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--window ")) from None
+
+
 def _cache_budget(text: str) -> int:
     try:
         return parse_bytes(text)
@@ -73,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     options = TraceOptions(
         model=args.model, data=args.data, config=args.config, out=Path(args.out), split=args.split,
         corruption=args.corruption, replace_token=args.replace_token,
-        kinds=args.kinds, window=args.window,
+        kinds=args.kinds, window=args.window, prefix_subject=args.prefix_subject,
         positions=args.positions, answer=args.answer, target=args.target, min_affected=args.min_affected, limit=args.limit, traced=args.traced, text_only=args.text_only, engine=args.engine, seed=args.seed,
         noise_samples=args.noise_samples, dtype=args.dtype, device=args.device, revision=args.revision,
         device_map=args.device_map, max_pixels=args.max_pixels, shard=args.shard,

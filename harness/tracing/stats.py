@@ -91,8 +91,15 @@ def _summary(members, corrupted, target, kind, count, threshold, bootstrap, rng,
     mean_normalised = normalised.mean(axis=0)
     gap = sum(m["p_clean"] - m["p_corrupt"] for m in affected)
     effect_over_gap = effect.sum(axis=0) / gap  # Σeffect / Σgap: each question weighted by its gap
-    peak = int(np.argmax(np.nan_to_num(mean_normalised, nan=-np.inf)))
-    agreement = float(np.mean([int(np.argmax(row)) == peak for row in effect]))
+    # Self-restoring cells (layer 0 at a corrupted position: the corrupted token copied back) are drawn but
+    # never a peak or a causal layer: they show the corruption undone, not where a fact is stored.
+    self_cells = summary["restores_corrupted_layers"]
+    eligible = np.nan_to_num(mean_normalised, nan=-np.inf)
+    eligible[self_cells] = -np.inf
+    peak = int(np.argmax(eligible))
+    per_question = effect.copy()
+    per_question[:, self_cells] = -np.inf
+    agreement = float(np.mean([int(np.argmax(row)) == peak for row in per_question]))
     return {
         **summary,
         "mean_effect": _floats(effect.mean(axis=0)),
@@ -100,7 +107,7 @@ def _summary(members, corrupted, target, kind, count, threshold, bootstrap, rng,
         "ci_high": _floats(high),
         "mean_normalised": _floats(mean_normalised),
         "effect_over_gap": _floats(effect_over_gap),
-        "causal_layers": [int(l) for l in np.flatnonzero(np.nan_to_num(mean_normalised, nan=-np.inf) > threshold)],
+        "causal_layers": [int(l) for l in np.flatnonzero(eligible > threshold)],
         "peak_layer": peak,
         "peak_agreement_affected": agreement,
     }
@@ -115,13 +122,14 @@ def group_names(corrupted: str, target: str) -> tuple[tuple[str, ...], str]:
 
     corrupted: ``visual`` (the visual constraint's tokens, or the image itself under image-noise),
     ``textual``, ``image``, or a group's full name; target: ``last`` (the prompt's last token),
-    ``constraint`` / ``constraint_last`` (the corrupted constraint's tokens / its last token), or a full name.
+    ``constraint`` / ``constraint_last`` (the corrupted constraint's tokens / its last token), ``predicting`` (the
+    token that predicts the target, after a forced prefix), or a full name.
     """
     kinds = {"visual": ("visual constraint", "image"), "textual": ("textual constraint",), "image": ("image",)}
     accepted = kinds.get(corrupted, (corrupted,))
     kind = "textual" if corrupted == "textual" else "visual"
     targets = {"last": "last token", "constraint": f"{kind} constraint",
-               "constraint_last": f"{kind} constraint (last token)"}
+               "constraint_last": f"{kind} constraint (last token)", "predicting": "predicting token"}
     return accepted, targets.get(target, target)
 
 
@@ -179,6 +187,10 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
         "answer_prefix": pa.string(),  # the model's own words teacher forced before the target
         "answer_text": pa.string(),  # the target as teacher forced ("" for the model's own top token)
         "answer_tokens": pa.list_(pa.int64()),  # the token ids scored
+        "hop": pa.string(),  # recognition (subject target) | retrieval (subject in the prefix) | direct
+        "bridge_positions": pa.list_(pa.int32()),  # prefix tokens naming the subject (targets.py)
+        "prefix_corrupted": pa.list_(pa.int32()),  # of those, the ones corrupted with the constraint
+        "predicting_position": pa.int32(),  # the token whose next-token distribution predicts the target
         "restores_corrupted": pa.bool_(),  # the restored positions include corrupted ones
         "p_clean": pa.float64(),
         "p_corrupt": pa.float64(),
@@ -188,7 +200,7 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
         "engine": pa.string(),  # fast, or reference where the fast engine could not show exactness
     }
     schema = pa.schema(list(columns.items()))
-    table = pa.Table.from_pylist([{name: row[name] for name in columns} for row in rows], schema=schema)
+    table = pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in rows], schema=schema)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -17,6 +17,15 @@ p(" Afghanistan") after "The capital of", rather than the retrieval step.
 
 ``first-token``: the model's own top first token (``--answer full``: its whole
 greedy answer), as before answer-aware targets.
+
+The forced prefix must not hand the corrupted run what the corruption removes.
+flag-llava's prefix "The capital of Afghanistan is " names the country the image
+shows; fed unchanged to the corrupted run, it lets the model read the capital off
+its own words and the image looks irrelevant. ``bridge_positions`` are the
+prefix tokens that name the subject (or another bridge entity the row names);
+the tracer corrupts them together with the constraint (``--prefix-subject
+corrupt``, the default), so the answer target measures retrieval with the
+subject removed from every route, and each row says which hop it traced.
 """
 
 from __future__ import annotations
@@ -41,11 +50,29 @@ class Target:
     text: str  # the target's text as teacher forced ("" for the model's own top first token)
     encoded: Encoded  # prompt + prefix + text; answer_positions = the target's tokens only (none: top token)
     prompt_last: int  # the prompt's last token (the "last token" restoration target)
+    # Tokens of the forced prefix that name the subject or another bridge entity ("Afghanistan" in
+    # "The capital of Afghanistan is "): what a corrupted run must not be handed.
+    bridge_positions: tuple[int, ...] = ()
+
+    @property
+    def predicting_position(self) -> int:
+        """The position whose next-token distribution predicts the target's first token."""
+        return self.encoded.last_position
+
+    @property
+    def hop(self) -> str:
+        """Which step the target measures: ``recognition`` (the subject itself), ``retrieval`` (the answer
+        after a prefix that names the subject) or ``direct`` (the answer with no bridge in the prefix)."""
+        if self.mode == "subject":
+            return "recognition"
+        return "retrieval" if self.bridge_positions else "direct"
 
     def record(self, token_ids: list[int]) -> dict:
         """Per-row description (traces.parquet); ``token_ids``: the tokens actually scored."""
         return {"target_mode": self.mode, "answer_source": self.source, "answer_prefix": self.prefix,
-                "answer_text": self.text, "answer_tokens": list(token_ids)}
+                "answer_text": self.text, "answer_tokens": list(token_ids), "hop": self.hop,
+                "bridge_positions": list(self.bridge_positions),
+                "predicting_position": int(self.predicting_position)}
 
 
 def answer_start(prediction: str, answers) -> tuple[int, str] | None:
@@ -70,9 +97,32 @@ def answer_start(prediction: str, answers) -> tuple[int, str] | None:
     return None
 
 
+def bridge_spans(prefix: str, bridges) -> list[tuple[int, int]]:
+    """Character spans of ``prefix`` where a bridge entity (the subject, ...) is named, matched as the
+    answer matcher matches: case and punctuation aside, whole words ("Afghanistan's" names Afghanistan)."""
+    spans = []
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", prefix)]
+    for bridge in bridges:
+        wanted = normalize_answer(bridge).split()
+        if not wanted:
+            continue
+        for i, (start, _) in enumerate(words):
+            if not normalize_answer(prefix[start:words[i][1]]):
+                continue  # an article or a dash is not part of the name
+            for j in range(i, len(words)):
+                got = normalize_answer(prefix[start:words[j][1]]).split()
+                possessive = got[:-1] == wanted[:-1] and got[-1:] == [wanted[-1] + "s"]  # "Afghanistan's"
+                if got == wanted or possessive:
+                    spans.append((start, words[j][1]))
+                if len(got) >= len(wanted):
+                    break
+    return sorted(set(spans))
+
+
 def choose_target(adapter, question: str, image, answers, prediction: str | None, mode: str,
-                  answer_scoring: str = "first-token") -> Target:
-    """The traced target of one question (``prediction``: the model's greedy answer)."""
+                  answer_scoring: str = "first-token", bridges=()) -> Target:
+    """The traced target of one question (``prediction``: the model's greedy answer; ``bridges``: the
+    entities the question is about, whose mention in the forced prefix is marked in ``bridge_positions``)."""
     def encode(answer):
         return adapter.encode(question, answer=answer) if image is None else adapter.encode(question, image, answer=answer)
 
@@ -88,8 +138,11 @@ def choose_target(adapter, question: str, image, answers, prediction: str | None
             gold_positions = [q for q in encoded.answer_positions
                               if encoded.token_char_spans[q][1] > begin and encoded.token_char_spans[q][0] < begin + len(gold)]
             if gold_positions:
+                spans = [(encoded.answer_start + a, encoded.answer_start + b) for a, b in bridge_spans(prefix, bridges)]
+                named = tuple(q for q in encoded.answer_positions if q < gold_positions[0] and any(
+                    encoded.token_char_spans[q][0] < b and encoded.token_char_spans[q][1] > a for a, b in spans))
                 return Target(mode, "gold", prefix, gold, replace(encoded, answer_positions=gold_positions),
-                              encoded.answer_positions[0] - 1)
+                              encoded.answer_positions[0] - 1, named)
     if answer_scoring == "full" and (prediction or answers):
         text = prediction or answers[0]
         encoded = encode(text)
