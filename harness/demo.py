@@ -44,6 +44,8 @@ class DemoSize:
     specificity_size: int
     sweep_limit: int  # edit requests in the layer sweep, which repeats every edit at every swept layer
     sweep_max_layers: int  # a deeper model is swept at evenly spaced layers
+    # Also trace MLLM and text-only LM with ROME's window (scaled to depth): finding 1 under both windows.
+    rome_window: bool = False
     # flag-llava's edits cost ~30 s each on 2 cores (every specificity question re-answered in 24 tokens after
     # every edit, four methods, two tracks): it gets its own, smaller editing budget.
     flag_edit_limit: int = 8
@@ -63,7 +65,8 @@ QUICK = DemoSize(models=("planted",), eval_limit=60, trace_limit=24,
 # flag-llava answers about half of its held-out questions correctly and only those are traced, so its traces look
 # at 120 questions to trace ~55.
 FULL = DemoSize(models=("planted", "flag-llava"), eval_limit=200, trace_limit=120,
-                attention_limit=60, edit_limit=12, specificity_size=32, sweep_limit=3, sweep_max_layers=10)
+                attention_limit=60, edit_limit=12, specificity_size=32, sweep_limit=3, sweep_max_layers=10,
+                rome_window=True)
 
 
 # Each model is studied on the questions of its own world: the planted model has never seen a flag, and
@@ -166,16 +169,22 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
     edit_layer = (["--trace-stats", str(runs / f"{model_name}-trace-mllm" / "trace_stats.json")]
                   if model_name == "planted" else ["--layers", "9"])
     edit_common = ["--key-position", key_position, *answer_tokens, *edit_layer, "--specificity-size", str(size.specificity_size)]
+    # Both sides of finding 1's comparison are traced with the same corruption family and the same window: the
+    # paper's window 1 and, in the full study, ROME's window scaled to depth ("-rome" runs, MLP only).
+    windows = [("", "1", "hidden,mlp,attn")] + ([("-rome", "rome", "mlp")] if size.rome_window else [])
+    for suffix, window, kinds in windows:
+        steps += [
+            Step(f"{model_name}-trace-mllm{suffix}",
+                 ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", kinds, "--window", window,
+                  "--out", str(runs / f"{model_name}-trace-mllm{suffix}"), *limit(size.trace_limit), "--no-progress"],
+                 "trace_stats.json"),
+            Step(f"{model_name}-trace-text-only{suffix}",
+                 ["trace", *common, "--config", "single_constraint", "--text-only", *text_trace, "--kinds", kinds,
+                  "--window", window, "--out", str(runs / f"{model_name}-trace-text-only{suffix}"),
+                  *limit(size.trace_limit), "--no-progress"],
+                 "trace_stats.json"),
+        ]
     steps += [
-        Step(f"{model_name}-trace-mllm",
-             ["trace", *common, "--config", "single_constraint", *mllm_trace, "--kinds", "hidden,mlp,attn",
-              "--out", str(runs / f"{model_name}-trace-mllm"), *limit(size.trace_limit), "--no-progress"],
-             "trace_stats.json"),
-        Step(f"{model_name}-trace-text-only",
-             ["trace", *common, "--config", "single_constraint", "--text-only", *text_trace,
-              "--kinds", "hidden,mlp,attn", "--out", str(runs / f"{model_name}-trace-text-only"),
-              *limit(size.trace_limit), "--no-progress"],
-             "trace_stats.json"),
         Step(f"{model_name}-trace-multi",
              ["trace", *common, "--config", "multi_constraint", "--corruption", "noise", "--positions", "constraint",
               "--kinds", "mlp", "--out", str(runs / f"{model_name}-trace-multi"), *limit(size.trace_limit),

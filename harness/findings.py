@@ -203,8 +203,7 @@ def retrieval_layers_rule(early_folder: Path, late_folder: Path, labels=("MLLM",
                           f"{windows_of(late)})")
     chosen = shared_group([early, late], "mlp", preferences)
     if chosen is None:
-        counts = "; ".join(f"{label}: {describe_peak(label, find_group(s, 'mlp', preferences))}"
-                           for label, s in zip(labels, (early, late)))
+        counts = "; ".join(describe_peak(label, find_group(s, "mlp", preferences)) for label, s in zip(labels, (early, late)))
         return UNTESTED, f"no route: no restored group has enough affected questions on both sides ({counts})"
     a = question_centres(early_folder, "mlp", *chosen)
     b = question_centres(late_folder, "mlp", *chosen)
@@ -334,7 +333,12 @@ def editing_rule(folders: list[Path], method: str = "multedit") -> tuple[str, st
 
 
 def where_retrieved(runs: Path, name: str) -> tuple[str, str]:
-    return retrieval_layers_rule(runs / f"{name}-trace-mllm", runs / f"{name}-trace-text-only")
+    """Window 1 decides (the paper's LLaVA setting); ROME's window, where the study ran it, is shown beside it."""
+    verdict, evidence = retrieval_layers_rule(runs / f"{name}-trace-mllm", runs / f"{name}-trace-text-only")
+    if (runs / f"{name}-trace-mllm-rome").exists():
+        rome, rome_evidence = retrieval_layers_rule(runs / f"{name}-trace-mllm-rome", runs / f"{name}-trace-text-only-rome")
+        evidence += f". With ROME's window: {rome}: {rome_evidence}"
+    return verdict, evidence
 
 
 def constraint_carries_image(runs: Path, name: str) -> tuple[str, str]:

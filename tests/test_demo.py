@@ -55,9 +55,13 @@ def test_findings_table_has_a_verdict_per_finding_and_quotes_the_run_files(demo_
     rows = [line for line in report.splitlines() if re.match(r"\| [1-5] \|", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3", "4", "5"]
     for row in rows:
-        assert len(re.findall(r"\*\*(holds|does not hold|inconclusive)\*\*", row)) == 1, row  # planted only
-    # Finding 1 on the planted model: the MLLM's peak is the planted layer (image-noise trace, last token).
+        assert len(re.findall(r"\*\*(holds|does not hold|inconclusive|not tested)\*\*", row)) == 1, row  # planted only
+    # Finding 1 on the planted model: not tested, since it holds no text-only facts (nothing to compare with), and
+    # the evidence still shows the MLLM's peak at the planted layer (image-noise trace, last token).
     planted_layer = json.loads((planted_model_dir / "config.json").read_text())["planted_layer"]
+    assert "**not tested**: no route" in rows[0]
     assert f"MLLM: peak MLP layer {planted_layer} " in rows[0]
     editing = json.loads((demo_dir / "runs" / "planted-edit" / "editing_results.json").read_text())
-    assert f"multedit {fmt(editing['methods']['multedit']['score'])}" in rows[4]
+    for entry in editing.get("comparisons", []):
+        if entry["method"] == "multedit" and entry["baseline"] in ("ft", "ft-l"):
+            assert f"multedit − {entry['baseline']} {fmt(entry['difference'])}" in rows[4]

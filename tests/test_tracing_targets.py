@@ -131,11 +131,14 @@ def test_zero_affected_questions_give_null_and_affected_only_means():
     assert not has_causal_layer(group) and describe_peak("MLLM", group).startswith("MLLM: no causal MLP layer")
     assert UNSURE == "inconclusive"
 
-    # Restored at the corrupted tokens themselves: layer 0 is marked, in the stats and the report's row.
+    # Restored at the corrupted tokens themselves: layer 0 is marked and, although its effect is the largest (it
+    # copies the corrupted token back), it is never the peak or a causal layer; layer 1 is.
     at_corrupted = [{**r, "target": "visual constraint", "restores_corrupted": True} for r in affected]
     [group] = [g for g in stats.summarise(at_corrupted, 0.1, 50, 0, min_affected=2) if g["num_constraints"] == "all"]
     assert group["restores_corrupted_layers"] == [0]
-    assert report.trace_peak_cells(group).startswith("| 0 (self) | 0.600 | 0 (self), 1 |")
+    assert group["mean_normalised"][0] > group["mean_normalised"][1]
+    assert (group["peak_layer"], group["causal_layers"]) == (1, [1])
+    assert report.trace_peak_cells(group).startswith("| 1 | 0.200 | 1 |")
 
 
 def test_constraint_last_token_group_and_self_restoration_mark(tiny_model_dirs, planted_data_dir, tmp_path):

@@ -73,7 +73,7 @@ def _same_run(shards, ignore: tuple[str, ...]) -> None:
         kept = {k: v for k, v in document.items() if k not in ignore}
         kept["options"] = {k: v for k, v in document["options"].items() if k != "shard"}
         if isinstance(kept.get("target"), dict):  # per-shard tallies of where each traced answer came from
-            kept["target"] = {k: v for k, v in kept["target"].items() if k != "sources"}
+            kept["target"] = {k: v for k, v in kept["target"].items() if k not in ("sources", "hops")}
         return kept
 
     first_folder, first, _ = shards[0]
@@ -136,9 +136,11 @@ def merge_traces(folders: list[Path], out: Path) -> Path:
     summarise = inspect.signature(stats.summarise).parameters
     document["groups"] = stats.summarise(rows, **{k: options[k] for k in summarise if k != "rows" and k in options})
     if "target" in document:
-        from .causal_trace import target_sources
+        from .causal_trace import target_hops, target_sources
 
         document["target"]["sources"] = target_sources(rows)
+        if "hops" in document["target"]:
+            document["target"]["hops"] = target_hops(rows)
     peak = getattr(stats, "peak_of_groups", None)
     document["peak_mlp_layer"] = peak(document["groups"]) if peak else stats.peak_mlp_layer(document)
     stats.validate(document)
