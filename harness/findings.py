@@ -257,44 +257,39 @@ def early_layers_rule(folder: Path, kinds=("visual", "textual")) -> tuple[str, s
 
 
 def image_to_constraint_rule(folder: Path) -> tuple[str, str]:
-    """Finding 2's rule on one attention run (its ``finding_2`` block: knockout per layer band)."""
+    """Finding 2's rule on one attention run: its ``finding_2`` block (knockout per layer band, read where the
+    target is predicted), decided in ``harness.tracing.attention_study.finding_2``."""
     stats = load(folder / "attention_stats.json")
     if stats is None:
         return UNTESTED, "no attention run"
     block = stats.get("finding_2")
     if not block:
         return UNTESTED, "the attention run reads knockout at the prompt's last token (no per-band knockout at the target)"
-    bands = [b for b in block["bands"] if b.get("ci_low") is not None]
-    if not bands or min(b["n"] for b in bands) < MIN_QUESTIONS:
-        return UNTESTED, f"too few questions for the knockout (n = {min((b['n'] for b in block['bands']), default=0)})"
-    layers = stats.get("num_layers") or block.get("num_layers")
     parts = [f"layers {b['band'][0]}–{b['band'][1]}: top − random {fmt_interval(b['difference'], b['ci_low'], b['ci_high'])}"
-             for b in bands]
-    evidence = f"{'; '.join(parts)} (k = {bands[0].get('k')}, n = {bands[0]['n']})"
-    significant = [b for b in bands if b["ci_low"] > 0]
-    if not significant:
-        return UNSURE, evidence
-    earliest = min(significant, key=lambda b: b["band"][0])
-    return (HOLDS if earliest["band"][0] < layers / 2 else FAILS), evidence
+             for b in block["bands"] if b["k"] == block["k"]]
+    evidence = (f"{block['reason']}; {'; '.join(parts)} (top-{block['k']} vs {block['k']} random image tokens, "
+                f"target {block['target']}, n = {block['n']}, {block['num_layers']} layers)")
+    return block["verdict"], evidence
 
 
 def failure_prediction_rule(folder: Path) -> tuple[str, str]:
-    """Finding 4's rule on one attention run."""
+    """Finding 4's rule on one attention run (its ``finding_4`` block: read where the answer entity is predicted)."""
     stats = load(folder / "attention_stats.json")
     if stats is None:
         return UNTESTED, "no attention run"
     block = stats.get("finding_4")
     if not block:
         return UNTESTED, "the attention run reads the contribution at the prompt's last token, not where the answer is predicted"
-    right, wrong = block["n_right"], block["n_wrong"]
-    contribution = block.get("auroc_contribution_ci") or [None, None]
-    confidence = block.get("auroc_confidence_ci") or [None, None]
-    evidence = (f"AUROC of the contribution {fmt_interval(block['auroc_contribution'], *contribution)}, of the model's "
-                f"confidence {fmt_interval(block.get('auroc_confidence'), *confidence)}; held-out half {right} right, "
-                f"{wrong} wrong")
-    if min(right, wrong) < MIN_CLASS or contribution[0] is None:
+    n, right = block.get("evaluation_n") or 0, block.get("evaluation_n_right") or 0
+    low, high = block.get("contribution_ci_low"), block.get("contribution_ci_high")
+    evidence = (f"AUROC of the contribution (layers {block.get('selected_layers')}) "
+                f"{fmt_interval(block.get('auroc_contribution'), low, high)}, of the model's confidence "
+                f"{fmt_interval(block.get('auroc_confidence'), block.get('confidence_ci_low'), block.get('confidence_ci_high'))}; "
+                f"held-out half n = {n} ({right} right, {n - right} wrong; {block.get('n_not_located', 0)} answers "
+                f"not located)")
+    if min(right, n - right) < MIN_CLASS or low is None:
         return UNTESTED, f"too few right or wrong answers: {evidence}"
-    return interval_verdict(contribution[0], contribution[1], 0.5), evidence
+    return interval_verdict(low, high, 0.5), evidence
 
 
 # --- editing ---------------------------------------------------------------------------------------
@@ -321,7 +316,7 @@ def editing_rule(folders: list[Path], method: str = "multedit") -> tuple[str, st
             if entry["method"] != method or entry["baseline"] not in BASELINES:
                 continue
             parts.append(f"{track}: {method} − {entry['baseline']} {fmt_interval(entry['difference'], entry['ci_low'], entry['ci_high'])} "
-                         f"(n = {entry['n']} edits, {entry.get('n_subjects', '?')} subjects): {entry['verdict']}")
+                         f"(n = {entry['n_edits']} edits, {entry['n_subjects']} subjects): {entry['verdict']}")
             verdicts.append({"better": HOLDS, "worse": FAILS}.get(entry["verdict"], UNSURE))
     if not verdicts or UNTESTED in verdicts:
         return UNTESTED, "; ".join(parts) or "no editing run with MultEdit"
