@@ -128,33 +128,35 @@ def test_torchrun_evaluate_equals_one_process_and_resumes_a_dead_rank(planted_mo
 
 
 def _trace_argv(model, data, out):
+    # --traced all: the tiny random LLaVA answers wrong, so each question traces the model's own top answer
     return [str(word) for word in ["trace", "--model", model, "--data", data, "--config", "single_constraint",
                                    "--out", out, "--limit", "5", "--corruption", "image-noise", "--kinds", "mlp",
-                                   "--positions", "last", "--noise-samples", "2", "--dtype", "float32",
-                                   "--device", "cpu", "--no-progress"]]
+                                   "--positions", "last", "--noise-samples", "2", "--traced", "all",
+                                   "--dtype", "float32", "--device", "cpu", "--no-progress"]]
 
 
-def test_torchrun_trace_equals_one_process_and_redoes_only_an_unfinished_shard(planted_model_dir, planted_data_dir,
+def test_torchrun_trace_equals_one_process_and_redoes_only_an_unfinished_shard(tiny_model_dirs, planted_data_dir,
                                                                                tmp_path):
+    model = tiny_model_dirs("llava")
     single, launched = tmp_path / "single", tmp_path / "launched"
-    assert run(_trace_argv(planted_model_dir, planted_data_dir, single)) == 0
-    torchrun(_trace_argv(planted_model_dir, planted_data_dir, launched))
+    assert run(_trace_argv(model, planted_data_dir, single)) == 0
+    torchrun(_trace_argv(model, planted_data_dir, launched))
     expected = (single / "trace_stats.json").read_bytes()
     assert (launched / "trace_stats.json").read_bytes() == expected
     assert pq.read_table(launched / "traces.parquet").equals(pq.read_table(single / "traces.parquet"))
-    assert json.loads(expected)["counts"]["traced"] > 0  # the planted model answers: real traces were merged
+    assert json.loads(expected)["counts"]["traced"] == 5  # real traces from both ranks were merged
 
     # Rank 1 is killed mid-trace: a SIGKILL leaves no trace_stats.json in its shard. The rerun keeps rank 0's
     # finished shard (same arguments) untouched and traces rank 1's again.
     ranks = [launched / ".shards" / f"rank-{r}-of-2" for r in range(2)]
     (ranks[1] / "trace_stats.json").unlink()
     kept = (ranks[0] / "trace_stats.json").stat().st_mtime_ns
-    torchrun(_trace_argv(planted_model_dir, planted_data_dir, launched))
+    torchrun(_trace_argv(model, planted_data_dir, launched))
     assert (ranks[0] / "trace_stats.json").stat().st_mtime_ns == kept
     assert (ranks[1] / "trace_stats.json").exists()
     assert (launched / "trace_stats.json").read_bytes() == expected
 
     # Other arguments: no shard is kept, both are traced again.
-    torchrun([*_trace_argv(planted_model_dir, planted_data_dir, launched), "--seed", "1"])
+    torchrun([*_trace_argv(model, planted_data_dir, launched), "--seed", "1"])
     assert (ranks[0] / "trace_stats.json").stat().st_mtime_ns != kept
     assert json.loads((launched / "trace_stats.json").read_text())["options"]["seed"] == 1
