@@ -1,4 +1,4 @@
-"""`evaluate` and `trace` under torchrun (gloo, CPU): each rank takes its `--shard` slice, rank 0 merges, and the
+"""`evaluate`, `trace` and `attention` under torchrun (gloo, CPU): each rank takes its `--shard` slice, rank 0 merges, and the
 files equal a one-process run's; a rerun after a rank died redoes only that rank's missing part."""
 
 from __future__ import annotations
@@ -160,3 +160,13 @@ def test_torchrun_trace_equals_one_process_and_redoes_only_an_unfinished_shard(t
     torchrun([*_trace_argv(model, planted_data_dir, launched), "--seed", "1"])
     assert (ranks[0] / "trace_stats.json").stat().st_mtime_ns != kept
     assert json.loads((launched / "trace_stats.json").read_text())["options"]["seed"] == 1
+
+
+def test_torchrun_attention_equals_one_process(tiny_model_dirs, planted_data_dir, tmp_path):
+    argv = ["attention", "--model", str(tiny_model_dirs("llava")), "--data", str(planted_data_dir), "--config",
+            "single_constraint", "--limit", "5", "--draws", "2", "--dtype", "float32", "--device", "cpu",
+            "--no-progress", "--out"]
+    assert run([*argv, str(tmp_path / "single")]) == 0
+    torchrun([*argv, str(tmp_path / "launched")])
+    for name in ("attention_stats.json", "attention_examples.parquet"):
+        assert (tmp_path / "launched" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
