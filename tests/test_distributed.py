@@ -1,5 +1,6 @@
-"""`evaluate`, `trace` and `attention` under torchrun (gloo, CPU): each rank takes its `--shard` slice, rank 0 merges, and the
-files equal a one-process run's; a rerun after a rank died redoes only that rank's missing part."""
+"""`evaluate`, `trace` and `attention` under torchrun (gloo, CPU): each rank takes its `--shard` slice, rank 0
+merges, and the files equal a one-process run's; a rerun after a rank died redoes only that rank's missing part.
+Also the rank/GPU arithmetic of harness/distributed.py and what a launched command refuses."""
 
 from __future__ import annotations
 
