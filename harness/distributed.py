@@ -95,7 +95,8 @@ def visible_gpus(environ=None) -> list[str]:
     return (names if names is not None else [str(i) for i in range(count)])[:count]
 
 
-def rank_placement(launch: Launch, device: str, device_map: str | None, gpus: list[str]) -> tuple[str, list[str] | None]:
+def rank_placement(launch: Launch, device: str, device_map: str | None,
+                   gpus: list[str]) -> tuple[str, list[str] | None]:
     """(the --device this rank loads on, the GPUs to leave visible to it or None to leave them as they are).
 
     One model per GPU: local rank r takes cuda:r. With --device-map, each rank spreads its copy over its own

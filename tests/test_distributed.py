@@ -18,7 +18,8 @@ from vqa_constraints.errors import UserError
 
 
 def _launch(rank, world, local_rank=None, local_world=None):
-    return Launch(rank, world, rank if local_rank is None else local_rank, world if local_world is None else local_world)
+    return Launch(rank, world, rank if local_rank is None else local_rank,
+                  world if local_world is None else local_world)
 
 
 GPUS8 = [str(i) for i in range(8)]
