@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness import distributed
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints.cli import non_negative_int, output_folder, positive_int
@@ -74,6 +75,7 @@ def add_edit(subparsers) -> None:
     parser.set_defaults(func=_run_edit)
 
 
+@distributed.single_process("edit")  # edits share their key position and layer: not split among ranks
 def _run_edit(args: argparse.Namespace) -> int:
     from editing.methods import METHODS
     from editing.runner import EditOptions, check_save_target, run_editing

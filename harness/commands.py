@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness import distributed
 from harness.models.loading import add_model_arguments
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import output_folder
@@ -52,6 +53,7 @@ def add_evaluate(subparsers) -> None:
     parser.set_defaults(func=_run_evaluate)
 
 
+@distributed.data_parallel("evaluate")  # torchrun / accelerate launch: one shard per rank
 def _run_evaluate(args: argparse.Namespace) -> int:
     from harness.evaluate import EvalOptions, evaluate
 

@@ -175,7 +175,7 @@ def results_of(samples: list[dict], splits: dict, model: str, data: str, split: 
 
 
 def lmms_eval_command(model: str) -> str:
-    return (f"lmms-eval --model llava_hf --model_args pretrained={model} --tasks vqa_constraints "
+    return (f"lmms-eval --model llava_hf --model_args pretrained={model} --tasks vqa_constraints_all "
             "--include_path integrations/lmms_eval --batch_size 1 --log_samples --output_path LOGS")
 
 

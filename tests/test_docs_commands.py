@@ -238,3 +238,74 @@ def test_ci_installs_and_tests_as_the_readme_says():
     assert pip_steps and all(step in ci_lines for step in pip_steps), (pip_steps, ".ci/run")
     assert "HF_HUB_OFFLINE=1 python -m pytest -q" in readme
     assert "python -m pytest -q" in ci_lines
+
+
+# --- docs/scaling.md: launcher recipes, run on the CPU with a tiny stand-in ------------------------------------------
+
+SCALING = ROOT / "docs" / "scaling.md"
+LAUNCHERS = ("vqa-constraints ", "torchrun ", "accelerate launch ")
+STAND_IN_PROCESSES = 2  # for --nproc-per-node / --num_processes 8 (or 4), and for an array of 8 tasks
+
+
+def scaling_blocks() -> list[str]:
+    """The fenced blocks of docs/scaling.md, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", SCALING.read_text("utf-8"), flags=re.S)
+    return [re.sub(r"\\\n\s*", " ", block) for block in blocks]
+
+
+def scaling_stand_in(line: str, model: Path, data: Path) -> str:
+    """One documented line with the stand-ins of docs/scaling.md's last section (text-level: shell words stay)."""
+    line = re.sub(r"--model \S+", f"--model {model}", line)
+    line = re.sub(r"--data \S+", f"--data {data}", line)
+    line = re.sub(r"(--nproc-per-node|--num_processes) \d+", rf"\1 {STAND_IN_PROCESSES}", line)
+    line = re.sub(r'--shard "\$SLURM_ARRAY_TASK_ID/\d+"', f'--shard "$SLURM_ARRAY_TASK_ID/{STAND_IN_PROCESSES}"', line)
+    command = re.search(r"vqa-constraints (\w+)", line).group(1)
+    for name, value in LIMITS.get(command, {}).items():
+        line = re.sub(rf"{name} \S+", "", line) + f" {name} {value}"
+    return line + (" --no-progress" if command in ("evaluate", "trace", "attention") else "")
+
+
+def test_scaling_recipes_parse():
+    lines = [line for block in scaling_blocks() for line in block.splitlines() if line.startswith(LAUNCHERS)]
+    assert {line.split()[0] for line in lines} == {"vqa-constraints", "torchrun", "accelerate"}
+    for line in lines:
+        words = shlex.split(re.sub(r"\$\{?SLURM_ARRAY_TASK_ID\}?", "0", line))
+        build_parser().parse_args(words[words.index("vqa-constraints") + 1:])
+
+
+def test_scaling_recipes_run_on_cpu_with_a_stand_in(planted_model_dir, planted_data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # As an activated venv would: the launchers and `vqa-constraints` from this interpreter's bin folder.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               OMP_NUM_THREADS="1")
+
+    def bash(script: str, **extra) -> None:
+        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=dict(env, **extra), capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 0, f"`{script}`: exit {result.returncode}: {result.stderr[-3000:]}"
+
+    ran = []
+    for block in scaling_blocks():
+        lines = [line for line in block.splitlines() if line.startswith(LAUNCHERS)]
+        if block.startswith("#!/bin/bash") and "#SBATCH --array" in block:
+            # A SLURM array job script: run it once per array task, as sbatch would.
+            body = "\n".join(scaling_stand_in(line, planted_model_dir, planted_data_dir) for line in lines)
+            for task in range(STAND_IN_PROCESSES):
+                bash(body, SLURM_ARRAY_TASK_ID=str(task))
+        else:
+            for line in lines:
+                has_model = "--model" in line
+                bash(scaling_stand_in(line, planted_model_dir, planted_data_dir) if has_model else line)
+        ran += lines
+    assert any(line.startswith("torchrun") for line in ran) and any(line.startswith("accelerate") for line in ran)
+    # Every evaluation of the page (one process, torchrun, accelerate, the merged array, 2 GPUs per rank) writes
+    # the same samples, byte for byte.
+    evaluations = sorted(p.parent for p in tmp_path.rglob("samples.jsonl") if ".shards" not in p.parts
+                         and "shard-" not in p.parent.name)
+    assert len(evaluations) == 5, evaluations
+    first = (evaluations[0] / "samples.jsonl").read_bytes()
+    assert first and all((e / "samples.jsonl").read_bytes() == first for e in evaluations), evaluations
+    assert (tmp_path / "runs" / "llava-trace" / "trace_stats.json").exists()

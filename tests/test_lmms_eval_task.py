@@ -1,16 +1,20 @@
 """The lmms-eval task in integrations/lmms_eval, checked without lmms-eval installed.
 
-The YAML files parse (with lmms-eval's ``!function`` tag), every function they name exists, and on a
-real build the task's prompts, targets and scores equal what `vqa-constraints evaluate` gives on the
-same questions. ``leaderboard prepare --from-lmms-eval`` turns samples shaped like lmms-eval's
-``--log_samples`` output into a submission ``leaderboard validate`` accepts.
+The YAML files parse (with lmms-eval's ``!function`` tag), every function they name exists, no task or group
+is named like a folder of the repository root, `utils.py` imports only the standard library and its matcher
+scores every bundled question (planted and flags builds) as the harness does, ``dataset_path`` follows
+``VQA_CONSTRAINTS_DATASET_PATH``, and on a real build the task's prompts, targets and scores equal what
+`vqa-constraints evaluate` gives on the same questions. ``leaderboard prepare --from-lmms-eval`` turns samples
+shaped like lmms-eval's ``--log_samples`` output into a submission ``leaderboard validate`` accepts.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import datasets
@@ -18,13 +22,16 @@ import pytest
 import yaml
 from harness_support import flags_data_dir, planted_adapter, small_run  # noqa: F401
 
+from harness import scoring
 from harness.leaderboard import validate_submission
+from harness.models.prompting import ANSWER_INSTRUCTION
 from harness.leaderboard_release import release_from_data
 from harness.runs import read_json
 from vqa_constraints import CONFIGS, cli
 from vqa_constraints.records import sha256_hex
 
-TASK_DIR = Path(__file__).resolve().parent.parent / "integrations" / "lmms_eval"
+ROOT = Path(__file__).resolve().parent.parent
+TASK_DIR = ROOT / "integrations" / "lmms_eval"
 GENERATION_KWARGS = {"until": ["\n"], "max_new_tokens": 16, "temperature": 0, "num_beams": 1}
 
 
@@ -58,12 +65,17 @@ def function_refs(value) -> list[FunctionRef]:
     return []
 
 
-@pytest.fixture(scope="module")
-def utils():
+def load_utils():
+    """utils.py as lmms-eval loads it: from its file, not as part of any package."""
     spec = importlib.util.spec_from_file_location("vqa_constraints_lmms_eval_utils", TASK_DIR / "utils.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def utils():
+    return load_utils()
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +84,13 @@ def task_configs():
 
 
 def test_yaml_parses_and_names_only_existing_functions(task_configs, utils):
-    group = yaml.load((TASK_DIR / "vqa_constraints.yaml").read_text(encoding="utf-8"), Loader=TaskLoader)
-    assert group["group"] == "vqa_constraints"
+    group = yaml.load((TASK_DIR / "vqa_constraints_all.yaml").read_text(encoding="utf-8"), Loader=TaskLoader)
+    assert group["group"] == "vqa_constraints_all"
     assert group["task"] == [f"vqa_constraints_{config}" for config in CONFIGS]
+    # lmms-eval reads `--tasks X` as a folder of YAML files when ./X exists: run from the repository root, no
+    # task or group name may be an entry there.
+    names = {group["group"], *group["task"]}
+    assert not {path.name for path in ROOT.iterdir()} & names
     for config, task in task_configs.items():
         assert task["task"] == f"vqa_constraints_{config}" and task["dataset_name"] == config
         assert task["output_type"] == "generate_until" and task["test_split"] == "test"
@@ -82,12 +98,71 @@ def test_yaml_parses_and_names_only_existing_functions(task_configs, utils):
         assert {"process_docs", "doc_to_visual", "doc_to_text", "doc_to_target", "process_results"} <= {
             ref.split(".", 1)[1] for ref in refs
         }
+        assert task["dataset_path"] == "utils.DATASET_PATH"  # a string read from the environment, not a function
         for ref in refs:
             module, name = ref.split(".", 1)
-            assert module == "utils" and callable(getattr(utils, name)), ref
+            assert module == "utils" and (callable(getattr(utils, name)) or ref == task["dataset_path"]), ref
         # Every metric process_results returns has an aggregation, and the other way round.
         assert {m["metric"] for m in task["metric_list"]} == {"accuracy", "exact_match", "accuracy_visual", "accuracy_visual_textual"}
         assert task["generation_kwargs"] == GENERATION_KWARGS
+
+
+def test_utils_imports_only_the_standard_library():
+    tree = ast.parse((TASK_DIR / "utils.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+def test_dataset_path_is_the_release_unless_the_environment_names_a_build(monkeypatch, tmp_path):
+    monkeypatch.delenv("VQA_CONSTRAINTS_DATASET_PATH", raising=False)
+    assert load_utils().DATASET_PATH == "ORG/vqa-constraints"
+    monkeypatch.setenv("VQA_CONSTRAINTS_DATASET_PATH", str(tmp_path / "build"))
+    assert load_utils().DATASET_PATH == str(tmp_path / "build")
+    monkeypatch.setenv("VQA_CONSTRAINTS_DATASET_PATH", "  ")  # set but empty: the release
+    assert load_utils().DATASET_PATH == "ORG/vqa-constraints"
+
+
+def candidate_predictions(row: dict, other: dict) -> list[str]:
+    """Raw decoded texts a model could give: each gold answer as is, in capitals, in a sentence, with
+    punctuation and articles, glued to a neighbour, cut short, after a newline; and another question's answers."""
+    texts = []
+    for answer in row["answers"]:
+        texts += [answer, f" {answer.upper()}.\nUSER: more", f"It is {answer}!", f"the {answer}, I think",
+                  f"{answer}land", answer[: max(1, len(answer) // 2)], f"\n{answer}", f"A. {answer}"]
+    texts += [*other["answers"], "", "   ", "I don't know"]
+    return texts
+
+
+@pytest.mark.parametrize("build", ["planted_data_dir", "flags_data_dir"])
+def test_the_task_scores_every_bundled_question_as_the_harness(build, request, utils):
+    """The matcher carried in utils.py equals harness.scoring's on every question of both bundled builds."""
+    from vqa_constraints.loading import load_split
+
+    assert utils.ANSWER_INSTRUCTION == ANSWER_INSTRUCTION
+    data = request.getfixturevalue(build)
+    checked = 0
+    for config in CONFIGS:
+        for split in sorted({path.name.split("-")[0] for path in (data / config).glob("*.parquet")}):
+            rows = load_split(str(data), config, split).rows.select_columns(
+                ["id", "question", "answers", "constraint_types"]).to_list()
+            for index, row in enumerate(rows):
+                other = rows[(index + 1) % len(rows)]
+                assert utils.doc_to_text(row) == f"{row['question']} {ANSWER_INSTRUCTION}"
+                for text in candidate_predictions(row, other):
+                    cleaned = scoring.clean_generation(text)
+                    assert utils.clean_generation(text) == cleaned
+                    for answers in (row["answers"], other["answers"]):
+                        assert utils.normalize_answer(cleaned) == scoring.normalize_answer(cleaned)
+                        assert utils.answer_correct(cleaned, answers) == scoring.answer_correct(cleaned, answers)
+                        assert utils.exact_match(cleaned, answers) == scoring.exact_match(cleaned, answers)
+                    scores = utils.process_results(row, [text])
+                    assert scores["accuracy"] == float(scoring.answer_correct(cleaned, row["answers"]))
+                    assert scores["exact_match"] == float(scoring.exact_match(cleaned, row["answers"]))
+                checked += 1
+    assert checked > 500
 
 
 def load_docs(data_dir: Path, config: str, utils, split: str = "test"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness import distributed
 from harness.commands import shard
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
@@ -43,6 +44,7 @@ def add_attention(subparsers) -> None:
     parser.set_defaults(func=run_attention)
 
 
+@distributed.data_parallel("attention")  # torchrun / accelerate launch: one shard per rank
 def run_attention(args: argparse.Namespace) -> int:
     from harness.models.loading import load_model, model_options
     from harness.shards import parse_shard

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from harness import distributed
 from harness.commands import shard
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
@@ -88,6 +89,7 @@ def _cache_budget(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+@distributed.data_parallel("trace")  # torchrun / accelerate launch: one shard per rank
 def _run(args: argparse.Namespace) -> int:
     options = TraceOptions(
         model=args.model, data=args.data, config=args.config, out=Path(args.out), split=args.split,

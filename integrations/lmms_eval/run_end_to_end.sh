@@ -26,19 +26,16 @@ if [ ! -x "$LMMS_VENV/bin/lmms-eval" ]; then
   "$LMMS_VENV/bin/pip" install lmms-eval decord "filelock<4"
 fi
 
-# The task folder with dataset_path pointing at this build.
-cp -r "$REPO/integrations/lmms_eval" "$WORK/tasks"
-sed -i "s|^dataset_path: .*|dataset_path: $DATA|" "$WORK/tasks/_default_template_yaml"
-
-# utils.py imports this project's harness; the planted model ships no chat template, so llava_hf gets the
-# harness's prompt format as one (without it lmms-eval would add Vicuna's system prompt). --force_simple: lmms-eval
-# 0.7 resolves llava_hf to its chat class, which renders with the processor's template (the planted model has none).
-TEMPLATE=$(PYTHONPATH="$REPO:$WORK/tasks" "$LMMS_VENV/bin/python" -c "import utils; print(utils.LLAVA_HF_CHAT_TEMPLATE)")
-# From $WORK: lmms-eval reads `--tasks X` as a folder of YAMLs when ./X exists, and the repo root has vqa_constraints/.
-(cd "$WORK" && PYTHONPATH="$REPO" "$LMMS_VENV/bin/python" -m lmms_eval \
+# From the repository root, the task folder as it is: utils.py imports nothing of this project, the build is named
+# by VQA_CONSTRAINTS_DATASET_PATH, and the group's name (vqa_constraints_all) is no folder here. The planted model
+# ships no chat template, so llava_hf gets the harness's prompt format as one (without it lmms-eval would add
+# Vicuna's system prompt). --force_simple: lmms-eval 0.7 resolves llava_hf to its chat class, which renders with
+# the processor's template (the planted model has none).
+TEMPLATE=$("$LMMS_VENV/bin/python" "$REPO/integrations/lmms_eval/utils.py")
+(cd "$REPO" && VQA_CONSTRAINTS_DATASET_PATH="$DATA" "$LMMS_VENV/bin/python" -m lmms_eval \
   --model llava_hf --force_simple \
   --model_args "pretrained=$MODEL,device=cpu,device_map=cpu,dtype=float32,chat_template=$TEMPLATE" \
-  --tasks vqa_constraints --include_path "$WORK/tasks" --batch_size 1 \
+  --tasks vqa_constraints_all --include_path integrations/lmms_eval --batch_size 1 \
   --log_samples --output_path "$WORK/lmms-eval-logs") 2>&1 | tee "$WORK/lmms-eval.log"
 
 "$VQA_VENV/bin/vqa-constraints" evaluate --model "$MODEL" --data "$DATA" --scoring generate --dtype float32 \

@@ -1,16 +1,29 @@
 """The functions the VQA-Constraints lmms-eval tasks name (``!function utils.x`` in the YAML files).
 
-Prompts, answer cleaning and matching are this project's own (harness/models/prompting.py,
-harness/scoring.py), so an lmms-eval run scores a question exactly as `vqa-constraints evaluate`
-does. lmms-eval itself is not imported: tests/test_lmms_eval_task.py checks the contract without it.
+Self-contained (standard library only), so the folder can be copied into lmms-eval's ``lmms_eval/tasks/`` as it is.
+The prompt suffix, answer cleaning and matcher are copies of VQA-Constraints' own (``ANSWER_INSTRUCTION`` in
+harness/models/prompting.py; ``normalize_answer``, ``answer_correct``, ``exact_match`` and ``clean_generation`` in
+harness/scoring.py): tests/test_lmms_eval_task.py checks that they score every bundled question exactly as the
+harness does, so an lmms-eval run and `vqa-constraints evaluate` agree question by question.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import string
 
-from harness.models.prompting import ANSWER_INSTRUCTION
-from harness.scoring import answer_correct, clean_generation, exact_match
+# Where the questions are read from: a release's Hub id by default, or any `vqa-constraints build --out DIR`
+# folder named by the environment variable. The YAML reads it as ``dataset_path: !function utils.DATASET_PATH``:
+# lmms-eval's ``!function`` tag returns any attribute of this module, so the value is taken when lmms-eval
+# loads the task (no edit of the YAML).
+DATASET_PATH_ENV = "VQA_CONSTRAINTS_DATASET_PATH"
+DEFAULT_DATASET_PATH = "ORG/vqa-constraints"
+DATASET_PATH = os.environ.get(DATASET_PATH_ENV, "").strip() or DEFAULT_DATASET_PATH
+
+# The instruction after every question (the harness's ANSWER_INSTRUCTION).
+ANSWER_INSTRUCTION = "Answer in a few words."
 
 # The harness's fallback prompt ("USER: <image>\n{question} Answer in a few words. ASSISTANT:") as a chat
 # template, for models that ship none: lmms-eval's llava_hf would otherwise add Vicuna's system prompt.
@@ -22,6 +35,42 @@ LLAVA_HF_CHAT_TEMPLATE = (
 
 # Extra views of the subject (lists of images) are not asked about; dropping them keeps logged samples small.
 UNUSED_COLUMNS = ("other_views",)
+
+# --- answer matching (SQuAD-style normalisation, then whole-word containment) ---------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, delete punctuation ("U.S.A." -> "usa"), drop a/an/the, collapse whitespace."""
+    text = text.lower().translate(_PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def answer_correct(prediction: str, answers) -> bool:
+    """True when some gold answer, normalised, occurs in the normalised prediction as whole words."""
+    padded = f" {normalize_answer(prediction)} "
+    for answer in answers:
+        gold = normalize_answer(answer)
+        if gold and f" {gold} " in padded:
+            return True
+    return False
+
+
+def exact_match(prediction: str, answers) -> bool:
+    """True when the normalised prediction equals some normalised gold answer."""
+    predicted = normalize_answer(prediction)
+    return any(predicted == normalize_answer(answer) for answer in answers)
+
+
+def clean_generation(text: str) -> str:
+    """The answer part of a decoded generation: up to the first newline, stripped."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+# --- the task's functions --------------------------------------------------------------------------------------
 
 
 def process_docs(dataset):
@@ -46,7 +95,7 @@ def process_results(doc, results):
     """Per-question scores; the constraint type rides along so the breakdown can be aggregated.
 
     The question id rides along too: lmms-eval 0.7 logs these values but not the doc, and
-    `leaderboard prepare --from-lmms-eval` needs the id to find the question in the build.
+    `vqa-constraints leaderboard prepare --from-lmms-eval` needs the id to find the question in the build.
     """
     prediction = clean_generation(results[0])
     correct = answer_correct(prediction, doc["answers"])
@@ -73,3 +122,7 @@ def mean_visual(items) -> float:
 def mean_visual_textual(items) -> float:
     """Accuracy on questions with the image plus textual constraints."""
     return _mean_of_type(items, "visual+textual")
+
+
+if __name__ == "__main__":  # `python integrations/lmms_eval/utils.py`: the chat template, for --model_args
+    print(LLAVA_HF_CHAT_TEMPLATE)
