@@ -43,10 +43,18 @@ def test_cli_writes_valid_outputs(planted_attention, planted_model_dir):
         assert all(c["ci_low"] <= c["value"] <= c["ci_high"] for c in measure["all"])
     rows = pq.read_table(planted_attention / "attention_examples.parquet").to_pylist()
     assert len(rows) == stats["counts"]["analysed"]
+    assert stats["targets"]["requested"] == "auto"
     for row in rows:
-        # the eager forward used for contributions gives the same first-token probability as generation
-        assert abs(row["p_answer"] - row["confidence"]) < 1e-4
+        # the planted model answers with the entity itself: no prefix, so its answer is read at the prompt's
+        # last token, and the eager forward gives the probability generation gave its first token
+        if row["correct"]:
+            assert row["entity_prefix"] == "" and row["entity_read_position"] == row["prompt_last"]
+            assert abs(row["confidence"] - row["first_token_confidence"]) < 1e-4
+            assert row["target_mode"] == "answer" and row["prefix_names_subject"] is False
+            assert abs(row["p_target"] - row["confidence"]) < 1e-6
         assert len(row["image_to_visual"]) == layers and len(row["image_to_visual"][0]) == len(row["image_positions"])
+    f2 = stats["finding_2"]
+    assert [c["k"] for c in f2["bands"]] == [1, 2, 3] * 3 and f2["n"] == stats["knockout"]["constraint"]["n"]
     for name in ("image_to_constraint.png", "constraint_to_last.png"):
         assert (planted_attention / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

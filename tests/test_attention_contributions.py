@@ -76,7 +76,10 @@ def test_run_contributions_groups_match_norms_of_summed_vectors():
     # the norm of a sum is at most the sum of norms, and positive here
     assert (run.group_norms["image"] <= run.norms[:, :, 3:8].sum(-1) + 1e-5).all()
     assert (run.group_norms["image"] > 0).all()
-    assert torch.isclose(run.probs.sum(), torch.tensor(1.0))
+    assert run.probs.shape[0] == 1 and torch.isclose(run.probs[0].sum(), torch.tensor(1.0))
     with torch.no_grad():
-        expected = torch.softmax(model(**inputs()).logits[0, -1], -1)
-    assert torch.allclose(run.probs, expected, atol=1e-5)
+        logits = model(**inputs()).logits[0]
+    assert torch.allclose(run.probs[0], torch.softmax(logits[-1], -1), atol=1e-5)
+    # read positions other than the last: the distribution that predicts the token after each one
+    earlier = run_contributions(model, blocks, inputs(), targets=[9], read_positions=[9, 11])
+    assert torch.allclose(earlier.probs, torch.softmax(logits[[9, 11]], -1), atol=1e-5)

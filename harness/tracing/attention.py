@@ -91,12 +91,13 @@ def contribution_vectors(
 
 @dataclass
 class ContributionRun:
-    """What one eager forward of one prompt gives: contribution norms and the next-token distribution."""
+    """What one eager forward of one prompt gives: contribution norms and next-token distributions."""
 
     norms: torch.Tensor  # [layers, targets, seq]: ||c_ij|| per layer
     group_norms: dict[str, torch.Tensor]  # name -> [layers, targets]: ||sum_{j in group} c_ij||
-    probs: torch.Tensor  # [vocab] next-token probabilities at the last position
+    probs: torch.Tensor  # [len(read_positions), vocab]: next-token probabilities at each read position
     targets: list[int]
+    read_positions: list[int]
 
 
 @torch.no_grad()
@@ -106,13 +107,17 @@ def run_contributions(
     inputs: dict[str, torch.Tensor],
     targets: Sequence[int],
     source_groups: dict[str, Sequence[int]] | None = None,
+    read_positions: Sequence[int] | None = None,
 ) -> ContributionRun:
     """One forward of ``model(**inputs)`` reading every block's contributions to ``targets``.
 
     ``source_groups`` names sets of source positions whose summed contribution
-    vector is also reported (e.g. all constraint tokens -> the last token).
+    vector is also reported (e.g. all constraint tokens -> the read position).
+    ``read_positions``: where next-token probabilities are returned (default: the last position).
     """
     source_groups = source_groups or {}
+    length = int(inputs["input_ids"].shape[-1])
+    read_positions = [length - 1] if read_positions is None else [int(q) for q in read_positions]
     names = {f"L{index}": block for index, block in enumerate(attention_blocks)}
     with eager_attention(model), record_inputs(names) as xs, record_outputs(names, index=1) as ws:
         logits = model(**inputs, use_cache=False).logits
@@ -125,12 +130,13 @@ def run_contributions(
         for group, positions in source_groups.items():
             group_norms[group].append(vectors[:, list(positions), :].sum(dim=1).norm(dim=-1))
         del vectors
-    probs = torch.softmax(logits[0, -1].float(), dim=-1)
+    probs = torch.softmax(logits[0, read_positions].float(), dim=-1)
     return ContributionRun(
         norms=torch.stack(norms).cpu(),
         group_norms={g: torch.stack(v).cpu() for g, v in group_norms.items()},
         probs=probs.cpu(),
         targets=list(targets),
+        read_positions=read_positions,
     )
 
 
@@ -139,18 +145,23 @@ def run_contributions(
 
 @dataclass
 class QuestionContributions:
-    """The contributions the study reports for one question (arrays are numpy, layers first)."""
+    """The contributions the study reports for one question (arrays are numpy, layers first).
+
+    A *read position* is a token whose next-token distribution is read: the one that predicts the
+    scored token (after any teacher-forced prefix of the model's own words), not necessarily the
+    prompt's last token.
+    """
 
     image_positions: list[int]
     visual_positions: list[int]  # tokens of the visual constraint(s)
     constraint_positions: list[int]  # tokens of every constraint (visual and textual)
-    last_position: int
+    prompt_last: int  # the prompt's last token
+    read_positions: list[int]
     image_to_visual: "np.ndarray"  # [layers, image tokens]: mean over visual-constraint tokens of ||c_ij||
     image_to_visual_total: "np.ndarray"  # [layers]: mean over visual-constraint tokens of ||sum_{j in image} c_ij||
-    image_to_last: "np.ndarray"  # [layers, image tokens]: ||c_last,j||
-    constraint_to_last: "np.ndarray"  # [layers]: ||sum_{j in constraints} c_last,j||
-    answer_token: int  # the greedy next token (the first token the model answers with)
-    p_answer: float  # its probability
+    image_to_read: "np.ndarray"  # [layers, read positions, image tokens]: ||c_read,j||
+    constraint_to_read: "np.ndarray"  # [layers, read positions]: ||sum_{j in constraints} c_read,j||
+    probs: torch.Tensor  # [read positions, vocab]
 
 
 def constraint_positions(encoded, constraints) -> list[int]:
@@ -161,14 +172,20 @@ def constraint_positions(encoded, constraints) -> list[int]:
     return sorted(positions)
 
 
-def question_contributions(adapter, record, encoded=None) -> QuestionContributions:
-    """Contributions for one record: image -> visual constraint, constraint -> last token.
+def prompt_last_position(encoded) -> int:
+    """The prompt's last token (the one before the first teacher-forced token, if any)."""
+    return encoded.answer_positions[0] - 1 if encoded.answer_positions else encoded.length - 1
 
-    Raises UserError when a constraint maps to no token or the record has no
-    visual constraint or the prompt has no image tokens.
+
+def question_contributions(adapter, record, encoded=None, read_positions: Sequence[int] | None = None
+                           ) -> QuestionContributions:
+    """Contributions for one record: image -> visual constraint, constraint -> each read position.
+
+    ``encoded``: the prompt, possibly with teacher-forced words after it (``adapter.encode(..., answer=...)``;
+    the prompt's token spans are the same either way); ``read_positions`` default to the prompt's last token.
+    Raises UserError when a constraint maps to no token or the record has no visual constraint or the
+    prompt has no image tokens.
     """
-    import numpy as np
-
     encoded = encoded if encoded is not None else adapter.encode(record.question, record.image)
     visual = constraint_positions(encoded, record.visual_constraints)
     if not visual:
@@ -177,23 +194,23 @@ def question_contributions(adapter, record, encoded=None) -> QuestionContributio
     images = list(encoded.image_positions)
     if not images:
         raise UserError(f"record {record.id}: the prompt has no image tokens")
-    last = encoded.last_position
+    last = prompt_last_position(encoded)
+    reads = [last] if read_positions is None else [int(q) for q in read_positions]
     blocks = [adapter.attention(l) for l in range(adapter.num_layers)]
     run = run_contributions(
-        adapter.model, blocks, encoded.inputs, targets=visual + [last],
-        source_groups={"constraints": every, "image": images},
+        adapter.model, blocks, encoded.inputs, targets=visual + reads,
+        source_groups={"constraints": every, "image": images}, read_positions=reads,
     )
     nv = len(visual)
-    answer = int(run.probs.argmax())
     return QuestionContributions(
         image_positions=images,
         visual_positions=visual,
         constraint_positions=every,
-        last_position=last,
+        prompt_last=last,
+        read_positions=reads,
         image_to_visual=run.norms[:, :nv, images].mean(dim=1).numpy(),
         image_to_visual_total=run.group_norms["image"][:, :nv].mean(dim=1).numpy(),
-        image_to_last=run.norms[:, nv, images].numpy(),
-        constraint_to_last=run.group_norms["constraints"][:, nv].numpy(),
-        answer_token=answer,
-        p_answer=float(run.probs[answer]),
+        image_to_read=run.norms[:, nv:][:, :, images].numpy(),
+        constraint_to_read=run.group_norms["constraints"][:, nv:].numpy(),
+        probs=run.probs,
     )

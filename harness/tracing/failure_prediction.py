@@ -1,18 +1,27 @@
 """Does a signal tell right answers from wrong ones? AUROC, with layers chosen on held-out questions.
 
-The score for a question is its constraint -> last-token attention
-contribution summed over a few layers. Which layers is decided on one part
+Both signals are read where the model predicts its own answer entity (after
+its own words before it, e.g. "The capital of Afghanistan is"), not at the
+prompt's last token: the score for a question is its constraint -> that
+position's attention contribution summed over a few layers, and the
+confidence is p(the entity's first token) there. A right answer's entity is
+the gold answer found in the output; a wrong answer's is located with
+``locate_entity`` (the prefix pattern the model uses when it answers the same
+question right), and a wrong answer it cannot locate is counted and left out. Which layers is decided on one part
 of the questions (the "selection" part: the layers whose own AUROC is
 highest there) and the AUROC is then measured on the other part, so the
 choice of layers cannot inflate the reported number. The model's confidence
-(probability of its first generated token) is scored on the same part.
+is scored on the same part.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
+
+from harness.scoring import normalize_answer
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -104,3 +113,47 @@ def failure_prediction(
     if result["auroc_contribution"] is None or result["auroc_confidence"] is None:
         result["note"] = "AUROC needs both correct and wrong answers in the selection and evaluation parts"
     return result
+
+
+# --- where a wrong answer's entity is -----------------------------------------------
+
+
+def prefix_pattern(prefix: str, subject: str) -> re.Pattern | None:
+    """A right answer's prefix ("The capital of Afghanistan is ") as a pattern for other answers to the same
+    question: the subject's words (whole words, any case) stand for any words, the rest must match exactly
+    (case and spacing aside). None when the prefix is empty (an answer that starts with its entity)."""
+    if not prefix.strip():
+        return None
+    words = prefix.split()
+    subject_words = subject.split()
+    pieces, i = [], 0
+    while i < len(words):
+        span = words[i : i + len(subject_words)]
+        if subject_words and [normalize_answer(w) for w in span] == [normalize_answer(w) for w in subject_words]:
+            pieces.append(r"\S+(?:\s+\S+)*?")
+            i += len(subject_words)
+        else:
+            pieces.append(re.escape(words[i]))
+            i += 1
+    return re.compile(r"\s*" + r"\s+".join(pieces) + r"\s+", re.IGNORECASE)
+
+
+def locate_entity(prediction: str, patterns: Sequence[tuple[str, re.Pattern | None]]) -> tuple[int, str] | None:
+    """(char offset in ``prediction`` where its answer entity begins, the prefix matched) or None.
+
+    ``patterns``: (prefix, pattern) of the right answers to the same question template. The longest
+    matching prefix wins; an empty prefix (right answers start with the entity) places the entity at the
+    start. None when no right answer to the template exists or none of their prefixes fits.
+    """
+    best = None
+    for prefix, pattern in patterns:
+        if pattern is None:
+            end = len(prediction) - len(prediction.lstrip())
+        else:
+            match = pattern.match(prediction)
+            if match is None:
+                continue
+            end = match.end()
+        if end < len(prediction) and (best is None or end > best[0]):
+            best = (end, prediction[:end])
+    return best

@@ -62,20 +62,22 @@ def next_token_probs(
     inputs: dict[str, torch.Tensor],
     blocked: dict[int, Sequence[int]] | None = None,
     layers: Sequence[int] | None = None,
+    position: int = -1,
 ) -> torch.Tensor:
-    """Next-token probabilities at the last position, with ``blocked`` edges cut in ``layers`` (default all)."""
+    """Next-token probabilities at ``position`` (default the last), with ``blocked`` edges cut in ``layers``
+    (default all)."""
     chosen = range(len(attention_blocks)) if layers is None else layers
     edits = {attention_blocks[l]: block_edges(blocked) for l in chosen} if blocked else {}
     with eager_attention(model), edit_kwargs(edits):
         logits = model(**inputs, use_cache=False).logits
-    return torch.softmax(logits[0, -1].float(), dim=-1).cpu()
+    return torch.softmax(logits[0, position].float(), dim=-1).cpu()
 
 
 @dataclass
 class KnockoutResult:
     """p(answer) with the top-k contributing image tokens blocked, and with k random ones (several draws)."""
 
-    target: str  # "constraint" (visual-constraint tokens) or "last" (the final prompt token)
+    target: str  # "constraint" (visual-constraint tokens) or "last" (the read position)
     k: int
     p_clean: float
     p_top: float
@@ -105,8 +107,10 @@ def knockout(
     target_name: str = "constraint",
     p_clean: float | None = None,
     layers: Sequence[int] | None = None,
+    position: int = -1,
 ) -> KnockoutResult:
-    """Block ``targets`` from the k image tokens with the highest ``image_scores``, then from k random ones.
+    """Block ``targets`` from the k image tokens with the highest ``image_scores``, then from k random ones;
+    p(``answer_token``) is read at ``position`` (the token that predicts it; default the last).
 
     ``image_scores`` has one entry per ``image_positions`` entry (e.g. the
     contribution to the targets summed over layers). Random draws come from
@@ -118,12 +122,18 @@ def knockout(
 
     def p_blocking(sources: list[int]) -> float:
         blocked = {int(t): sources for t in targets}
-        return float(next_token_probs(model, attention_blocks, inputs, blocked, layers)[answer_token])
+        return float(next_token_probs(model, attention_blocks, inputs, blocked, layers, position)[answer_token])
 
     if p_clean is None:
-        p_clean = float(next_token_probs(model, attention_blocks, inputs)[answer_token])
+        p_clean = float(next_token_probs(model, attention_blocks, inputs, position=position)[answer_token])
     randoms = []
     for _ in range(draws):
         picked = rng.choice(len(image_positions), size=k, replace=False)
         randoms.append(p_blocking(sorted(int(image_positions[i]) for i in picked)))
     return KnockoutResult(target_name, k, p_clean, p_blocking(top), randoms, top)
+
+
+def layer_bands(num_layers: int, count: int = 3) -> list[list[int]]:
+    """``count`` contiguous bands of layers, as equal as possible, earliest first (thirds by default:
+    0-9, 10-19, 20-29 on 30 layers); fewer when the model has fewer layers."""
+    return [band.tolist() for band in np.array_split(np.arange(num_layers), min(count, num_layers))]

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from vqa_constraints.errors import UserError
 
-from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.shards import parse_shard
 
 TRACE_STATS, TRACE_ROWS = "trace_stats.json", "traces.parquet"
@@ -159,22 +158,18 @@ def merge_attention(folders: list[Path], out: Path) -> Path:
     from harness.runs import write_json_atomic
 
     from .attention_plots import plot_constraint_to_last, plot_image_to_constraint
-    from .attention_study import StudyOptions, summarize, validate_stats, write_examples
+    from .attention_study import RESULT_KEYS, StudyOptions, locate_entities, summarize, validate_stats, write_examples
 
     shards = [(Path(f), *_read(Path(f), ATTENTION_STATS, ATTENTION_ROWS)) for f in folders]
     shards, total = _order_shards(shards, lambda d: d["counts"]["questions"])
-    results = ("counts", "per_layer", "top_image_tokens", "knockout", "failure_prediction")
+    results = RESULT_KEYS
     _same_run(shards, results)
     # Parquet gives every row every column; knockout columns belong only to correctly answered questions.
-    rows = [{k: v for k, v in row.items() if not (k.startswith("knockout_") and v is None)}
-            for _, _, shard_rows in shards for row in shard_rows]
+    rows = locate_entities([{k: v for k, v in row.items() if not (k.startswith("knockout_") and v is None)}
+                            for _, _, shard_rows in shards for row in shard_rows])
     header = {k: v for k, v in json.loads(json.dumps(shards[0][1])).items() if k not in results}
     header["options"]["shard"] = None
-    o = header["options"]
-    options = StudyOptions(top_k=o["top_k"], draws=o["draws"], seed=o["seed"], n_layers=o["n_layers"],
-                           selection_fraction=o["selection_fraction"], limit=o["limit"],
-                           knockout_layers=None if o["knockout_layers"] is None else tuple(o["knockout_layers"]),
-                           max_new_tokens=o.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    options = StudyOptions.from_json(header["options"])
     skipped: Counter = Counter()
     for _, document, _ in shards:
         skipped.update(document["counts"]["skipped"])
