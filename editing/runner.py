@@ -459,6 +459,7 @@ class Validation:
 
 def validation_data(adapter, data: str, options: EditOptions) -> Validation | None:
     """Requests (at most ``validation_size``) and locality questions from the validation split; None without one."""
+    options = validation_options(options)
     try:
         requests, _, source = make_requests(adapter, data, options, options.validation_split, options.validation_size)
         unrelated = specificity_sample(data, options, options.validation_split)
@@ -468,6 +469,15 @@ def validation_data(adapter, data: str, options: EditOptions) -> Validation | No
     if not requests:
         return None
     return Validation(requests, unrelated, source)
+
+
+def validation_options(options: EditOptions) -> EditOptions:
+    """The options validation runs use: sizes from ``validation_size`` only, so nothing about the reported run
+    (its limit, specificity sample, batches or sweep) reaches a choice."""
+    from dataclasses import replace
+
+    return replace(options, specificity_size=2 * options.validation_size, limit=None, batch_edits=1,
+                   sweep_layers=False)
 
 
 def tuned_parameters(options: EditOptions) -> dict[str, list[str]]:
@@ -492,6 +502,7 @@ def choose_settings(adapter, data: str, options: EditOptions, layers: Sequence[i
     """
     from editing import key_distinctness
 
+    options = validation_options(options)
     record: dict = {"split": options.validation_split, "requests": 0, "key_position": None, "parameters": {}}
     position, why = options.key_position, "--key-position"
     tune = tuned_parameters(options)
