@@ -759,8 +759,12 @@ SAVE_COMMAND = "vqa-constraints edit --save"
 
 def check_save_target(model: str | Path, target: str | Path, overwrite: bool = False) -> Path:
     """``target`` checked as ``--save`` for the model at ``model`` (a folder, or a Hub id with no folder to protect)."""
+    from harness.zoo.cache import cache_root
+
     source = Path(str(model))
     protected = [(source, "the model's own folder")] if source.exists() else []
+    # The cache holds every zoo model and key statistics: an edited model saved over it would delete them.
+    protected.append((cache_root(), "the vqa-constraints cache"))
     return check_output_folder(target, "--save", SAVE_COMMAND, overwrite, protected)
 
 

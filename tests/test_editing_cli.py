@@ -84,3 +84,15 @@ def test_save_refuses_the_model_folder_itself(tiny_llava_dir, planted_data_dir, 
                 "--save", str(tiny_llava_dir), "--dtype", "float32", "--device", "cpu"])
     assert code == 1
     assert "model's own folder" in capsys.readouterr().err
+
+
+def test_save_refuses_the_cache(tiny_llava_dir, planted_data_dir, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "zoo").mkdir(parents=True)
+    monkeypatch.setenv("VQA_CONSTRAINTS_CACHE", str(cache))
+    code = run(["edit", "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--out", str(tmp_path / "r"),
+                "--layers", "1", "--limit", "1", "--method", "ft", "--save", str(cache), "--overwrite",
+                "--dtype", "float32", "--device", "cpu"])
+    assert code == 1
+    assert "the vqa-constraints cache" in capsys.readouterr().err
+    assert (cache / "zoo").is_dir()
