@@ -286,9 +286,13 @@ def build_context(adapter, data: str, options: EditOptions, requests: Sequence[E
         ctx.neighbours[record.id] = metrics.Neighbour(record, prompt, answer, prefix,
                                                       metrics.old_entity(answer, prefix))
     same = {}
+    by_subject: dict[str, dict] = {}
+    for pool in pools:
+        for record in pool:
+            by_subject.setdefault(record.subject, {})[record.id] = record
     for request in requests:
-        chosen = [r for r in {r.id: r for pool in pools for r in pool}.values()
-                  if r.subject == request.subject and r.relation != request.relation and r.id != request.id]
+        chosen = [r for r in by_subject.get(request.subject, {}).values()
+                  if r.relation != request.relation and r.id != request.id]
         ctx.same_subject[request.id] = chosen
         same.update({r.id: r for r in chosen})
     same_records = list(same.values())
