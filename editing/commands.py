@@ -70,9 +70,9 @@ def add_edit(subparsers) -> None:
                         help="same-relation questions about other subjects scored per edit (default 8)")
     parser.add_argument("--validation-size", type=positive_int, default=12, metavar="N",
                         help="validation requests that automatic choices (key position, tuned values) are made on")
-    parser.add_argument("--augment-views", type=non_negative_int, default=0, metavar="N",
+    parser.add_argument("--augment-views", type=non_negative_int, default=2, metavar="N",
                         help="N augmented views (crop, rotation, colour jitter) of each request's image where the "
-                             "record has no other views (default 0)")
+                             "record has no other views, e.g. one flag per country (default 2)")
     parser.add_argument("--limit", type=positive_int, default=None, help="at most N edit requests")
     parser.add_argument("--batch-edits", type=positive_int, default=1, metavar="N",
                         help="apply N edits at once (default 1: one at a time); batches never hold two requests "

@@ -77,7 +77,7 @@ class EditOptions:
     neighbours: int = 8  # same-relation questions about other subjects, per edit (ROME's neighbourhood)
     validation_split: str = "validation"  # where every automatic choice is made
     validation_size: int = 12  # validation requests the choices are made on
-    augment_views: int = 0  # augmented views of the image per request, where the record has no other views
+    augment_views: int = 2  # augmented views of the image per request, where the record has no other views
 
 
 # Hyper-parameters tuned on the validation split unless the method config fixes them, and their grids.

@@ -99,3 +99,22 @@ def test_batches_hold_distinct_subjects_and_shared_keys_are_found():
     other = _request("a3", "a", "What is the currency of the country in this image?")
     assert shared_keys([requests[0], other], "constraint") == []  # the relation comes before the constraint
     assert shared_keys([requests[0], other], "subject-token") == [("a1", "a3")]
+
+
+def test_augmented_views_are_other_seeded_views_of_the_image():
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from editing.requests import with_augmented_views
+
+    flag = Image.new("RGB", (60, 30), (200, 20, 20))
+    flag.paste((20, 20, 200), (0, 0, 30, 15))
+    request = replace(_request("f1", "france"), image=flag)
+    views = with_augmented_views(request, 2, seed=0).other_views
+    assert len(views) == 2 and all(v.size == flag.size for v in views)
+    assert all(v.tobytes() != flag.tobytes() for v in views) and views[0].tobytes() != views[1].tobytes()
+    assert [v.tobytes() for v in with_augmented_views(request, 2, seed=0).other_views] == [v.tobytes() for v in views]
+    # A record that has its own other views keeps them.
+    own = replace(request, other_views=(flag,))
+    assert with_augmented_views(own, 2, seed=0).other_views == (flag,)
