@@ -150,3 +150,20 @@ def test_correction_track_edits_only_wrong_answers(planted, planted_data_dir, tm
     assert document["skipped"]["records"] == document["skipped"]["reasons"].get(
         "target equals the model's current answer", 0)
     assert set(document["methods"]) == {"ft", "ft-l"}
+
+
+def test_planted_control_at_k_and_above(planted, planted_data_dir, tmp_path):
+    """The acceptance control on a few edits: keyed where the planted model stores its facts (the last prompt token)
+    MultEdit at K inserts them without touching neighbours or the creature's other facts; one layer above K (a
+    silenced MLP whose output the answer never reads) it cannot."""
+    layer = planted.model.config.planted_layer
+    results = {}
+    for edited in (layer, layer + 1):
+        options = EditOptions(methods=["multedit"], track="insertion", layers=[edited], key_position="last", limit=8,
+                              specificity_size=16, neighbours=8, validation_size=4)
+        results[edited] = run_editing(planted, str(planted_data_dir), tmp_path / str(edited), options)["methods"]["multedit"]
+    at_k, above = results[layer], results[layer + 1]
+    assert at_k["efficacy"]["mean"] >= 0.95 and at_k["efficacy_score"]["mean"] >= 0.95
+    assert at_k["neighborhood"]["mean"] >= 0.9
+    assert at_k["same_subject"]["mean"] >= 0.85  # 0.875 measured on these 8 edits
+    assert above["efficacy"]["mean"] <= 0.1 and above["efficacy_score"]["mean"] <= 0.1
