@@ -39,24 +39,45 @@ def add_edit(subparsers) -> None:
     )
     add_model_arguments(parser)  # --model --dtype --device --revision --trust-remote-code
     parser.add_argument("--data", required=True, help="VQA-Constraints build folder or Hub dataset id")
-    parser.add_argument("--method", default="multedit", help="comma-separated: multedit (lambda-I form), multedit-cov (key-covariance form), ft, ft-l (default: multedit)")
+    parser.add_argument("--method", default="multedit", help="comma-separated: multedit (lambda-I form), multedit-cov "
+                        "(key-covariance form, W K = V exactly), memit-ls (MEMIT's least squares), ft, ft-l "
+                        "(default: multedit)")
+    parser.add_argument("--method-config", default=None, metavar="FILE.yaml",
+                        help="hyper-parameters per method, e.g. 'ft-l: {linf_rms: 0.1}' or 'multedit: {lam: auto}' "
+                             "(auto: tuned on the validation split); recorded in the results")
     parser.add_argument("--track", default="insertion", choices=["correction", "insertion"])
     parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--layers", type=_int_list, default=None, help="e.g. 2 or 3,4 (default: the peak causal MLP layer of a trace of the model)")
     parser.add_argument("--trace-stats", default=None, metavar="PATH", help="trace_stats.json whose peak MLP layer is the default")
     parser.add_argument("--trace-limit", type=positive_int, default=16, metavar="N",
                         help="without --layers/--trace-stats: trace N questions to find the peak MLP layer (default 16)")
-    parser.add_argument("--key-position", default="auto", choices=["auto", "subject-token", "constraint", "last"],
-                        help="where MultEdit reads its key: the last image token (the pictured subject), the visual "
-                             "constraint's last token or the final prompt token; auto (default): the one whose keys "
-                             "are most distinct (least predicted spill) at the edited layer")
+    parser.add_argument("--key-position", default="constraint", choices=["constraint", "subject-token", "last", "auto"],
+                        help="where MultEdit reads its key: the visual constraint's last token (default, the paper's), "
+                             "the last image token (the pictured subject) or the final prompt token; auto: the one "
+                             "whose keys are most distinct on the validation split's requests")
     parser.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                         help=f"tokens generated per answer (default {DEFAULT_MAX_NEW_TOKENS}; flag-llava needs 24)")
+    parser.add_argument("--covariance-source", default="corpus", choices=["corpus", "questions"],
+                        help="multedit-cov / memit-ls: estimate the key covariance from the model's own sampled "
+                             "text (default) or from validation questions (--key-stats-size of them)")
+    parser.add_argument("--corpus-keys", type=positive_int, default=20000, metavar="N",
+                        help="keys of the generic corpus (default 20000)")
     parser.add_argument("--key-stats-size", type=positive_int, default=64, metavar="N",
-                        help="multedit-cov: questions whose keys (every position) estimate the key covariance "
-                             "(default 64)")
+                        help="with --covariance-source questions: validation questions whose keys (every position) "
+                             "estimate the key covariance (default 64)")
+    parser.add_argument("--per-subject", type=non_negative_int, default=1, metavar="N",
+                        help="edit requests per subject (default 1; 0: all)")
+    parser.add_argument("--neighbours", type=positive_int, default=8, metavar="N",
+                        help="same-relation questions about other subjects scored per edit (default 8)")
+    parser.add_argument("--validation-size", type=positive_int, default=12, metavar="N",
+                        help="validation requests that automatic choices (key position, tuned values) are made on")
+    parser.add_argument("--augment-views", type=non_negative_int, default=2, metavar="N",
+                        help="N augmented views (crop, rotation, colour jitter) of each request's image where the "
+                             "record has no other views, e.g. one flag per country (default 2)")
     parser.add_argument("--limit", type=positive_int, default=None, help="at most N edit requests")
-    parser.add_argument("--batch-edits", type=positive_int, default=1, metavar="N", help="apply N edits at once (default 1: one at a time)")
+    parser.add_argument("--batch-edits", type=positive_int, default=1, metavar="N",
+                        help="apply N edits at once (default 1: one at a time); batches never hold two requests "
+                             "about one subject where that can be arranged")
     parser.add_argument("--sweep-layers", nargs="?", const=True, default=False, type=_int_list, metavar="LAYERS",
                         help="also edit at every layer (or only LAYERS, e.g. 0,4,8: a 30-layer model on a CPU), "
                              "one at a time, and plot efficacy by layer")
@@ -81,10 +102,13 @@ def _run_edit(args: argparse.Namespace) -> int:
     from editing.runner import EditOptions, check_save_target, run_editing
     from harness.models.loading import load_model, model_options
 
+    from editing.method_config import load_method_config
+
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise UserError(f"--method {args.method}: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    method_options = load_method_config(args.method_config) if args.method_config else {}
     options = EditOptions(
         methods=methods,
         track=args.track,
@@ -101,6 +125,14 @@ def _run_edit(args: argparse.Namespace) -> int:
         trace_limit=args.trace_limit,
         max_new_tokens=args.max_new_tokens,
         key_stats_size=args.key_stats_size,
+        method_options=method_options,
+        method_config=args.method_config,
+        covariance_source=args.covariance_source,
+        corpus_keys=args.corpus_keys,
+        per_subject=args.per_subject or None,
+        neighbours=args.neighbours,
+        validation_size=args.validation_size,
+        augment_views=args.augment_views,
     )
     if args.save is not None:
         check_save_target(args.model, args.save, args.overwrite)  # before loading the model

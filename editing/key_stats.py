@@ -154,3 +154,120 @@ def _save(path: Path, second: torch.Tensor, n_keys: int, n_questions: int) -> No
     save_file({"second_moment": second.contiguous()}, str(tmp),
               metadata={"n_keys": str(n_keys), "n_questions": str(n_questions)})
     os.replace(tmp, path)
+
+
+# --- a generic corpus: the language model's own text ---------------------------
+
+CORPUS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class GenericCorpus:
+    """Text sampled from the language model itself (temperature 1, no image), one random ordinary token to start
+    each sequence: keys of the model's own text, not of the benchmark's question templates (ROME and MEMIT use
+    Wikipedia; an offline machine has none, and the model's own text is what its MLP keys usually see)."""
+
+    n_keys: int = 20000  # at least this many key vectors (every position of every sequence)
+    length: int = 128  # tokens per sequence, the start token included
+    batch: int = 32  # sequences sampled at once
+    seed: int = 0
+
+    def sequences(self) -> int:
+        return -(-self.n_keys // self.length)
+
+
+def model_hash(adapter) -> str:
+    """sha256 of every parameter: the sampled text depends on the whole model."""
+    digest = hashlib.sha256()
+    for name, param in adapter.model.named_parameters():
+        t = param.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def sample_corpus(adapter, corpus: GenericCorpus) -> torch.Tensor:
+    """(sequences, length) token ids sampled from the model, cached on disk by the model's weights and ``corpus``."""
+    from transformers import GenerationConfig
+
+    content = {"format": CORPUS_FORMAT, "weights": model_hash(adapter), "corpus": vars(corpus),
+               "dtype": str(adapter.dtype)}
+    key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / f"corpus-{key}.safetensors"
+    if path.exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["ids"]
+    tokenizer = adapter.tokenizer
+    special = set(tokenizer.all_special_ids)
+    image_id = getattr(adapter, "image_token_id", None)
+    vocab = [i for i in range(len(tokenizer)) if i not in special and i != image_id]
+    generator = torch.Generator().manual_seed(corpus.seed)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=corpus.length - 1, min_new_tokens=corpus.length - 1,
+                              pad_token_id=adapter.pad_token_id, eos_token_id=None)
+    rows = []
+    devices = [adapter.device] if adapter.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(corpus.seed)
+        for start in range(0, corpus.sequences(), corpus.batch):
+            n = min(corpus.batch, corpus.sequences() - start)
+            first = torch.tensor(vocab)[torch.randint(len(vocab), (n, 1), generator=generator)]
+            out = adapter.model.generate(input_ids=first.to(adapter.device),
+                                         attention_mask=torch.ones_like(first).to(adapter.device),
+                                         generation_config=config)
+            rows.append(out[:, : corpus.length].cpu())
+    ids = torch.cat(rows)
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"ids": ids.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return ids
+
+
+def corpus_covariances(adapter, layers: Sequence[int], corpus: GenericCorpus,
+                       ridge: float = 1e-3) -> dict[int, KeyCovariance]:
+    """C for each of ``layers`` from the keys of the model's own sampled text (``corpus``), cached on disk."""
+    ids = sample_corpus(adapter, corpus)
+    ids_hash = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    result = {}
+    for layer in layers:
+        content = {"format": FORMAT, "weights": upstream_hash(adapter, layer), "corpus": ids_hash,
+                   "dtype": str(adapter.dtype), "layer": int(layer)}
+        key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+        path = cache_dir() / f"keycov-corpus-{key}.safetensors"
+        loaded = _load(path)
+        if loaded is None:
+            second, n_keys = _accumulate_ids(adapter, int(layer), ids, corpus.batch)
+            _save(path, second, n_keys, int(ids.shape[0]))
+            loaded = (second, n_keys, int(ids.shape[0]))
+        result[int(layer)] = _finish(int(layer), *loaded, ridge, path)
+    return result
+
+
+@torch.no_grad()
+def _accumulate_ids(adapter, layer: int, ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    module = adapter.mlp_out_proj(layer)
+    total, count = None, 0
+
+    def stop(_module, _inputs, _output):
+        raise _Stop
+
+    for start in range(0, ids.shape[0], batch):
+        chunk = ids[start : start + batch].to(adapter.device)
+        handle = module.register_forward_hook(stop)
+        try:
+            with record_inputs({"key": module}) as store:
+                try:
+                    adapter.model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+        keys = store["key"].reshape(-1, store["key"].shape[-1]).to(torch.float64).cpu()
+        total = keys.T @ keys if total is None else total + keys.T @ keys
+        count += int(keys.shape[0])
+    return total / count, count

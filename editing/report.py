@@ -6,12 +6,16 @@ import os
 from pathlib import Path
 
 COLUMNS = [
-    ("efficacy", "Efficacy"),
-    ("generalization", "Generalization"),
-    ("subject_kept", "Subject kept"),
+    ("efficacy_score", "Efficacy score"),
+    ("efficacy_magnitude", "Efficacy magnitude"),
+    ("efficacy", "Efficacy (generated)"),
+    ("generalization_score", "Generalization score"),
+    ("generalization", "Generalization (generated)"),
+    ("neighborhood", "Neighbourhood"),
+    ("same_subject", "Same subject"),
     ("specificity", "Specificity"),
     ("locality", "Locality"),
-    ("neighborhood", "Neighborhood"),
+    ("subject_kept", "Subject kept"),
 ]
 
 
@@ -26,42 +30,58 @@ def _number(value, fmt: str) -> str:
 
 
 def table(document: dict) -> str:
-    """Methods side by side: metric means with 95% bootstrap intervals, score, cost."""
+    """Methods side by side: the harmonic-mean headline and every component with 95% intervals (subjects
+    resampled), cost, the paired comparisons and the choices made on the validation split."""
     model = document["model"]["name_or_path"]
     data = document["data"]
     lines = [
         f"Editing on `{Path(model).name}` — track **{document['options']['track']}** "
         f"({data['config']}/{data['split']}), layers {document['layers']} ({document['layer_source']}), "
-        f"key position {document.get('key_position', document['options']['key_position'])} "
-        f"({document.get('key_position_source', 'option')}), "
-        f"{document['requests']} requests, batch {document['options']['batch_edits']}.",
+        f"key position {document['key_position']} ({document['key_position_source']}), "
+        f"{document['requests']} requests about {document.get('subjects', '?')} subjects, "
+        f"batch {document['options']['batch_edits']}.",
         "",
-        "| Method | Edits | " + " | ".join(title for _, title in COLUMNS)
-        + " | Mean of 3 | Log-prob gain | s / edit | Peak MB | Skipped |",
-        "|---|---:|" + "---|" * len(COLUMNS) + "---:|---:|---:|---:|---:|",
+        "| Method | Edits | Score (harmonic) | Mean (arithmetic) | " + " | ".join(title for _, title in COLUMNS)
+        + " | s / edit | Peak MB | Skipped |",
+        "|---|---:|---|---|" + "---|" * len(COLUMNS) + "---:|---:|---:|",
     ]
     for name, summary in document["methods"].items():
-        gain = summary.get("logprob_gain", {}).get("mean")
         lines.append(
-            f"| {name} | {summary['edits']} | "
+            f"| {name} | {summary['edits']} | {_cell(summary.get('score_ci'))} | "
+            f"{_cell(summary.get('score_arithmetic_ci'))} | "
             + " | ".join(_cell(summary.get(key)) for key, _ in COLUMNS)
-            + f" | {_number(summary.get('score'), '.3f')} | {_number(gain, '.2f')}"
             + f" | {_number(summary.get('seconds_per_edit'), '.3f')} | {_number(summary.get('peak_memory_mb'), '.0f')}"
             + f" | {summary['skipped']} |"
         )
+    lines += ["", "Score = harmonic mean of efficacy score, generalization score and specificity (mean of "
+              "neighbourhood and same subject); intervals: 95% bootstrap resampling subjects."]
+    if document.get("comparisons"):
+        lines += ["", "| MultEdit variant | Baseline | Δ score (paired) | 95% interval | Edits | Subjects | Verdict |",
+                  "|---|---|---:|---|---:|---:|---|"]
+        for c in document["comparisons"]:
+            interval = "–" if c["ci_low"] is None else f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+            lines.append(f"| {c['method']} | {c['baseline']} | {_number(c['difference'], '+.3f')} | {interval} "
+                         f"| {c['n_edits']} | {c['n_subjects']} | {c['verdict']} |")
     for name, summary in document["methods"].items():
         bound = summary.get("linf_bound")
         if bound is not None:
             lines.append("")
-            lines.append(f"{name}: L∞ bound {bound['linf']:g} " + (
+            relative = f" ({bound['linf_rms']:g} × weight RMS)" if bound.get("linf_rms") is not None else ""
+            lines.append(f"{name}: L∞ bound {bound['linf']:.3g}{relative} " + (
                 "never bound (it equals FT here)" if bound["never_bound"]
                 else f"clipped a step on {bound['edits_where_active']} of {bound['edit_operations']} edit operations"
             ) + ".")
+    choices = document.get("choices") or {}
+    for name, params in (choices.get("parameters") or {}).items():
+        for param, chosen in params.items():
+            grid = ", ".join(f"{value}: {_number(cell['score'], '.3f')}" for value, cell in chosen["grid"].items())
+            lines += ["", f"{name}.{param} = {chosen['chosen']:g}, tuned on {choices['requests']} "
+                      f"{choices['split']} requests (score by value: {grid})."]
     if document.get("sweep"):
-        lines += ["", "Efficacy by edited layer (one edit at a time):", ""]
+        lines += ["", "Efficacy score by edited layer (one edit at a time):", ""]
         for name, rows in document["sweep"].items():
             lines.append(f"- {name}: " + ", ".join(
-                f"L{row['layer']} {_number(row['efficacy']['mean'], '.2f')}" for row in rows))
+                f"L{row['layer']} {_number(row['efficacy_score']['mean'], '.2f')}" for row in rows))
     return "\n".join(lines) + "\n"
 
 

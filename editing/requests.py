@@ -12,8 +12,9 @@ same entity), so methods never look at records.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
@@ -106,3 +107,74 @@ def build_requests(
             continue
         requests.append(request_from_record(record, track, current))
     return requests, skipped
+
+
+def per_subject(requests: Iterable[EditRequest], limit: int | None) -> list[EditRequest]:
+    """At most ``limit`` requests per subject, in order (None: all): edits of one subject share its image, so
+    they are neither independent nor, keyed at the image, distinguishable."""
+    counts: dict[str, int] = {}
+    kept = []
+    for request in requests:
+        if limit is None or counts.get(request.subject, 0) < limit:
+            kept.append(request)
+            counts[request.subject] = counts.get(request.subject, 0) + 1
+    return kept
+
+
+def distinct_subject_batches(requests: Sequence[EditRequest], size: int) -> list[list[EditRequest]]:
+    """Groups of at most ``size`` requests, no two about one subject where that can be arranged (each request
+    goes to the first group that has room and lacks its subject; deterministic)."""
+    groups: list[list[EditRequest]] = []
+    for request in requests:
+        for group in groups:
+            if len(group) < size and all(r.subject != request.subject for r in group):
+                group.append(request)
+                break
+        else:
+            groups.append([request])
+    return groups
+
+
+def key_signature(request: EditRequest, key_position: str) -> tuple:
+    """What the key at ``key_position`` is computed from: two requests with equal signatures have equal keys."""
+    image = request.image.tobytes() if request.image is not None else b""
+    if key_position == "subject-token":
+        return ("image", hashlib.sha256(image).hexdigest())
+    if key_position == "constraint" and request.key_span is not None:
+        text = request.question[: request.key_span[1]]
+    else:
+        text = request.question
+    return (key_position, hashlib.sha256(image).hexdigest(), text)
+
+
+def shared_keys(group: Sequence[EditRequest], key_position: str) -> list[tuple[str, str]]:
+    """Pairs of request ids in ``group`` whose keys coincide (a batch writes the mean of their targets)."""
+    seen: dict[tuple, str] = {}
+    pairs = []
+    for request in group:
+        signature = key_signature(request, key_position)
+        if signature in seen:
+            pairs.append((seen[signature], request.id))
+        else:
+            seen[signature] = request.id
+    return pairs
+
+
+def with_augmented_views(request: EditRequest, count: int, seed: int) -> EditRequest:
+    """The request with ``count`` augmented views of its image (crop, rotation, colour jitter, noise) when the
+    record has no other views: generalization then tests the key, not only the question's text."""
+    from dataclasses import replace
+
+    if count <= 0 or request.other_views or request.image is None:
+        return request
+    import torch
+
+    from harness.zoo.flag_llava_augment import flags_tensor, random_views, to_pil
+
+    width, height = request.image.size
+    flags = flags_tensor([request.image], height=height, width=width)
+    digest = hashlib.sha256(f"{seed}\x1f{request.id}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    views = random_views(flags, torch.zeros(count, dtype=torch.long), max(width, height), generator)
+    resized = [v.resize((width, height)) for v in to_pil(views)]
+    return replace(request, other_views=tuple(resized))

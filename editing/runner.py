@@ -34,13 +34,13 @@ from editing.methods.base import check_inputs, check_layers, request_prompts
 from editing.requests import TRACK_CONFIG, TRACKS, EditRequest, Skipped, build_requests
 from harness.outputs import check_output_folder, interrupted, replace_folder, staging_folder
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
-from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, generate_answers
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, as_prompt, generate_answers
 from vqa_constraints.errors import UserError
 from vqa_constraints.loading import load_split
 
 log = logging.getLogger(__name__)
 
-RESULTS_FORMAT_VERSION = 1
+RESULTS_FORMAT_VERSION = 2
 EDITS_FILE = "edits.jsonl"
 RESULTS_FILE = "editing_results.json"
 TABLE_FILE = "comparison.md"
@@ -53,7 +53,9 @@ class EditOptions:
     methods: list[str] = field(default_factory=lambda: ["multedit"])
     track: str = "insertion"
     layers: list[int] | None = None  # None: the tracer's peak layer (or the model's planted layer)
-    key_position: str = "auto"  # or subject-token|constraint|last; auto: the most distinct key (see key_distinctness)
+    # The visual constraint's last token (the paper's key); subject-token|last are named variants; auto: the most
+    # distinct key on the validation split's requests (never the reported ones).
+    key_position: str = "constraint"
     limit: int | None = None
     batch_edits: int = 1
     sweep_layers: bool | list[int] = False  # True: every layer; a list: those layers
@@ -65,8 +67,26 @@ class EditOptions:
     batch_size: int = 16
     trace_stats: str | None = None  # a finished trace whose peak MLP layer is the default layer
     trace_limit: int = 16  # questions traced to find the default layer when neither layers nor trace_stats is given
-    method_options: dict = field(default_factory=dict)  # per method name: hyper-parameter overrides
-    key_stats_size: int = 64  # multedit-cov: questions whose keys (every position) estimate the covariance
+    method_options: dict = field(default_factory=dict)  # per method name: hyper-parameter overrides ("auto": tuned)
+    method_config: str | None = None  # the YAML file method_options came from (recorded)
+    key_stats_size: int = 64  # with covariance_source "questions": questions whose keys estimate C
+    covariance_source: str = "corpus"  # corpus: the model's own sampled text; questions: validation questions
+    corpus_keys: int = 20000  # keys of the generic corpus (N >> d)
+    per_subject: int | None = 1  # edit requests per subject (None: all)
+    distinct_batches: bool = True  # batches never hold two requests about one subject (where that can be arranged)
+    neighbours: int = 8  # same-relation questions about other subjects, per edit (ROME's neighbourhood)
+    validation_split: str = "validation"  # where every automatic choice is made
+    validation_size: int = 12  # validation requests the choices are made on
+    augment_views: int = 2  # augmented views of the image per request, where the record has no other views
+
+
+# Hyper-parameters tuned on the validation split unless the method config fixes them, and their grids.
+TUNED_BY_DEFAULT = {"ft-l": ("linf_rms",)}
+GRIDS = {
+    "linf_rms": (0.01, 0.03, 0.1, 0.3, 1.0),  # FT-L's bound, relative to the weight RMS
+    "lam": (1e-3, 1e-2, 1e-1, 1.0),  # MultEdit's ridge, relative to the mean squared key norm
+    "mom2_weight": (0.01, 0.1, 1.0, 10.0),  # MEMIT's covariance weight, per key dimension
+}
 
 
 # --- choosing the layer --------------------------------------------------------
@@ -92,11 +112,12 @@ def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tup
 
         trace_out = Path(out) / "trace"
         run_trace(TraceOptions(model=str(adapter.name_or_path), data=str(data), config=SPECIFICITY_CONFIG,
-                               out=trace_out, split=options.split, corruption="image-noise",
+                               out=trace_out, split=options.validation_split, corruption="image-noise",
                                limit=options.trace_limit, seed=options.seed, progress=False,
                                max_new_tokens=options.max_new_tokens), adapter)
         path = trace_out / "trace_stats.json"
-        source = f"peak MLP layer of a trace of {options.trace_limit} {SPECIFICITY_CONFIG} questions"
+        source = (f"peak MLP layer of a trace of {options.trace_limit} {SPECIFICITY_CONFIG}/{options.validation_split} "
+                  "questions")
     try:
         # The visual constraint (or image) corrupted, restored at the last token; None when that group is null.
         layer = peak_mlp_layer(path, corrupted="visual", target="last")  # refuses a partial (interrupted) trace
@@ -113,14 +134,19 @@ def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tup
 # --- requests ------------------------------------------------------------------
 
 
-def make_requests(adapter, data: str, options: EditOptions) -> tuple[list[EditRequest], list[Skipped], dict]:
-    """Edit requests for the track, the skipped records, and where they came from."""
+def make_requests(adapter, data: str, options: EditOptions, split_name: str | None = None,
+                  limit: int | None = None) -> tuple[list[EditRequest], list[Skipped], dict]:
+    """Edit requests for the track from ``split_name`` (default: the reported split), at most ``per_subject`` per
+    subject and ``limit`` in all, the skipped records, and where they came from."""
+    from editing.requests import per_subject, with_augmented_views
+
     if options.track not in TRACKS:
         raise UserError(f"unknown track {options.track!r}; choose from {', '.join(TRACKS)}")
+    split_name = split_name or options.split
     config = TRACK_CONFIG[options.track]
-    split = load_split(data, config, options.split)
+    split = load_split(data, config, split_name)
     records = list(split.records())
-    wanted = options.limit if options.limit is not None else len(records)
+    wanted = limit if limit is not None else len(records)
     requests: list[EditRequest] = []
     skipped: list[Skipped] = []
     # Score records in chunks until enough requests are found (correction keeps only wrong answers).
@@ -134,10 +160,11 @@ def make_requests(adapter, data: str, options: EditOptions) -> tuple[list[EditRe
             part, options.track, {r.id: a for r, a in zip(part, answers)},
             lambda answer, record: answer_correct(answer, record.answers),
         )
-        requests.extend(new)
+        requests = per_subject(requests + new, options.per_subject)
         skipped.extend(skip)
-    requests = [with_prefix(adapter, r) for r in requests[:wanted]]
-    source = {"data": str(data), "config": config, "split": options.split, "fingerprint": split.fingerprint,
+    requests = [with_augmented_views(with_prefix(adapter, r), options.augment_views, options.seed)
+                for r in requests[:wanted]]
+    source = {"data": str(data), "config": config, "split": split_name, "fingerprint": split.fingerprint,
               "files_sha256": split.files_sha256}
     return requests, skipped, source
 
@@ -153,10 +180,10 @@ def with_prefix(adapter, request: EditRequest) -> EditRequest:
 
 
 def key_corpus(data: str, options: EditOptions, exclude: Sequence) -> tuple[list, str]:
-    """Questions whose keys estimate MultEdit's key covariance, and their fingerprint: a seeded sample of
-    single-constraint validation questions (test questions, minus the specificity set, when there is none)."""
+    """Questions whose keys estimate MultEdit's key covariance with ``covariance_source="questions"``, and their
+    fingerprint: a seeded sample of single-constraint validation questions."""
     excluded = {r.id for r in exclude}
-    for split_name in ("validation", "train", options.split):
+    for split_name in (options.validation_split, "train"):
         try:
             split = load_split(data, SPECIFICITY_CONFIG, split_name)
         except UserError:
@@ -164,10 +191,10 @@ def key_corpus(data: str, options: EditOptions, exclude: Sequence) -> tuple[list
         chosen = seeded_records(split, options.seed + 2, lambda r: r.id not in excluded, options.key_stats_size)
         if chosen:
             return chosen, f"{split.fingerprint}:{SPECIFICITY_CONFIG}/{split_name}"
-    raise UserError(f"{data}: no {SPECIFICITY_CONFIG} questions to estimate the key covariance from")
+    raise UserError(f"{data}: no {SPECIFICITY_CONFIG} validation questions to estimate the key covariance from")
 
 
-def seeded_records(split, seed: int, keep, limit: int) -> list:
+def seeded_records(split, seed: int, keep, limit: int | None) -> list:
     """Up to ``limit`` records that ``keep`` accepts, in an order shuffled by ``seed``."""
     indices = list(range(len(split)))
     random.Random(seed).shuffle(indices)
@@ -176,14 +203,14 @@ def seeded_records(split, seed: int, keep, limit: int) -> list:
         record = split.record(index)
         if keep(record):
             chosen.append(record)
-        if len(chosen) == limit:
+        if limit is not None and len(chosen) == limit:
             break
     return chosen
 
 
-def specificity_sample(data: str, options: EditOptions) -> list:
+def specificity_sample(data: str, options: EditOptions, split_name: str | None = None) -> list:
     """A fixed, seeded sample of questions whose answers an edit should leave alone."""
-    split = load_split(data, SPECIFICITY_CONFIG, options.split)
+    split = load_split(data, SPECIFICITY_CONFIG, split_name or options.split)
     indices = list(range(len(split)))
     random.Random(options.seed).shuffle(indices)
     # A few spare so that dropping the edited subjects still leaves about ``specificity_size``.
@@ -199,25 +226,95 @@ def preservation_requests(data: str, options: EditOptions, requests: Sequence[Ed
     if options.preserve_size <= 0:
         return []
     try:
-        split = load_split(data, SPECIFICITY_CONFIG, "validation")
+        split = load_split(data, SPECIFICITY_CONFIG, options.validation_split)
     except UserError:
-        log.warning("%s has no %s/validation split: MultEdit runs without preserved keys", data, SPECIFICITY_CONFIG)
+        log.warning("%s has no %s/%s split: MultEdit runs without preserved keys", data, SPECIFICITY_CONFIG,
+                    options.validation_split)
         return []
     subjects = {r.subject for r in requests}
     chosen = seeded_records(split, options.seed + 1, lambda r: r.subject not in subjects, options.preserve_size)
     return [request_from_record(record, "preserve") for record in chosen]
 
 
-# --- running one method ----------------------------------------------------------
+# --- what is measured around each edit ----------------------------------------------
 
 
 @dataclass
 class Context:
+    """One split's requests and everything measured around them, read from the unedited model."""
+
     adapter: object
     options: EditOptions
     pre: dict  # request id -> metrics.Snapshot before any edit
-    unrelated: list  # specificity records
+    unrelated: list  # locality records (random single-constraint questions)
     unrelated_pre: list  # metrics.Unrelated before any edit
+    neighbour_pool: dict = field(default_factory=dict)  # relation -> records of other subjects, seeded order
+    neighbours: dict = field(default_factory=dict)  # record id -> metrics.Neighbour (pre-edit answer entity)
+    same_subject: dict = field(default_factory=dict)  # request id -> records of its subject's other relations
+    same_subject_pre: dict = field(default_factory=dict)  # record id -> pre-edit answer
+
+
+def build_context(adapter, data: str, options: EditOptions, requests: Sequence[EditRequest],
+                  split_name: str, batchings: Sequence[int]) -> Context:
+    """Pre-edit answers for every question the edits of ``requests`` (grouped as ``batchings``) are scored on."""
+    from editing.answer_format import entity_prefix
+
+    size = options.batch_size
+    unrelated = specificity_sample(data, options, split_name)
+    pre_answers = generate_answers(adapter, unrelated, max_new_tokens=options.max_new_tokens, batch_size=size)
+    ctx = Context(adapter, options, {}, unrelated,
+                  metrics.unrelated_state(adapter, unrelated, pre_answers, pre_answers, size))
+    pools: list = []
+    for config in dict.fromkeys((SPECIFICITY_CONFIG, TRACK_CONFIG[options.track])):
+        pools.append(list(load_split(data, config, split_name).records()))
+    shuffled = [r for pool in pools for r in pool]
+    random.Random(options.seed + 3).shuffle(shuffled)
+    for record in shuffled:
+        ctx.neighbour_pool.setdefault(record.relation, []).append(record)
+    # Neighbours: the first of the relation's pool about no subject of the edit's batch, for every planned batching.
+    wanted = {}
+    for size_ in batchings:
+        for group in plan_batches(requests, size_, options):
+            for request in group:
+                for record in neighbours_for(ctx, request, group):
+                    wanted[record.id] = record
+    records = list(wanted.values())
+    answers = generate_answers(adapter, records, max_new_tokens=options.max_new_tokens, batch_size=size)
+    for record, answer in zip(records, answers):
+        prompt = as_prompt(record, adapter)
+        prefix = entity_prefix(adapter, prompt.question, prompt.image, answer, record.answers[0]) if answer else ""
+        ctx.neighbours[record.id] = metrics.Neighbour(record, prompt, answer, prefix,
+                                                      metrics.old_entity(answer, prefix))
+    same = {}
+    by_subject: dict[str, dict] = {}
+    for pool in pools:
+        for record in pool:
+            by_subject.setdefault(record.subject, {})[record.id] = record
+    for request in requests:
+        chosen = [r for r in by_subject.get(request.subject, {}).values()
+                  if r.relation != request.relation and r.id != request.id]
+        ctx.same_subject[request.id] = chosen
+        same.update({r.id: r for r in chosen})
+    same_records = list(same.values())
+    answers = generate_answers(adapter, same_records, max_new_tokens=options.max_new_tokens, batch_size=size)
+    ctx.same_subject_pre = {r.id: a for r, a in zip(same_records, answers)}
+    for request in requests:
+        ctx.pre[request.id] = metrics.snapshot(adapter, request, options.max_new_tokens, size)
+    return ctx
+
+
+def neighbours_for(ctx: Context, request: EditRequest, group: Sequence[EditRequest]) -> list:
+    subjects = {r.subject for r in group}
+    pool = ctx.neighbour_pool.get(request.relation, [])
+    return [r for r in pool if r.subject not in subjects][: ctx.options.neighbours]
+
+
+def plan_batches(requests: Sequence[EditRequest], batch: int, options: EditOptions) -> list[list[EditRequest]]:
+    from editing.requests import distinct_subject_batches
+
+    if batch > 1 and options.distinct_batches:
+        return distinct_subject_batches(requests, batch)
+    return [list(requests[i : i + batch]) for i in range(0, len(requests), batch)]
 
 
 def _unrelated_for(ctx: Context, requests: Sequence[EditRequest]):
@@ -226,19 +323,28 @@ def _unrelated_for(ctx: Context, requests: Sequence[EditRequest]):
     return pairs[: ctx.options.specificity_size]
 
 
-SPECIFICITY_KEYS = ("specificity", "locality", "neighborhood", "neighborhood_drop")
+# --- running one method ----------------------------------------------------------
 
 
 def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest], layers: Sequence[int],
-               batch: int, lines: list[str], sweep: bool = False) -> dict:
-    """Edit ``requests`` in groups of ``batch`` with ``method`` at ``layers``; per-edit rows into ``lines``."""
+               batch: int, lines: list[str] | None, sweep: bool = False) -> tuple[dict, list[dict]]:
+    """Edit ``requests`` in groups of ``batch`` with ``method`` at ``layers``; per-edit rows into ``lines``.
+    Returns the summary and the per-edit metric rows (with id and subject)."""
+    from editing.requests import shared_keys
+
     adapter, options = ctx.adapter, ctx.options
     edited = check_layers(adapter, layers)
     before = weights_hash(*edited)  # only what an edit may touch: hashing a whole 7B model per method is minutes
-    rows, skipped, times, infos = [], [], [], []
+    rows, skipped, times, infos, shared = [], [], [], [], []
+    key_position = getattr(method, "key_position", "last")
     metrics.reset_peak_memory(adapter.device)
-    for start in range(0, len(requests), batch):
-        group = list(requests[start : start + batch])
+    for group in plan_batches(requests, batch, options):
+        pairs_sharing = shared_keys(group, key_position) if len(group) > 1 else []
+        if pairs_sharing:
+            shared.extend(pairs_sharing)
+            log.warning("%s: %d pair(s) of requests in one batch share a key at %s (e.g. %s and %s): the solve "
+                        "writes the mean of their targets", method.name, len(pairs_sharing), key_position,
+                        *pairs_sharing[0])
         try:
             began = time.perf_counter()
             handle = method.apply(adapter, group, layers)
@@ -255,14 +361,25 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
                                             batch_size=options.batch_size)
             post_states = metrics.unrelated_state(adapter, records, post_answers, [s.answer for s in pre_states],
                                                   options.batch_size)
-            spec = metrics.specificity_measures(records, pre_states, post_states)
+            local = metrics.locality_measures(records, pre_states, post_states)
             unrelated = [{"id": rec.id, "before": a.answer, "after": b.answer}
                          for rec, a, b in zip(records, pre_states, post_states)]
+            same_records = [r for request in group for r in ctx.same_subject[request.id]]
+            same_after = dict(zip([r.id for r in same_records], generate_answers(
+                adapter, same_records, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)))
             for request in group:
                 post = metrics.snapshot(adapter, request, options.max_new_tokens, options.batch_size)
                 row = metrics.edit_metrics(request, ctx.pre[request.id], post)
-                row.update(spec)
-                rows.append(row)
+                neighbours = [ctx.neighbours[r.id] for r in neighbours_for(ctx, request, group)]
+                row["neighborhood"], row["neighborhood_magnitude"] = metrics.neighbour_scores(
+                    adapter, neighbours, request.target, options.batch_size)
+                same = [(r, ctx.same_subject_pre[r.id], same_after[r.id]) for r in ctx.same_subject[request.id]]
+                row["same_subject"] = metrics._mean([metrics.entity_unchanged(r, a, b) for r, a, b in same])
+                row["specificity"] = metrics.specificity_of(row)
+                row.update(local)
+                rows.append({"id": request.id, "subject": request.subject, **row})
+                if lines is None:
+                    continue
                 lines.append(dumps_line({
                     "method": method.name,
                     "layers": [int(l) for l in layers],
@@ -271,8 +388,10 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
                     "request": request.describe(),
                     "pre": ctx.pre[request.id].as_dict(),
                     "post": post.as_dict(),
-                    "metrics": {k: (None if v is None else round(v, 6)) for k, v in row.items()},
+                    "metrics": {k: (None if v is None else round(float(v), 6)) for k, v in row.items()},
                     "info": _jsonable(handle.info),
+                    "neighbours": [{"id": n.record.id, "answer": n.answer, "entity": n.entity} for n in neighbours],
+                    "same_subject": [{"id": r.id, "before": a, "after": b} for r, a, b in same],
                     "unrelated": unrelated,
                 }))
         finally:
@@ -280,27 +399,28 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
     if weights_hash(*check_layers(adapter, layers)) != before:  # never expected: restore() puts the originals back
         raise RuntimeError(f"{method.name}: weights differ from the original after restoring")
     memory, memory_kind = metrics.peak_memory_mb(adapter.device)
-    summary = {key: metrics.summarise([r[key] for r in rows], options.seed)
-               for key in ("efficacy", "generalization", "generalization_paraphrases", "generalization_views",
-                           "subject_kept", "efficacy_subject_kept", *SPECIFICITY_KEYS, "logprob_gain")}
-    means = [summary[k]["mean"] for k in ("efficacy", "generalization", "specificity")]
+    summary = metrics.summarise_rows(rows, options.seed, method.name)
     summary.update({
         "edits": len(rows),
+        "subjects": len({r["subject"] for r in rows}),
         "skipped": len(skipped),
         "skip_reasons": skipped,
-        "score": round(float(np.mean(means)), 6) if None not in means else None,
+        "shared_key_pairs": [list(p) for p in shared],
         "seconds_per_edit": round(float(np.mean(times)), 4) if times else None,
         "peak_memory_mb": round(memory, 1),
         "peak_memory_kind": memory_kind,
         "layers": [int(l) for l in layers],
         "batch_edits": batch,
-        "config": method.config(),
+        "key_position": key_position,
+        "config": _jsonable(method.config()),
     })
-    if getattr(method, "linf", None) is not None:
+    bounds = [info["linf"] for info in infos if "linf" in info]
+    if bounds:
         active = [bool(info.get("bound_active")) for info in infos]
         # Counted per edit operation: one per request, or one per batch when requests are edited together.
-        summary["linf_bound"] = {"linf": method.linf, "edits_where_active": int(sum(active)),
-                                 "edit_operations": len(active), "never_bound": not any(active)}
+        summary["linf_bound"] = {"linf": float(bounds[0]), "linf_rms": getattr(method, "linf_rms", None),
+                                 "edits_where_active": int(sum(active)), "edit_operations": len(active),
+                                 "never_bound": not any(active)}
     if infos and "seconds" in infos[0]:
         # Per edit: where MultEdit's time goes (keys, delta optimisation, closed-form solve).
         summary["seconds_breakdown"] = {k: round(sum(i["seconds"][k] for i in infos) / max(1, len(rows)), 4)
@@ -308,14 +428,14 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
     if infos and "delta_forward" in infos[0]:
         # MultEdit: how its delta steps ran (prefix-cached, or full forwards where the cache was not exact).
         summary["delta_forward"] = sorted({kind for info in infos for kind in info["delta_forward"]})
-    return summary
+    return summary, rows
 
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda v: float(v) if hasattr(v, "__float__") else str(v)))
 
 
-# --- the whole experiment ---------------------------------------------------------
+# --- choices made on the validation split ---------------------------------------------
 
 
 def usable_requests(adapter, requests, methods, layers) -> tuple[list[EditRequest], list[dict]]:
@@ -332,49 +452,112 @@ def usable_requests(adapter, requests, methods, layers) -> tuple[list[EditReques
     return keep, skipped
 
 
-def choose_key_position(adapter, options: EditOptions, requests, unrelated, layers):
-    """(key position, why, distinctness table, edited keys, unrelated keys).
+@dataclass
+class Validation:
+    """The validation split's requests and questions: every automatic choice is made on these alone."""
 
-    The distinctness of the keys at every layer and key position is measured
-    on the edit requests against the specificity questions; with
-    ``key_position="auto"`` the position with the least predicted spill at the
-    (first) edited layer is chosen.
+    requests: list
+    unrelated: list
+    source: dict
+
+
+def validation_data(adapter, data: str, options: EditOptions) -> Validation | None:
+    """Requests (at most ``validation_size``) and locality questions from the validation split; None without one."""
+    options = validation_options(options)
+    try:
+        requests, _, source = make_requests(adapter, data, options, options.validation_split, options.validation_size)
+        unrelated = specificity_sample(data, options, options.validation_split)
+    except UserError as error:
+        log.warning("no validation split to choose settings on (%s)", error)
+        return None
+    if not requests:
+        return None
+    return Validation(requests, unrelated, source)
+
+
+def validation_options(options: EditOptions) -> EditOptions:
+    """The options validation runs use: sizes from ``validation_size`` only, so nothing about the reported run
+    (its limit, specificity sample, batches or sweep) reaches a choice."""
+    from dataclasses import replace
+
+    return replace(options, specificity_size=2 * options.validation_size, limit=None, batch_edits=1,
+                   sweep_layers=False)
+
+
+def tuned_parameters(options: EditOptions) -> dict[str, list[str]]:
+    """Per method: the hyper-parameters to tune on validation ("auto" in the method config, or tuned by default
+    unless the config fixes them)."""
+    out = {}
+    for name in options.methods:
+        given = options.method_options.get(name, {})
+        params = [p for p, v in given.items() if v == "auto"]
+        params += [p for p in TUNED_BY_DEFAULT.get(name, ()) if p not in given]
+        if params:
+            out[name] = params
+    return out
+
+
+def choose_settings(adapter, data: str, options: EditOptions, layers: Sequence[int],
+                    validation: Validation | None) -> dict:
+    """The key position (``auto``) and tuned hyper-parameters, chosen on ``validation`` alone; the record of how.
+
+    Nothing here sees the reported split: the function is given the validation split's requests and questions
+    only (tests/test_editing_validation.py changes the reported requests and checks the choice stays put).
     """
     from editing import key_distinctness
 
+    options = validation_options(options)
+    record: dict = {"split": options.validation_split, "requests": 0, "key_position": None, "parameters": {}}
+    position, why = options.key_position, "--key-position"
+    tune = tuned_parameters(options)
+    if validation is None:
+        if options.key_position == "auto":
+            raise UserError(f"--key-position auto needs a {options.validation_split} split to choose on")
+        if tune:
+            raise UserError(f"{', '.join(tune)}: tuning needs a {options.validation_split} split "
+                            "(or fix the values in --method-config)")
+        return {**record, "key_position": {"chosen": position, "source": why}}
+    record["requests"] = len(validation.requests)
+    record["subjects"] = len({r.subject for r in validation.requests})
+    record["data"] = validation.source
     all_layers = list(range(adapter.num_layers))
-    edited = key_distinctness.question_keys(adapter, [(r.question, r.image, r.key_span) for r in requests], all_layers)
-    from harness.scoring import as_prompt
-
-    prompts = [(as_prompt(r, adapter), r) for r in unrelated[: options.specificity_size]]
+    edited = key_distinctness.question_keys(
+        adapter, [(r.question, r.image, r.key_span) for r in validation.requests], all_layers)
+    prompts = [(as_prompt(r, adapter), r) for r in validation.unrelated[: options.specificity_size]]
     others = key_distinctness.question_keys(
         adapter, [(p.question, p.image, _constraint_span(r) if p.question == r.question else None) for p, r in prompts],
         all_layers)
     table = key_distinctness.table(edited, others, all_layers)
-    if options.key_position != "auto":
-        return options.key_position, "--key-position", table, edited, others
-    position, spills = key_distinctness.most_distinct_position(table, layers[0])
-    if position is None:
-        return "last", "no key position could be read; the last prompt token", table, edited, others
-    why = (f"least predicted spill at layer {layers[0]} ("
-           + ", ".join(f"{p} {v:.3f}" for p, v in spills.items()) + ")")
-    return position, why, table, edited, others
-
-
-def prepare_covariance(adapter, data, options, method, layers, unrelated, table, edited, others) -> dict:
-    """Give a covariance-form MultEdit its key corpus, estimate C at ``layers`` and add the covariance
-    form's predicted spill to the distinctness table; returns what C was estimated from."""
-    from editing import key_distinctness
-
-    corpus, fingerprint = key_corpus(data, options, unrelated)
-    method.key_corpus(corpus, fingerprint)
-    covs = {int(l): method.covariance(adapter, int(l)) for l in layers}
-    for position in table:
-        for layer, cov in covs.items():
-            table[position][str(layer)] = key_distinctness.distinctness(edited[position], others[position], layer,
-                                                                       cov=cov)
-    return {"questions": len(corpus), "source": fingerprint,
-            "layers": {str(l): c.describe() for l, c in covs.items()}}
+    if options.key_position == "auto":
+        chosen, spills = key_distinctness.most_distinct_position(table, layers[0])
+        if chosen is None:
+            position, why = "last", "no key position could be read; the last prompt token"
+        else:
+            position = chosen
+            why = (f"least predicted spill at layer {layers[0]} on the {options.validation_split} split ("
+                   + ", ".join(f"{p} {v:.3f}" for p, v in spills.items()) + ")")
+    record["key_position"] = {"chosen": position, "source": why}
+    record["key_distinctness"] = table
+    if tune:
+        ctx = build_context(adapter, data, options, validation.requests, options.validation_split, [1])
+        for name, params in tune.items():
+            for param in params:
+                if param not in GRIDS:
+                    raise UserError(f"--method-config: {name}.{param}: 'auto' is not supported for {param} "
+                                    f"(tunable: {', '.join(GRIDS)})")
+                fixed = {k: v for k, v in options.method_options.get(name, {}).items() if v != "auto"}
+                grid = {}
+                for value in GRIDS[param]:
+                    method = make_method(name, key_position=position, **{**fixed, param: value})
+                    prepare_method(adapter, data, options, method, layers)
+                    summary, _ = run_method(ctx, method, validation.requests, layers, 1, None)
+                    grid[str(value)] = {k: summary[k] for k in ("score", "efficacy_score", "specificity")}
+                # The best validation score; ties go to the first grid value (the tighter bound / smaller change).
+                best = max(GRIDS[param], key=lambda v: (grid[str(v)]["score"] or 0.0, -GRIDS[param].index(v)))
+                record["parameters"].setdefault(name, {})[param] = {
+                    "chosen": best, "rule": "highest harmonic-mean score on the validation requests, one at a time",
+                    "grid": grid}
+    return record
 
 
 def _constraint_span(record) -> tuple[int, int] | None:
@@ -382,8 +565,28 @@ def _constraint_span(record) -> tuple[int, int] | None:
     return (visual[-1].char_start, visual[-1].char_end) if visual else None
 
 
+def prepare_method(adapter, data: str, options: EditOptions, method, layers) -> dict | None:
+    """Give a covariance-using method its key corpus; returns what C is estimated from (None for other methods)."""
+    if getattr(method, "form", "lambda") == "lambda":
+        return None
+    if options.covariance_source == "corpus":
+        from editing.key_stats import GenericCorpus
+
+        method.generic_corpus(GenericCorpus(n_keys=options.corpus_keys, seed=options.seed))
+        source = {"source": "corpus", "corpus": "the model's own sampled text (editing/key_stats.py GenericCorpus)"}
+    else:
+        corpus, fingerprint = key_corpus(data, options, [])
+        method.key_corpus(corpus, fingerprint)
+        source = {"source": "questions", "questions": len(corpus), "fingerprint": fingerprint}
+    covs = {int(l): method.covariance(adapter, int(l)) for l in layers}
+    return {**source, "layers": {str(l): c.describe() for l, c in covs.items()}}
+
+
 def sweep_layer_list(sweep_layers: bool | list[int], num_layers: int) -> list[int]:
     return list(range(num_layers)) if sweep_layers is True else list(sweep_layers)
+
+
+# --- the whole experiment ---------------------------------------------------------
 
 
 def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save: str | Path | None = None,
@@ -394,6 +597,7 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     An interrupt (Ctrl-C) writes the methods finished so far with ``complete: false`` and re-raises.
     """
     from editing import report
+    from editing.methods import BASELINES, MULTEDIT_VARIANTS
 
     out = Path(out)
     if options.batch_edits < 1:
@@ -404,6 +608,8 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
         raise UserError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}")
     if options.key_stats_size < 1:
         raise UserError(f"--key-stats-size must be at least 1, got {options.key_stats_size}")
+    if options.covariance_source not in ("corpus", "questions"):
+        raise UserError(f"--covariance-source must be corpus or questions, got {options.covariance_source!r}")
     if save is not None:
         check_save_target(adapter.name_or_path, save, overwrite)  # before hours of editing, not after
     _seed(options.seed)
@@ -414,59 +620,65 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     check_layers(adapter, layers)
     if options.sweep_layers:
         check_layers(adapter, sweep_layer_list(options.sweep_layers, adapter.num_layers))
-    requests, skipped_records, source = make_requests(adapter, data, options)
+
+    # Every automatic choice first, on the validation split alone.
+    validation = validation_data(adapter, data, options)
+    choices = choose_settings(adapter, data, options, layers, validation)
+    key_position = choices["key_position"]["chosen"]
+    tuned = {name: {p: v["chosen"] for p, v in params.items()} for name, params in choices["parameters"].items()}
+
+    requests, skipped_records, source = make_requests(adapter, data, options, options.split, options.limit)
     if not requests:
         raise UserError(
             f"{data}: no edit requests for track {options.track!r} "
             f"({len(skipped_records)} records skipped: the model already answers them)"
         )
-    unrelated = specificity_sample(data, options)
-    key_position, key_source, distinct, edited_keys, unrelated_keys = choose_key_position(
-        adapter, options, requests, unrelated, layers)
-    methods = [make_method(name, key_position=key_position, **options.method_options.get(name, {}))
-               for name in options.methods]
+    methods = []
+    for name in options.methods:
+        given = {k: v for k, v in options.method_options.get(name, {}).items() if v != "auto"}
+        methods.append(make_method(name, key_position=key_position, **{**given, **tuned.get(name, {})}))
     requests, skipped_requests = usable_requests(adapter, requests, methods, layers)
     if not requests:
         raise UserError(f"{data}: every request was skipped: {skipped_requests[0]['reason']}")
     log.info("%d edit requests (%d records skipped), layers %s from %s, key position %s (%s)", len(requests),
-             len(skipped_records), layers, layer_source, key_position, key_source)
+             len(skipped_records), layers, layer_source, key_position, choices["key_position"]["source"])
 
     preserved = preservation_requests(data, options, requests)
     key_stats = None
     for method in methods:
         if hasattr(method, "preserve"):
             method.preserve(preserved)
-        if getattr(method, "form", None) == "covariance":
-            key_stats = prepare_covariance(adapter, data, options, method, layers, unrelated, distinct,
-                                           edited_keys, unrelated_keys)
+        described = prepare_method(adapter, data, options, method, layers)
+        key_stats = key_stats or described
 
-    pre_answers = generate_answers(adapter, unrelated, max_new_tokens=options.max_new_tokens,
-                                   batch_size=options.batch_size)
-    ctx = Context(adapter, options, {}, unrelated,
-                  metrics.unrelated_state(adapter, unrelated, pre_answers, pre_answers, options.batch_size))
-    for request in requests:
-        ctx.pre[request.id] = metrics.snapshot(adapter, request, options.max_new_tokens, options.batch_size)
+    batchings = sorted({options.batch_edits, 1} if options.sweep_layers else {options.batch_edits})
+    ctx = build_context(adapter, data, options, requests, options.split, batchings)
 
     lines: list[str] = []
     results: dict[str, dict] = {}  # only methods that finished: a partial document lists fewer
+    rows: dict[str, list] = {}
     sweep: dict[str, list] = {}
     complete = False
     try:
         for method in methods:
             log.info("%s: %d edits at layers %s", method.name, len(requests), layers)
-            results[method.name] = run_method(ctx, method, requests, layers, options.batch_edits, lines)
+            results[method.name], rows[method.name] = run_method(ctx, method, requests, layers, options.batch_edits,
+                                                                 lines)
         if options.sweep_layers:
             for method in methods:
                 sweep[method.name] = []
                 for layer in sweep_layer_list(options.sweep_layers, adapter.num_layers):
                     log.info("sweep %s: layer %d", method.name, layer)
-                    summary = run_method(ctx, method, requests, [layer], 1, lines, sweep=True)
+                    summary, _ = run_method(ctx, method, requests, [layer], 1, lines, sweep=True)
                     sweep[method.name].append({"layer": layer, **{k: summary[k] for k in (
-                        "efficacy", "generalization", "specificity", "logprob_gain", "score", "seconds_per_edit", "edits")}})
+                        "efficacy", "efficacy_score", "generalization", "specificity", "neighborhood",
+                        "same_subject", "logprob_gain", "score", "seconds_per_edit", "edits")}})
         complete = True
     except KeyboardInterrupt:
         pass  # the edits finished so far are written below, marked complete: false
 
+    comparisons = [metrics.paired_comparison(rows[a], rows[b], options.seed, a, b)
+                   for a in MULTEDIT_VARIANTS if a in rows for b in BASELINES if b in rows]
     document = {
         "format_version": RESULTS_FORMAT_VERSION,
         "complete": complete,
@@ -474,20 +686,24 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
                   "family": adapter.family, "dtype": str(adapter.dtype).replace("torch.", ""),
                   "device": adapter.device.type, "num_layers": adapter.num_layers},
         "data": source,
-        "options": {k: v for k, v in asdict(options).items()},
+        "options": _jsonable(asdict(options)),
         "layers": [int(l) for l in layers],
         "layer_source": layer_source,
         "key_position": key_position,
-        "key_position_source": key_source,
-        "key_distinctness": distinct,
+        "key_position_source": choices["key_position"]["source"],
+        "choices": choices,
         "key_statistics": key_stats,
         "requests": len(requests),
+        "subjects": len({r.subject for r in requests}),
         "skipped": {"records": len(skipped_records), "requests": len(skipped_requests),
                     "reasons": _count_reasons([s.reason for s in skipped_records] +
                                               [s["reason"] for s in skipped_requests])},
-        "specificity_questions": len(unrelated),
+        "specificity_questions": len(ctx.unrelated),
+        "neighbour_questions": len(ctx.neighbours),
+        "same_subject_questions": len(ctx.same_subject_pre),
         "preserved_questions": len(preserved),
         "methods": results,
+        "comparisons": comparisons,
         "sweep": sweep,
         "versions": _versions(),
     }
@@ -547,8 +763,12 @@ SAVE_COMMAND = "vqa-constraints edit --save"
 
 def check_save_target(model: str | Path, target: str | Path, overwrite: bool = False) -> Path:
     """``target`` checked as ``--save`` for the model at ``model`` (a folder, or a Hub id with no folder to protect)."""
+    from harness.zoo.cache import cache_root
+
     source = Path(str(model))
     protected = [(source, "the model's own folder")] if source.exists() else []
+    # The cache holds every zoo model and key statistics: an edited model saved over it would delete them.
+    protected.append((cache_root(), "the vqa-constraints cache"))
     return check_output_folder(target, "--save", SAVE_COMMAND, overwrite, protected)
 
 

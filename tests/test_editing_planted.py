@@ -40,7 +40,7 @@ def insertion_run(planted, planted_model_dir, planted_data_dir, tmp_path_factory
     files_before = _files_digest(planted_model_dir)
     weights_before = weights_hash(planted.model)
     options = EditOptions(methods=["multedit"], track="insertion", key_position="last", limit=N_EDITS,
-                          specificity_size=24, trace_limit=12)
+                          specificity_size=24, trace_limit=12, validation_size=4)
     document = run_editing(planted, str(planted_data_dir), out, options)
     return {
         "document": document,
@@ -69,7 +69,7 @@ def sweep_run(planted, planted_data_dir, tmp_path_factory):
     # The planted MLP writes the fact into the last token's residual stream, so the sweep keys there
     # (as the insertion run does); `auto` ranks key positions by distinctness, not by where K writes.
     options = EditOptions(methods=["multedit"], track="insertion", key_position="last", limit=10,
-                          sweep_layers=True, specificity_size=4, layers=[0])
+                          sweep_layers=True, specificity_size=4, layers=[0], validation_size=4, neighbours=4)
     return run_editing(planted, str(planted_data_dir), out, options), out
 
 
@@ -124,11 +124,12 @@ def test_batched_edits_and_save(planted, planted_model_dir, planted_data_dir, tm
     from harness.models.loading import load_model
 
     options = EditOptions(methods=["multedit"], track="insertion", limit=10, batch_edits=10, specificity_size=16,
-                          layers=[planted.model.config.planted_layer])
+                          layers=[planted.model.config.planted_layer], key_position="last", validation_size=4)
     saved = tmp_path / "edited-model"
     document = run_editing(planted, str(planted_data_dir), tmp_path / "run", options, save=saved)
     result = document["methods"]["multedit"]
     assert result["edits"] == 10 and result["batch_edits"] == 10
+    assert result["shared_key_pairs"] == []  # one request per subject: no two keys coincide
     assert result["efficacy"]["mean"] >= 0.8
     # The saved copy carries the edits in layer K's projection and nowhere else.
     edited = load_model(saved, dtype="float32", device="cpu")
@@ -140,7 +141,7 @@ def test_batched_edits_and_save(planted, planted_model_dir, planted_data_dir, tm
 
 def test_correction_track_edits_only_wrong_answers(planted, planted_data_dir, tmp_path):
     options = EditOptions(methods=["ft", "ft-l"], track="correction", limit=3, specificity_size=8,
-                          layers=[planted.model.config.planted_layer])
+                          layers=[planted.model.config.planted_layer], validation_size=3)
     document = run_editing(planted, str(planted_data_dir), tmp_path, options)
     assert document["data"]["config"] == "single_constraint"
     lines = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]
@@ -149,3 +150,20 @@ def test_correction_track_edits_only_wrong_answers(planted, planted_data_dir, tm
     assert document["skipped"]["records"] == document["skipped"]["reasons"].get(
         "target equals the model's current answer", 0)
     assert set(document["methods"]) == {"ft", "ft-l"}
+
+
+def test_planted_control_at_k_and_above(planted, planted_data_dir, tmp_path):
+    """The acceptance control on a few edits: keyed where the planted model stores its facts (the last prompt token)
+    MultEdit at K inserts them without touching neighbours or the creature's other facts; one layer above K (a
+    silenced MLP whose output the answer never reads) it cannot."""
+    layer = planted.model.config.planted_layer
+    results = {}
+    for edited in (layer, layer + 1):
+        options = EditOptions(methods=["multedit"], track="insertion", layers=[edited], key_position="last", limit=8,
+                              specificity_size=16, neighbours=8, validation_size=4)
+        results[edited] = run_editing(planted, str(planted_data_dir), tmp_path / str(edited), options)["methods"]["multedit"]
+    at_k, above = results[layer], results[layer + 1]
+    assert at_k["efficacy"]["mean"] >= 0.95 and at_k["efficacy_score"]["mean"] >= 0.95
+    assert at_k["neighborhood"]["mean"] >= 0.9
+    assert at_k["same_subject"]["mean"] >= 0.85  # 0.875 measured on these 8 edits
+    assert above["efficacy"]["mean"] <= 0.1 and above["efficacy_score"]["mean"] <= 0.1

@@ -1,4 +1,5 @@
-"""The three specificity measures, the unrelated answers in edits.jsonl, key distinctness and the key position rule.
+"""The specificity measures (neighbourhood, same subject, locality), the unrelated answers in edits.jsonl, and the
+key position rule.
 
 A tiny random LLaVA answers with 16-token "sentences", so an unchanged model
 must score exactly 1.0 on all three measures even though its answers are long.
@@ -10,7 +11,7 @@ import json
 
 import pytest
 
-from editing.metrics import Unrelated, extracted_answer, specificity_measures
+from editing.metrics import Unrelated, extracted_answer, locality_measures
 from editing.runner import EditOptions, run_editing
 
 
@@ -26,14 +27,17 @@ def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VQA_CONSTRAINTS_CACHE", str(tmp_path / "cache"))
 
 
-def test_a_no_op_edit_scores_one_on_all_three_measures(tiny_llava, planted_data_dir, tmp_path):
+def test_a_no_op_edit_scores_one_on_every_specificity_measure(tiny_llava, planted_data_dir, tmp_path):
     options = EditOptions(methods=["ft"], track="insertion", layers=[1], limit=2, specificity_size=6,
-                          max_new_tokens=16, method_options={"ft": {"steps": 0}})
+                          max_new_tokens=16, method_options={"ft": {"steps": 0}}, neighbours=3, validation_size=2)
     document = run_editing(tiny_llava, str(planted_data_dir), tmp_path, options)
     result = document["methods"]["ft"]
-    for key in ("specificity", "locality", "neighborhood"):
+    for key in ("same_subject", "locality", "locality_tokens"):
         assert result[key]["mean"] == pytest.approx(1.0), key
-    assert result["neighborhood_drop"]["mean"] == pytest.approx(0.0, abs=1e-4)
+    # Nothing changed, so on a neighbour the edit's target is exactly as (un)likely as before the edit: the
+    # neighbourhood score is the unedited model's own P(old) > P(new), measured on every neighbour.
+    assert result["neighborhood"]["n"] == 2 and result["neighborhood"]["n_subjects"] == 2
+    assert result["efficacy_magnitude"]["mean"] < 0  # the unedited model prefers its own answer
     lines = [json.loads(line) for line in (tmp_path / "edits.jsonl").read_text().splitlines()]
     unrelated = lines[0]["unrelated"]
     assert len(unrelated) >= 4 and all(set(u) == {"id", "before", "after"} for u in unrelated)
@@ -43,19 +47,20 @@ def test_a_no_op_edit_scores_one_on_all_three_measures(tiny_llava, planted_data_
 
 def test_a_real_edit_is_measured_and_explained(tiny_llava, planted_data_dir, tmp_path):
     options = EditOptions(methods=["multedit", "multedit-cov", "ft-l"], track="insertion", layers=[1], limit=2,
-                          specificity_size=6, key_stats_size=8, method_options={"multedit": {"steps": 5},
-                                                                                 "multedit-cov": {"steps": 5}})
+                          specificity_size=6, key_position="auto", corpus_keys=300, validation_size=2, neighbours=3,
+                          method_options={"multedit": {"steps": 5}, "multedit-cov": {"steps": 5},
+                                          "ft-l": {"linf_rms": 0.1}})
     document = run_editing(tiny_llava, str(planted_data_dir), tmp_path, options)
-    # The default key position is the most distinct one at the edited layer, and the output says so.
-    table = document["key_distinctness"]
+    # auto: the most distinct key on the validation split's requests, and the output says so.
+    table = document["choices"]["key_distinctness"]
     spills = {p: rows["1"]["predicted_spill"] for p, rows in table.items() if rows["1"] is not None}
     assert document["key_position"] == min(spills, key=spills.get)
-    assert document["key_position_source"].startswith("least predicted spill at layer 1")
-    assert "predicted_spill_covariance" in table[document["key_position"]]["1"]
+    assert document["key_position_source"].startswith("least predicted spill at layer 1 on the validation split")
+    assert document["choices"]["parameters"] == {}  # the config fixed FT-L's bound: nothing tuned
     stats = document["key_statistics"]
-    assert stats["questions"] == 8 and stats["layers"]["1"]["n_keys"] > 8  # N stated: keys at every position
+    assert stats["source"] == "corpus" and stats["layers"]["1"]["n_keys"] >= 300  # C from the generic corpus
     for name in ("multedit", "multedit-cov", "ft-l"):
-        for key in ("specificity", "locality", "neighborhood"):
+        for key in ("specificity", "locality", "neighborhood", "same_subject", "efficacy_score"):
             assert 0.0 <= document["methods"][name][key]["mean"] <= 1.0
     bound = document["methods"]["ft-l"]["linf_bound"]
     assert bound["edit_operations"] == document["methods"]["ft-l"]["edits"]  # one at a time: one operation per edit
@@ -74,19 +79,17 @@ def test_specificity_is_about_the_answer_entity():
     rows = [Row()]
     # The same entity in another wording of the same sentence is unchanged...
     assert extracted_answer("The capital of Afghanistan is Kabul.", Row.question) == "afghanistan kabul"
-    same = specificity_measures(rows, [state("The capital of Afghanistan is Kabul.")],
-                                [state("Capital of Afghanistan: Kabul")])
-    assert same["specificity"] == 1.0
+    same = locality_measures(rows, [state("The capital of Afghanistan is Kabul.")],
+                             [state("Capital of Afghanistan: Kabul")])
+    assert same["locality"] == 1.0
     # ...a new entity is a change, even when the answer stays wrong or the format stays the same.
-    moved = specificity_measures(rows, [state("The capital of Afghanistan is Herat.")],
-                                 [state("The capital of Afghanistan is Kandahar.")])
-    assert moved["specificity"] == 0.0
-    # Locality and neighbourhood read the teacher-forced tokens and log-prob.
+    moved = locality_measures(rows, [state("The capital of Afghanistan is Herat.")],
+                              [state("The capital of Afghanistan is Kandahar.")])
+    assert moved["locality"] == 0.0
+    # EasyEdit's token locality reads the teacher-forced top-1 tokens.
     after = Unrelated("x", [1, 2, 9], -3.0 - 3 * 0.6931, 3)
-    measured = specificity_measures(rows, [state("x")], [after])
-    assert measured["locality"] == pytest.approx(2 / 3)
-    assert measured["neighborhood"] == pytest.approx(0.5, abs=1e-3)  # each token half as likely
-    assert measured["neighborhood_drop"] == pytest.approx(3 * 0.6931, abs=1e-3)
+    measured = locality_measures(rows, [state("x")], [after])
+    assert measured["locality_tokens"] == pytest.approx(2 / 3)
 
 
 def test_subject_kept_reads_only_answers_that_named_the_subject():

@@ -5,14 +5,18 @@ from __future__ import annotations
 from editing.methods.base import EditHandle, EditMethod, SkipEdit, weights_hash
 from editing.methods.ft import FineTune
 from editing.methods.ft_l import ConstrainedFineTune
-from editing.methods.multedit import MultEdit, MultEditCovariance
+from editing.methods.multedit import MemitLeastSquares, MultEdit, MultEditCovariance
 
 METHODS: dict[str, type[EditMethod]] = {
     "multedit": MultEdit,
     "multedit-cov": MultEditCovariance,
     "ft": FineTune,
     "ft-l": ConstrainedFineTune,
+    "memit-ls": MemitLeastSquares,
 }
+# MultEdit's variants (compared against the baselines in editing_results.json's ``comparisons``).
+MULTEDIT_VARIANTS = ("multedit", "multedit-cov")
+BASELINES = ("ft", "ft-l", "memit-ls")
 
 
 def make_method(name: str, **options) -> EditMethod:
@@ -26,4 +30,4 @@ def make_method(name: str, **options) -> EditMethod:
     return cls(**{k: v for k, v in options.items() if k in fields})
 
 
-__all__ = ["EditHandle", "EditMethod", "SkipEdit", "METHODS", "make_method", "weights_hash"]
+__all__ = ["EditHandle", "EditMethod", "SkipEdit", "METHODS", "MULTEDIT_VARIANTS", "BASELINES", "make_method", "weights_hash"]

@@ -26,6 +26,7 @@ class FineTune(EditMethod):
     lr: float = 5e-3  # Adam step, relative to the weight matrix's RMS
     stop_loss: float = 0.03
     linf: float | None = None  # bound on |W - W0| per weight, absolute (ROME's FT-L norm_constraint)
+    linf_rms: float | None = None  # the same bound relative to each edited matrix's weight RMS (used when linf is None)
 
     name = "ft"
 
@@ -39,6 +40,7 @@ class FineTune(EditMethod):
         # One Adam per weight so the step size follows each matrix's own scale.
         optimisers = [torch.optim.Adam([w], lr=self.lr * s) for w, s in zip(weights, scales)]
         steps_taken, loss_value, clipped_steps = 0, float("nan"), 0
+        bounds = self.bounds(scales)
         try:
             with only_trainable(adapter.model, weights):
                 for step in range(self.steps + 1):
@@ -52,26 +54,35 @@ class FineTune(EditMethod):
                     for optimiser in optimisers:
                         optimiser.step()
                     steps_taken += 1
-                    if self.linf is not None:
-                        clipped_steps += self._project(weights, originals)
+                    if bounds is not None:
+                        clipped_steps += self._project(weights, originals, bounds)
         except Exception:
             handle.restore()
             raise
         handle.info = {"layers": [int(l) for l in layers], "steps": steps_taken, "final_nll": loss_value}
-        if self.linf is not None:
+        if bounds is not None:
             with torch.no_grad():
-                at_bound = sum(int(((w - o).abs() >= self.linf * (1 - 1e-6)).sum()) for w, o in zip(weights, originals))
-            handle.info.update({"linf": self.linf, "bound_active": clipped_steps > 0, "clipped_steps": clipped_steps,
+                at_bound = sum(int(((w - o).abs() >= b * (1 - 1e-6)).sum())
+                               for w, o, b in zip(weights, originals, bounds))
+            handle.info.update({"linf": bounds[0], "bound_active": clipped_steps > 0, "clipped_steps": clipped_steps,
                                 "weights_at_bound": at_bound / sum(w.numel() for w in weights)})
         return handle
 
+    def bounds(self, scales: list[float]) -> list[float] | None:
+        """The L-infinity bound of each edited matrix (``linf``, else ``linf_rms`` times its weight RMS), or None."""
+        if self.linf is not None:
+            return [float(self.linf)] * len(scales)
+        if self.linf_rms is not None:
+            return [float(self.linf_rms) * s for s in scales]
+        return None
+
     @torch.no_grad()
-    def _project(self, weights, originals) -> int:
-        """Clamp each weight back into W0 +/- linf; 1 when that moved any weight (the bound was active), else 0."""
+    def _project(self, weights, originals, bounds) -> int:
+        """Clamp each weight back into W0 +/- its bound; 1 when that moved any weight (the bound was active), else 0."""
         active = False
-        for weight, original in zip(weights, originals):
+        for weight, original, bound in zip(weights, originals, bounds):
             change = weight - original
-            if bool((change.abs() > self.linf).any()):
+            if bool((change.abs() > bound).any()):
                 active = True
-                weight.copy_(original + change.clamp(-self.linf, self.linf))
+                weight.copy_(original + change.clamp(-bound, bound))
         return int(active)

@@ -11,10 +11,15 @@ at once, one of two closed forms (R = V* - W0 K, the residuals to write):
 
 - ``lambda`` (``multedit``): W = argmin ||W K - V*||^2 + lam ||W - W0||^2
   = W0 + R (K^T K + lam I)^-1 K^T: an n x n system (n = number of edits).
-- ``covariance`` (``multedit-cov``, ROME/MEMIT): W K = V* exactly, while
+- ``covariance`` (``multedit-cov``, ROME's constraint): W K = V* exactly, while
   ||(W - W0) k||^2 averaged over the key distribution (covariance C) is least:
   W = W0 + R (K^T C^-1 K)^-1 (C^-1 K)^T. C^-1 K comes from a cached Cholesky
   factor of C, so no d x d inverse is formed.
+- ``least-squares`` (``memit-ls``, MEMIT's batch objective): a residual instead
+  of the equality, W = argmin ||W K - V*||^2 + mu ||(W - W0) C^1/2||^2
+  = W0 + R K^T (mu C + K K^T)^-1 = W0 + R (mu I + K^T C^-1 K)^-1 (C^-1 K)^T,
+  with mu = mom2_weight * d (MEMIT's mom2_update_weight, per key dimension:
+  E[k^T C^-1 k] = d, so mom2_weight 1 writes about half of a typical key's residual).
 
 With several layers, the edit is spread over them from first to last: at each
 layer the residual is re-optimised with the earlier layers already edited and
@@ -43,7 +48,7 @@ from editing.prefix_cache import TOLERANCE, PrefixCachedForward, logits_to_keep
 from editing.requests import EditRequest
 from harness.hooks import edit_outputs, record_inputs
 
-FORMS = ("lambda", "covariance")
+FORMS = ("lambda", "covariance", "least-squares")
 
 
 def closed_form_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, lam: float) -> torch.Tensor:
@@ -73,6 +78,18 @@ def covariance_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, solve_
     return W0 + (V - W0 @ K) @ torch.linalg.solve(gram, CK.T)
 
 
+def least_squares_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, solve_c, mu: float) -> torch.Tensor:
+    """MEMIT's least squares: argmin ||W K - V||^2 + mu ||(W - W0) C^1/2||^2 (``solve_c(K)`` returns C^-1 K)."""
+    CK = solve_c(K).to(K.dtype)
+    gram = K.T @ CK + mu * torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+    return W0 + (V - W0 @ K) @ torch.linalg.solve(gram, CK.T)
+
+
+def direct_least_squares_update(W0, K, V, C, mu: float) -> torch.Tensor:
+    """The same minimiser as MEMIT writes it: W0 + R K^T (mu C + K K^T)^-1 (tests only)."""
+    return W0 + (V - W0 @ K) @ K.T @ torch.linalg.inv(mu * C + K @ K.T)
+
+
 def direct_covariance_update(W0: torch.Tensor, K: torch.Tensor, V: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """ROME's formula with explicit inverses: W0 + R (K^T C^-1 K)^-1 K^T C^-1 (tests only)."""
     C_inv = torch.linalg.inv(C)
@@ -91,7 +108,8 @@ class MultEdit(EditMethod):
     min_gain: float = 0.02
     lam: float = 1e-2  # ridge weight, relative to the mean squared key norm (lambda form)
     form: str = "lambda"
-    cov_ridge: float = 1e-3  # added to C's diagonal, relative to tr(C)/d (covariance form)
+    cov_ridge: float = 1e-3  # added to C's diagonal, relative to tr(C)/d (covariance and least-squares forms)
+    mom2_weight: float = 0.1  # least-squares form: mu = mom2_weight * d
     delta_batch: int = 8  # requests whose deltas share a forward pass (memory grows with it)
     cache_prefix: bool = True  # delta steps run from the earliest key position on (editing/prefix_cache.py)
 
@@ -103,6 +121,7 @@ class MultEdit(EditMethod):
         if self.form not in FORMS:
             raise UserError(f"unknown MultEdit form {self.form!r}; choose from {', '.join(FORMS)}")
         self._key_corpus: tuple[list, str] | None = None
+        self._generic = None  # a key_stats.GenericCorpus: C from the model's own text (what `edit` uses)
         self._cov: dict = {}
         self._forward_kinds: set[str] = set()  # how the delta steps ran: prefix-cached and/or full
         self._start_layers: set[int] = set()  # the decoder layer prefix-cached steps started at (0: all layers)
@@ -124,11 +143,18 @@ class MultEdit(EditMethod):
         self._key_corpus = (list(items), fingerprint)
         self._cov = {}
 
+    def generic_corpus(self, corpus) -> None:
+        """Estimate C from the model's own sampled text (a ``key_stats.GenericCorpus``) instead of questions."""
+        self._generic = corpus
+        self._cov = {}
+
     def covariance(self, adapter, layer: int):
         """C for ``layer`` (computed once per method instance, from the original weights; cached on disk)."""
-        from editing.key_stats import key_covariances
+        from editing.key_stats import corpus_covariances, key_covariances
         from vqa_constraints.errors import UserError
 
+        if layer not in self._cov and self._generic is not None:
+            self._cov.update(corpus_covariances(adapter, [layer], self._generic, self.cov_ridge))
         if layer not in self._cov:
             if not self._key_corpus:
                 raise UserError("multedit-cov needs questions to estimate the key covariance from (key_corpus)")
@@ -152,7 +178,7 @@ class MultEdit(EditMethod):
     def apply(self, adapter, requests: Sequence[EditRequest], layers: Sequence[int]) -> EditHandle:
         modules = check_inputs(adapter, requests, layers)
         prompts = [request_prompts(adapter, r, self.key_position)[0] for r in requests]
-        covs = {int(l): self.covariance(adapter, int(l)) for l in layers} if self.form == "covariance" else {}
+        covs = {int(l): self.covariance(adapter, int(l)) for l in layers} if self.form != "lambda" else {}
         kept = {int(l): self._preserved_keys(adapter, m, int(l)) for l, m in zip(layers, modules)}
         handle = EditHandle.master_copies(modules)
         self._forward_kinds, self._start_layers = set(), set()
@@ -279,9 +305,12 @@ class MultEdit(EditMethod):
         V = W0 @ K + deltas.to(W0.device)
         if not torch.isfinite(V).all():
             raise SkipEdit("the optimised value is not finite")
+        solve_c = (lambda M: cov.solve(M.cpu()).to(M.device)) if cov is not None else None
         if cov is None:
             lam = self.lam * float(K.pow(2).sum(0).mean())  # relative, so lam means the same for any model
             W = closed_form_update(W0, K, V, lam)
+        elif self.form == "least-squares":
+            W = least_squares_update(W0.double(), K.double(), V.double(), solve_c, self.mom2_weight * K.shape[0])
         else:
             W = covariance_update(W0.double(), K.double(), V.double(), lambda M: cov.solve(M.cpu()).to(M.device), ridge=1e-6)
         if not torch.isfinite(W).all():
@@ -294,6 +323,13 @@ class MultEditCovariance(MultEdit):
     form: str = "covariance"
 
     name = "multedit-cov"
+
+
+@dataclass
+class MemitLeastSquares(MultEdit):
+    form: str = "least-squares"
+
+    name = "memit-ls"
 
 
 @torch.no_grad()
