@@ -23,6 +23,7 @@ import json
 import math
 import random
 import re
+import secrets
 import shlex
 import shutil
 from functools import lru_cache
@@ -50,6 +51,7 @@ from harness.scoring import answer_correct, exact_match
 
 SCHEMA_NAMES = ("samples", "results", "submission")
 MAX_PROBLEMS = 20  # per samples file: enough to see the pattern without flooding the terminal
+RERUN_SEED_BITS = 63  # --rerun's seed: drawn with `secrets`, printed so a maintainer can repeat the draw
 
 
 # --- schemas ------------------------------------------------------------------
@@ -129,6 +131,8 @@ def samples_path_of(path: Path, submission: dict) -> tuple[Path | None, str | No
     """The samples file, which must be a file inside the submission's own folder."""
     name = submission["submission"]["samples"]
     where = f"{path} field 'submission.samples'"
+    if "\x00" in name or not name.isprintable():
+        return None, f"{where}: {name!r} holds a NUL or control character; give the samples file's name"
     candidate = Path(name)
     folder = path.resolve().parent
     if candidate.is_absolute() or ".." in candidate.parts:
@@ -168,14 +172,19 @@ def _check_samples(path: Path, samples_path: Path, submission: dict, release: di
     expected = {qid: hashes for entry in release["configs"].values() for qid, hashes in entry["questions"].items()}
     scoring_mode = submission["options"]["scoring"]
     problems, samples, seen = [], [], set()
-    with open(samples_path, encoding="utf-8") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines, start=1):
+    lines = samples_path.read_bytes().splitlines(keepends=True)
+    for number, raw in enumerate(lines, start=1):
         where = f"{samples_path} line {number}"
         try:
-            sample = json.loads(line)
+            sample = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            problems.append(f"{where}: not valid JSON (not UTF-8 text at byte {error.start})")
+            continue
         except json.JSONDecodeError as error:
             problems.append(f"{where}: not valid JSON ({error.msg})")
+            continue
+        except RecursionError:
+            problems.append(f"{where}: not valid JSON (nested too deeply)")
             continue
         errors = schema_errors("samples", sample, where)
         if errors:
@@ -302,11 +311,28 @@ def prepare_submission(run_dir: Path, out_dir: Path, model_name: str, submitted_
 # --- re-run check -------------------------------------------------------------
 
 
-def rerun_check(path: Path, count: int, data: str, seed: int = 0, device: str = "auto") -> list[str]:
-    """Re-score ``count`` seeded-random questions with the submission's model and compare the sample lines.
+def new_rerun_seed() -> int:
+    """A fresh seed from the operating system: the submitter cannot know which questions will be re-run."""
+    return secrets.randbits(RERUN_SEED_BITS)
+
+
+def rerun_sample(samples: list[dict], count: int, seed: int) -> list[dict]:
+    """The ``count`` sample lines that ``--rerun count --rerun-seed seed`` re-scores, in file order.
+
+    Drawn by ``random.Random(seed).sample`` over the lines sorted by question id, so the same seed
+    picks the same questions whatever order the submitter wrote them in.
+    """
+    ordered = sorted(samples, key=lambda s: str(s.get("id")))
+    chosen = {id(s) for s in random.Random(seed).sample(ordered, min(count, len(ordered)))}
+    return [s for s in samples if id(s) in chosen]
+
+
+def rerun_check(path: Path, count: int, data: str, seed: int, device: str = "auto") -> list[str]:
+    """Re-score ``count`` random questions (drawn with ``seed``) with the submission's model; compare the lines.
 
     The one check that catches predictions rewritten by hand: it needs the model (``model.id``, pinned by
-    ``model.revision``) and the released data (``data``) on this machine.
+    ``model.revision``) and the released data (``data``) on this machine. ``_run_validate`` draws ``seed``
+    fresh for every validation unless ``--rerun-seed`` repeats an earlier one.
     """
     from harness.evaluate import EvalOptions, Task, load_adapter, make_backend, score_batch
     from vqa_constraints.loading import load_split
@@ -317,7 +343,7 @@ def rerun_check(path: Path, count: int, data: str, seed: int = 0, device: str = 
     if problem:
         return [problem]
     samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
-    chosen = random.Random(seed).sample(samples, min(count, len(samples)))
+    chosen = rerun_sample(samples, count, seed)
     model, options = submission["model"], submission["options"]
     eval_options = EvalOptions(
         model=model["id"], data=data, out=Path("."), split=submission["dataset"]["split"], batch_size=8,
@@ -333,6 +359,10 @@ def rerun_check(path: Path, count: int, data: str, seed: int = 0, device: str = 
         loaded = load_split(data, config, eval_options.split)
         index = {qid: i for i, qid in enumerate(loaded.rows.select_columns(["id"]).to_dict()["id"])}
         mine = [s for s in chosen if s["config"] == config]
+        absent = [s["id"] for s in mine if s["id"] not in index]
+        if absent:
+            raise UserError(f"--rerun-data {data}: config {config!r} split {eval_options.split!r} has no question "
+                            f"{absent[0]} ({len(absent)} of the sampled questions missing); pass the released build")
         records = [loaded.record(index[s["id"]]) for s in mine]
         tasks = [Task(config, index[s["id"]], s["id"]) for s in mine]
         for claimed, fresh in zip(mine, score_batch(backend, adapter, records, tasks, eval_options)):
@@ -478,6 +508,9 @@ def add_leaderboard(subparsers) -> None:
     _add_release_options(validate)
     validate.add_argument("--rerun", type=int, default=0, metavar="K",
                           help="also re-score K random questions with the submitted model (needs it and --rerun-data)")
+    validate.add_argument("--rerun-seed", type=int, default=None, metavar="S",
+                          help="repeat the --rerun sample of an earlier validation (printed there); default: a fresh "
+                          "random seed every time, so a submitter cannot predict the questions")
     validate.add_argument("--rerun-data", help="the released build (folder or Hub id) to re-score from (default: --data)")
     validate.add_argument("--device", default="auto", help="device for --rerun (default auto)")
     validate.set_defaults(func=_run_validate)
@@ -515,6 +548,10 @@ def add_leaderboard(subparsers) -> None:
 def _run_validate(args: argparse.Namespace) -> int:
     if args.rerun < 0:
         raise UserError(f"--rerun {args.rerun}: expected a number of questions >= 0")
+    if args.rerun_seed is not None and not 0 <= args.rerun_seed < 2 ** RERUN_SEED_BITS:
+        raise UserError(f"--rerun-seed {args.rerun_seed}: expected a whole number in 0..2**{RERUN_SEED_BITS}-1")
+    if args.rerun_seed is not None and not args.rerun:
+        raise UserError("--rerun-seed repeats the sample of --rerun K: pass --rerun too")
     rerun_data = args.rerun_data or args.data
     if args.rerun and not rerun_data:
         raise UserError("--rerun needs the released build: pass --rerun-data DIR (or --data DIR)")
@@ -522,17 +559,30 @@ def _run_validate(args: argparse.Namespace) -> int:
     failed = []
     for path in args.submissions:
         problems = validate_submission(path, release)
+        rerun = ""
         if not problems and args.rerun:
-            problems = rerun_check(path, args.rerun, rerun_data, device=args.device)
+            # Fresh for every submission and every validation: a submitter cannot know which lines to keep honest.
+            seed = new_rerun_seed() if args.rerun_seed is None else args.rerun_seed
+            chosen = rerun_sample(_sample_lines(path), args.rerun, seed)
+            print(f"rerun {path}: --rerun {args.rerun} --rerun-seed {seed} re-scores {len(chosen)} question(s): "
+                  + " ".join(s["id"] for s in chosen))
+            problems = rerun_check(path, args.rerun, rerun_data, seed=seed, device=args.device)
+            rerun = f" (and {len(chosen)} questions re-scored, --rerun-seed {seed})"
         if problems:
             failed.append(str(path))
             for problem in problems:
                 print(f"FAIL {problem}")
         else:
-            print(f"ok   {path}" + (f" (and {args.rerun} questions re-scored)" if args.rerun else ""))
+            print(f"ok   {path}{rerun}")
     if failed:  # the problems are on stdout; the one error line says which submissions failed
         raise UserError(f"{', '.join(failed)}: not a valid submission (problems listed above)")
     return 0
+
+
+def _sample_lines(path: Path) -> list[dict]:
+    """The sample lines of a submission that passed ``validate_submission`` (so they parse)."""
+    samples_path, _ = samples_path_of(Path(path), read_json(Path(path)))
+    return [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
 
 
 def _run_build(args: argparse.Namespace) -> int:
