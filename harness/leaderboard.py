@@ -26,6 +26,7 @@ import re
 import secrets
 import shlex
 import shutil
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -51,6 +52,7 @@ from harness.scoring import answer_correct, exact_match
 
 SCHEMA_NAMES = ("samples", "results", "submission")
 MAX_PROBLEMS = 20  # per samples file: enough to see the pattern without flooding the terminal
+MAX_NAME = 100  # characters of model_name / submitted_by: a leaderboard cell, not a document
 RERUN_SEED_BITS = 63  # --rerun's seed: drawn with `secrets`, printed so a maintainer can repeat the draw
 
 
@@ -95,6 +97,8 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     the released questions, not that a model produced the predictions (see ``rerun_check``).
     """
     path = Path(path)
+    if path.is_symlink():  # its samples would be looked up next to the link's target, outside the submissions
+        return [f"{path}: a symbolic link; put the submission file itself in the folder"]
     try:
         submission = read_json(path)
     except UserError as error:
@@ -102,6 +106,7 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     problems = schema_errors("submission", submission, str(path))
     if problems:
         return problems
+    problems.extend(name_problems(path, submission["submission"]))
     options, dataset, metrics = submission["options"], submission["dataset"], submission["metrics"]
     if options.get("limit") is not None:
         problems.append(f"{path} field 'options.limit': made with --limit {options['limit']}; the leaderboard takes full runs only")
@@ -125,6 +130,36 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     else:
         problems.extend(_check_samples(path, samples_path, submission, release))
     return problems
+
+
+def name_problems(path: Path, entry: dict) -> list[str]:
+    """The names shown on the leaderboard: printable ASCII, not blank, at most ``MAX_NAME`` characters.
+
+    ASCII only for ``model_name``: a look-alike letter from another script (Cyrillic 'а' for Latin 'a') would
+    rank a second entry that reads exactly like an existing one. ``submitted_by`` may be any printable text.
+    """
+    problems = []
+    for field, ascii_only in (("model_name", True), ("submitted_by", False)):
+        name = entry[field]
+        where = f"{path} field 'submission.{field}'"
+        if len(name) > MAX_NAME:
+            problems.append(f"{where}: {len(name)} characters; at most {MAX_NAME}")
+        elif not name.strip():
+            problems.append(f"{where}: blank (only whitespace)")
+        elif not name.isprintable():
+            problems.append(f"{where}: holds a control character or line break")
+        elif ascii_only and not name.isascii():
+            odd = next(c for c in name if not c.isascii())
+            problems.append(f"{where}: {odd!r} (U+{ord(odd):04X}) is not ASCII; model names are plain ASCII so that "
+                            "no entry can imitate another's name with look-alike letters")
+        elif name != name.strip():
+            problems.append(f"{where}: leading or trailing whitespace")
+    return problems
+
+
+def name_key(name: str) -> str:
+    """Two model names that read alike (case, spacing, '-' vs '_') share this key."""
+    return re.sub(r"[\s_\-]+", "-", unicodedata.normalize("NFKC", name).casefold()).strip("-")
 
 
 def samples_path_of(path: Path, submission: dict) -> tuple[Path | None, str | None]:
@@ -232,6 +267,9 @@ def _sample_problems(where: str, sample: dict, expected: dict, seen: set, scorin
     logprobs = sample["answer_logprobs"]
     if (scoring_mode in ("logprob", "both")) != (logprobs is not None):
         problems.append(f"{where} field 'answer_logprobs': {'null' if logprobs is None else 'set'} under scoring {scoring_mode!r}")
+    positive = [v for v in (logprobs or []) + [sample["gold_logprob"]] if v is not None and v > 0]
+    if positive:  # a log-probability is at most 0: a probability is at most 1
+        problems.append(f"{where} field 'answer_logprobs': {positive[0]} > 0 is not a log-probability")
     if logprobs is not None:
         if len(logprobs) != len(sample["answers"]):
             problems.append(f"{where} field 'answer_logprobs': {len(logprobs)} values for {len(sample['answers'])} answers")
@@ -413,12 +451,17 @@ def leaderboard_rows(submissions_dir: Path, release: dict) -> list[dict]:
     submissions_dir = Path(submissions_dir)
     if not submissions_dir.is_dir():
         raise UserError(f"{submissions_dir}: no such folder")
-    rows = []
+    rows, names = [], {}
     for path in sorted(submissions_dir.glob("*.json")):
         problems = validate_submission(path, release)
         if problems:
             raise UserError(f"{problems[0]} (run `vqa-constraints leaderboard validate {path}` for every problem)")
         rows.append(_row(read_json(path)))
+        key = name_key(rows[-1]["model"])
+        if key in names:
+            raise UserError(f"{path} field 'submission.model_name': {rows[-1]['model']!r} reads like "
+                            f"{names[key][1]!r} of {names[key][0]}; give each entry a distinct name")
+        names[key] = (path, rows[-1]["model"])
     if not rows:
         raise UserError(f"{submissions_dir}: no *.json submissions")
     rows.sort(key=lambda r: r.pop("_sort"))

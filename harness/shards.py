@@ -160,7 +160,7 @@ def merge_runs(run_dirs: list, out) -> "Path":
             raise UserError(f"{folder}: not a run folder (no {RUN_FILE})")
         identity = read_json(folder / RUN_FILE).get("identity")
         bad = _bad_identity(identity)
-        if bad:
+        if bad is not None:
             raise UserError(f"{folder / RUN_FILE} field 'identity{bad}': missing or malformed; not a run.json "
                             "written by evaluate")
         if not (folder / RESULTS_FILE).exists():

@@ -86,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; return the exit code (never raises, never exits)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt as interrupt:  # while the commands are imported, before any command runs
+        return _interrupted(interrupt)
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> int:
+    # A command that wrote partial results says where in the interrupt's message (harness/outputs.py).
+    detail = str(interrupt) or "evaluate keeps what it scored and resumes when rerun; other commands start over"
+    sys.stdout.flush()
+    print(f"interrupted: {one_line(detail)}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
     parser = build_parser()
@@ -110,10 +125,7 @@ def dispatch(func, args: argparse.Namespace, debug: bool = False) -> int:
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt as interrupt:
-        # A command that wrote partial results says where in the interrupt's message (harness/outputs.py).
-        detail = str(interrupt) or "evaluate keeps what it scored and resumes when rerun; other commands start over"
-        print(f"interrupted: {detail}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(interrupt)
     except Exception as error:
         return report(error, debug)
 
@@ -133,7 +145,12 @@ def report(error: BaseException, debug: bool) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    try:
+        sys.stdout.flush()
+    except KeyboardInterrupt:  # a second Ctrl-C while exiting: still one line, no traceback
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 # --- argument types: a bad value is a usage error at parse time, before any model or data is loaded ----------
