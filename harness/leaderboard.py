@@ -106,7 +106,7 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     problems = schema_errors("submission", submission, str(path))
     if problems:
         return problems
-    problems.extend(name_problems(path, submission["submission"]))
+    problems.extend(name_problems(submission["submission"], lambda field: f"{path} field 'submission.{field}'"))
     options, dataset, metrics = submission["options"], submission["dataset"], submission["metrics"]
     if options.get("limit") is not None:
         problems.append(f"{path} field 'options.limit': made with --limit {options['limit']}; the leaderboard takes full runs only")
@@ -132,7 +132,7 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     return problems
 
 
-def name_problems(path: Path, entry: dict) -> list[str]:
+def name_problems(entry: dict, where_of) -> list[str]:
     """The names shown on the leaderboard: printable ASCII, not blank, at most ``MAX_NAME`` characters.
 
     ASCII only for ``model_name``: a look-alike letter from another script (Cyrillic 'а' for Latin 'a') would
@@ -141,7 +141,7 @@ def name_problems(path: Path, entry: dict) -> list[str]:
     problems = []
     for field, ascii_only in (("model_name", True), ("submitted_by", False)):
         name = entry[field]
-        where = f"{path} field 'submission.{field}'"
+        where = where_of(field)
         if len(name) > MAX_NAME:
             problems.append(f"{where}: {len(name)} characters; at most {MAX_NAME}")
         elif not name.strip():
@@ -322,6 +322,11 @@ def prepare_submission(run_dir: Path, out_dir: Path, model_name: str, submitted_
         raise UserError(f"{run_dir}: a single shard ({options['shard']}); merge the shards first (vqa-constraints merge)")
     if not (run_dir / SAMPLES_FILE).is_file():
         raise UserError(f"{run_dir}: no {SAMPLES_FILE} next to {RESULTS_FILE}; not a complete run folder")
+    check_sample_file(run_dir / SAMPLES_FILE, results.get("n"))
+    problems = name_problems({"model_name": model_name, "submitted_by": submitted_by},
+                             lambda field: "--" + field.replace("_", "-"))
+    if problems:
+        raise UserError(problems[0])
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name).strip("-.") or "model"
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_target = out_dir / f"{slug}.samples.jsonl"
@@ -344,6 +349,24 @@ def prepare_submission(run_dir: Path, out_dir: Path, model_name: str, submitted_
     target = out_dir / f"{slug}.json"
     write_json_atomic(target, results)
     return target
+
+
+def check_sample_file(path: Path, expected: int | None) -> None:
+    """UserError at the first line of a run's samples.jsonl that `validate` could not read, before anything is written."""
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path} line {number}"
+        try:
+            sample = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(f"{where}: not valid JSON (not UTF-8 text at byte {error.start})") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise UserError(f"{where}: not valid JSON ({getattr(error, 'msg', 'nested too deeply')})") from None
+        errors = schema_errors("samples", sample, where)
+        if errors:
+            raise UserError(errors[0])
+    if expected is not None and len(lines) != expected:
+        raise UserError(f"{path}: {len(lines)} sample lines, but results.json field 'n' says {expected}")
 
 
 # --- re-run check -------------------------------------------------------------

@@ -206,8 +206,8 @@ def prepare_from_lmms_eval(paths, data: str, model: str, out_dir: Path, model_na
     from harness.leaderboard import prepare_submission
 
     started = time.time()
-    check_model(model)
     samples, splits = samples_from_logged(read_logged(samples_files(paths)), data, split)
+    check_model(model)
     results = results_of(samples, splits, model, data, split, started)
     with tempfile.TemporaryDirectory(prefix="lmms-eval-run-") as run_dir:
         write_lines_atomic(Path(run_dir) / SAMPLES_FILE, (dumps_line(s) for s in samples))

@@ -829,3 +829,81 @@ def test_the_later_surfaces_baselines_succeed(corpus, surfaces, tmp_path, capsys
             == (surfaces["evaluate-all"] / "samples.jsonl").read_bytes())
     code, err = run_cli(_prepare([surfaces["logs"]], corpus, tmp_path), capsys)
     assert code == 0, err
+
+
+# --- every command on a corrupted file of each type it reads ---------------------------------------------------
+#
+# (command, file type, the object holding the file, which file in it): the file is overwritten with bytes that are
+# no JSON, JSONL, parquet, safetensors or YAML (nor UTF-8 text), and the command must exit 1 naming it.
+
+GARBAGE = bytes(range(256)) * 8
+CORRUPT_FILES = [
+    *[(command, kind, "{data}", name) for command in ("validate", "publish", "info", "evaluate", "trace", "attention",
+                                                       "edit")
+      for kind, name in (("parquet", "single_constraint/*.parquet"), ("yaml", "README.md"))],
+    ("publish", "json", "{data}", "build_info.json"),
+    ("info", "json", "{data}", "build_info.json"),
+    *[(command, kind, "{model}", name) for command in ("evaluate", "trace", "attention", "edit")
+      for kind, name in (("safetensors", "model.safetensors"), ("json", "config.json"))],
+    ("evaluate", "json", "{out}", "run.json"),
+    ("merge", "json", "{run}", "run.json"),
+    ("merge", "json", "{run}", "results.json"),
+    ("merge", "jsonl", "{run}", "samples.jsonl"),
+    ("merge-trace", "json", "trace-1", "trace_stats.json"),
+    ("merge-trace", "parquet", "trace-1", "traces.parquet"),
+    ("merge-attention", "json", "attention-1", "attention_stats.json"),
+    ("merge-attention", "parquet", "attention-1", "attention_examples.parquet"),
+    ("leaderboard-validate", "json", "{submission}", ""),
+    ("leaderboard-validate", "jsonl", "{submissions}", "tiny.samples.jsonl"),
+    ("leaderboard-validate-release", "json", "{release}", ""),
+    ("leaderboard-build", "json", "{submissions}", "tiny.json"),
+    ("leaderboard-build", "jsonl", "{submissions}", "tiny.samples.jsonl"),
+    ("leaderboard-prepare", "json", "{run}", "results.json"),
+    ("leaderboard-prepare", "jsonl", "{run}", "samples.jsonl"),
+    ("leaderboard-prepare-lmms-eval", "jsonl", "logs", "model_samples_vqa_constraints_encyclopedic.jsonl"),
+    *[("leaderboard-prepare-lmms-eval", kind, "{real_data}", name)
+      for kind, name in (("parquet", "encyclopedic/*.parquet"), ("yaml", "README.md"))],
+    *[("leaderboard-release", kind, "{real_data}", name)
+      for kind, name in (("parquet", "single_constraint/*.parquet"), ("yaml", "README.md"))],
+]
+
+
+@pytest.mark.parametrize("command, kind, holder, name", CORRUPT_FILES, ids=lambda v: str(v).strip("{}") or "file")
+def test_every_command_on_a_corrupted_file_of_each_type_exits_1(command, kind, holder, name, corpus, surfaces,
+                                                                 tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    values = {"{out}": tmp_path / "out", "{out_file}": tmp_path / "release.json", **corpus["valid"]}
+    if holder == "{out}":  # an earlier run folder in --out
+        shutil.copytree(corpus["valid"]["{run}"], tmp_path / "out")
+        original = tmp_path / "out"
+    else:
+        original = surfaces.get(holder) or values[holder]
+        values[holder] = original = _copy(original, tmp_path, Path(original).name)
+    files = [original] if not name else sorted(original.glob(name))
+    assert files, (original, name)
+    for path in files:
+        path.write_bytes(GARBAGE)
+    if command.startswith("merge-"):
+        other = surfaces[holder.replace("-1", "-0")]
+        argv = _merge(other, original, out=tmp_path / "merged")
+    elif command == "leaderboard-prepare-lmms-eval":
+        logs = original if holder == "logs" else surfaces["logs"]
+        argv = _prepare([logs], {"valid": values}, tmp_path)
+    elif command == "leaderboard-validate" and holder == "{submissions}":
+        argv = _validate(original / "tiny.json", {"valid": values})
+    else:
+        argv = [str(values.get(a, a)) for a in COMMANDS[command].argv]
+    before = snapshot(corpus["root"], tmp_path)
+    code, err = run_cli(argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert code == 1, f"{argv}: exit {code}\n{err}"
+    assert len(lines) == 1 and "internal error" not in lines[0], err
+    assert snapshot(corpus["root"], tmp_path) == before, f"{argv} left files behind or changed them"
+
+
+def test_corrupted_files_cover_every_type_and_every_command_that_reads_files():
+    kinds = {kind for _, kind, _, _ in CORRUPT_FILES}
+    assert kinds == {"json", "jsonl", "parquet", "safetensors", "yaml"}
+    commands = {command.split("-")[0] for command, *_ in CORRUPT_FILES}
+    assert commands >= {"validate", "publish", "info", "evaluate", "trace", "attention", "edit", "merge", "leaderboard"}

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from vqa_constraints.errors import UserError
+from vqa_constraints.errors import UserError, one_line
 
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
-from harness.shards import check_shard_set, check_shard_ids, parse_shard
-from vqa_constraints.errors import one_line
+from harness.shards import check_shard_ids, check_shard_set, parse_shard
 
 TRACE_STATS, TRACE_ROWS = "trace_stats.json", "traces.parquet"
 ATTENTION_STATS, ATTENTION_ROWS = "attention_stats.json", "attention_examples.parquet"
