@@ -34,26 +34,43 @@ def test_ctrl_c_at_any_moment_is_one_line_exit_130_and_leaves_no_older_complete_
     older = json.loads((out / "trace_stats.json").read_text())
     assert older["complete"] is True
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    interrupted = 0
-    # While torch and the commands import, while the model loads, and while tracing.
-    for delay in (0.3, 1.0, 2.0, 3.0, 4.5, 6.0):
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH, *_trace_argv(model, planted_data_dir, out)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-        time.sleep(delay)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=300)
-        assert "Traceback" not in err, (delay, err)
-        document = json.loads((out / "trace_stats.json").read_text())
-        if process.returncode == 0:  # finished before the signal: its own complete document
-            assert document["options"]["window"] == 1
-            continue
-        assert process.returncode == 130, (delay, process.returncode, err)
-        [line] = [line for line in err.splitlines() if line.startswith(("interrupted:", "error:"))]
-        assert line.startswith("interrupted:")
-        # Never the older command line's finished result as if it were this one's.
-        assert document["complete"] is not True or document["options"]["window"] == 1, (delay, document["options"])
-        interrupted += 1
-    assert interrupted >= 2  # the signal really arrived while the command ran
+    seen = []
+    # While Python imports the commands; then the moment the model starts loading, and a little after it.
+    for moment in ("imports", 0.0, 0.3, 1.0):
+        line, document = _interrupt(_trace_argv(model, planted_data_dir, out), env, moment)
+        seen.append(line)
+        if line is None:  # finished before the signal: its own complete document
+            assert document["complete"] is True and document["options"]["window"] == 1
+        elif "before the command started" in line:  # nothing was touched
+            assert moment == "imports" and document == older
+        else:  # never the older command line's finished result as if it were this one's
+            assert document["complete"] is not True or document["options"]["window"] == 1, (moment, line)
+    assert sum(line is not None and "before the command started" not in line for line in seen) >= 2, seen
+
+
+def _interrupt(argv: list[str], env: dict, moment) -> tuple[str | None, dict]:
+    """Run the CLI in a child process and send it SIGINT at ``moment``: "imports" (0.2 s after start) or that many
+    seconds after it starts loading the model; (its one interrupted: line or None when it finished, the document)."""
+    process = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env)
+    err = b""
+    if moment == "imports":
+        time.sleep(0.2)
+    else:
+        while b"Loading weights" not in err and process.poll() is None:
+            err += os.read(process.stderr.fileno(), 4096)
+        time.sleep(moment)
+    process.send_signal(signal.SIGINT)
+    err = (err + process.stderr.read()).decode()
+    process.wait(timeout=300)
+    assert "Traceback" not in err, (moment, err)
+    document = json.loads((Path(argv[argv.index("--out") + 1]) / "trace_stats.json").read_text())
+    if process.returncode == 0:
+        return None, document
+    assert process.returncode == 130, (moment, process.returncode, err)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(("interrupted:", "error:"))]
+    assert len(lines) == 1 and lines[0].startswith("interrupted:"), err
+    return lines[0], document
 
 
 def test_an_early_ctrl_c_marks_the_older_document_partial(tmp_path):

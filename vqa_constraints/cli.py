@@ -13,11 +13,14 @@ with where to report it. ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import math
 import re
+import signal
 import sys
+import threading
 import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -86,10 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; return the exit code (never raises, never exits)."""
+    installed = _install_sigint_handler()
     try:
         return _run(argv)
-    except KeyboardInterrupt as interrupt:  # while the commands are imported, before any command runs
-        return _interrupted(interrupt)
+    except KeyboardInterrupt:  # while the commands are imported, before any command runs (dispatch has its own)
+        return _interrupted(KeyboardInterrupt("before the command started; nothing was read or written"))
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _on_sigint(signum, frame) -> None:
+    """Python's Ctrl-C, except inside a finalizer (``__del__``, e.g. of a ``datasets`` table while the model
+    loads): an exception there is printed with a traceback and then dropped, so the interrupt is delivered
+    again a moment later, outside it."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def _install_sigint_handler() -> bool:
+    """Install ``_on_sigint`` where Python's default Ctrl-C handler is active (the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return False
+    signal.signal(signal.SIGINT, _on_sigint)
+    return True
 
 
 def _interrupted(interrupt: KeyboardInterrupt) -> int:
@@ -145,11 +174,14 @@ def report(error: BaseException, debug: bool) -> int:
 
 
 def main() -> None:
-    code = run()
+    code = EXIT_INTERRUPTED
     try:
+        _install_sigint_handler()  # kept until exit: run() leaves a handler it did not install alone
+        code = run()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command is over: a late Ctrl-C changes nothing
         sys.stdout.flush()
-    except KeyboardInterrupt:  # a second Ctrl-C while exiting: still one line, no traceback
-        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # between run() returning and the line above
+        pass
     sys.exit(code)
 
 
