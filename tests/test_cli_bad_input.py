@@ -51,7 +51,7 @@ class Command:
     data: str | None = None  # the placeholder of a build folder: "{data}" (planted) or "{real_data}" (flags)
     decodes_images: bool = False
     model: bool = False  # "{model}"
-    run: bool = False  # "{run}" is a finished run folder
+    run: str | None = None  # the placeholder of a finished run folder: "{run}" (a full run) or "{shard_run}"
     json_file: str | None = None  # placeholder of a JSON file input
     out: str | None = "{out}"  # "{out}" a folder, "{out_file}" a file
     numbers: tuple[tuple[str, str], ...] = ()  # (flag, kind of NUMBER_VALUES)
@@ -80,7 +80,7 @@ COMMANDS = {
                         choices=("--config", "--scoring", "--backend", "--split", "--shard", "--device", "--dtype"),
                         combos=(("--backend", "vllm"), ("--shard", "2/2"), ("--shard", "-1/2"), ("--shard", "0/0")),
                         optional=("--config",)),
-    "merge": Command(("merge", "{run}", "--out", "{out}"), run=True),
+    "merge": Command(("merge", "{shard_run0}", "{shard_run}", "--out", "{out}"), run="{shard_run}"),
     "trace": Command(("trace", *MODEL_ARGS, "--data", "{data}", "--config", "single_constraint", "--out", "{out}",
                       "--limit", "2", "--no-progress"),
                      data="{data}", decodes_images=True, model=True,
@@ -116,7 +116,7 @@ COMMANDS = {
     "leaderboard-build": Command(("leaderboard", "build", "{submissions}", "--out", "{out}", "--release", "{release}"),
                                  json_file="{submissions}"),
     "leaderboard-prepare": Command(("leaderboard", "prepare", "{run}", "--model-name", "tiny", "--submitted-by", "t",
-                                    "--out", "{out}"), run=True, combos=(("{limit_run}",),)),
+                                    "--out", "{out}"), run="{run}", combos=(("{limit_run}",),)),
     "leaderboard-release": Command(("leaderboard", "release", "--data", "{real_data}", "--split", "validation",
                                     "--out", "{out_file}"), data="{real_data}", out="{out_file}", choices=("--split",)),
     # The baselines would build a model or run the whole study: minutes, so not run here.
@@ -147,7 +147,7 @@ def generate_cases() -> list[Case]:
         if c.model:
             cases += [Case(name, "{model}", k) for k in MODEL_KINDS]
         if c.run:
-            cases += [Case(name, "{run}", k) for k in RUN_KINDS]
+            cases += [Case(name, c.run, k) for k in RUN_KINDS]
         if c.json_file:
             cases += [Case(name, c.json_file, k) for k in JSON_FILE_KINDS]
         if c.out:
@@ -242,6 +242,10 @@ def corpus(tmp_path_factory, planted_data_dir, tiny_model_dirs):
             "--split", "validation", "--scoring", "generate", "--max-new-tokens", "2", "--no-progress"]
     assert cli.run([*base, "--out", str(runs / "full")]) == 0
     assert cli.run([*base, "--out", str(runs / "limited"), "--limit", "2"]) == 0
+    for i in range(2):  # for merge: the two shards of a small evaluation
+        assert cli.run(["evaluate", *base[1:7], "--data", str(data), "--config", "single_constraint", "--limit", "2",
+                        "--scoring", "generate", "--max-new-tokens", "2", "--no-progress", "--shard", f"{i}/2",
+                        "--out", str(runs / f"shard{i}")]) == 0
     run_kinds = {k: common[k] for k in ("missing", "empty-dir", "a-file")}
     run_kinds["garbage-json"] = shutil.copytree(runs / "full", root / "run-garbage-json")
     for name in ("run.json", "results.json"):  # merge reads the one, prepare the other
@@ -266,11 +270,13 @@ def corpus(tmp_path_factory, planted_data_dir, tiny_model_dirs):
         shutil.copyfile(json_files[kind], folder / "entry.json")
 
     valid = {"{model}": model, "{data}": data, "{real_data}": real_data, "{run}": runs / "full", "{limit_run}": runs / "limited",
+             "{shard_run0}": runs / "shard0", "{shard_run}": runs / "shard1",
              "{submission}": submissions / "tiny.json", "{submissions}": submissions, "{release}": release,
              "{missing}": common["missing"], "{a_file}": a_file, "{under_a_file}": common["under-a-file"],
              "{garbage}": garbage}
     out_kinds = {k: common[k] for k in ("a-file", "a-dir", "under-a-file")}
-    kinds = {"{data}": builds, "{real_data}": builds, "{model}": models, "{run}": run_kinds, "{submission}": json_files,
+    kinds = {"{data}": builds, "{real_data}": builds, "{model}": models, "{run}": run_kinds, "{shard_run}": run_kinds,
+             "{submission}": json_files,
              "{release}": json_files, "{submissions}": submission_dirs, "{out}": out_kinds, "{out_file}": out_kinds}
     return {"root": root, "valid": valid, "kinds": kinds}
 
@@ -846,9 +852,9 @@ CORRUPT_FILES = [
     *[(command, kind, "{model}", name) for command in ("evaluate", "trace", "attention", "edit")
       for kind, name in (("safetensors", "model.safetensors"), ("json", "config.json"))],
     ("evaluate", "json", "{out}", "run.json"),
-    ("merge", "json", "{run}", "run.json"),
-    ("merge", "json", "{run}", "results.json"),
-    ("merge", "jsonl", "{run}", "samples.jsonl"),
+    ("merge", "json", "{shard_run}", "run.json"),
+    ("merge", "json", "{shard_run}", "results.json"),
+    ("merge", "jsonl", "{shard_run}", "samples.jsonl"),
     ("merge-trace", "json", "trace-1", "trace_stats.json"),
     ("merge-trace", "parquet", "trace-1", "traces.parquet"),
     ("merge-attention", "json", "attention-1", "attention_stats.json"),
