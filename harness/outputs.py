@@ -95,7 +95,6 @@ def check_output_folder(target: str | Path, option: str, command: str, overwrite
 
     target = Path(target)
     resolved = target.resolve()
-    protected = [*protected, (cache_root(), "the zoo cache")]
     for path, what in protected:
         path = Path(path).resolve()
         if resolved == path or resolved in path.parents or path in resolved.parents:
@@ -103,6 +102,9 @@ def check_output_folder(target: str | Path, option: str, command: str, overwrite
     for path, what in ((Path.cwd().resolve(), "the working directory"), (Path.home().resolve(), "your home folder")):
         if resolved == path or resolved in path.parents:
             raise UserError(f"{option} {target}: is or holds {what}; choose another folder")
+    cache = cache_root().resolve()
+    if resolved == cache or resolved in cache.parents or cache in resolved.parents:
+        raise UserError(f"{option} {target}: is, holds or lies inside the zoo cache ({cache}); choose another folder")
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UserError(f"{option} {target}: exists and is not a folder; choose another")
     own = marked_command(target) == command or (document is not None and (target / document).is_file())
