@@ -776,9 +776,11 @@ def edit_out_and_save_the_same_folder_overwrite(c, s, tmp):
 
 
 def edit_save_into_the_zoo_cache_overwrite(c, s, tmp):
-    from harness.zoo.cache import cache_root
-
-    return _tool("edit", c, tmp, tmp / "out", "--save", str(cache_root()), "--overwrite"), ("--save",)
+    # A private cache (the test sets VQA_CONSTRAINTS_CACHE to it): code with the bug replaces only this one.
+    cache = tmp / "cache"
+    (cache / "zoo" / "planted-0123").mkdir(parents=True)
+    (cache / "zoo" / "planted-0123" / "config.json").write_text("{}")
+    return _tool("edit", c, tmp, tmp / "out", "--save", str(cache), "--overwrite"), ("--save",)
 
 
 SURFACE_CASES = {f.__name__: f for f in [
@@ -814,6 +816,7 @@ def _assert_one_clean_line(argv, code, err, mentions):
 @pytest.mark.parametrize("name", SURFACE_CASES)
 def test_later_surfaces_refuse_bad_input_in_one_clean_line(name, corpus, surfaces, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQA_CONSTRAINTS_CACHE", str(tmp_path / "cache"))  # never the shared zoo cache
     argv, mentions = SURFACE_CASES[name](corpus, surfaces, tmp_path)
     roots = (corpus["root"], corpus["valid"]["{model}"], corpus["valid"]["{data}"], tmp_path)
     before = snapshot(*roots)
