@@ -98,6 +98,16 @@ def add_edit(subparsers) -> None:
 
 @distributed.single_process("edit")  # edits share their key position and layer: not split among ranks
 def _run_edit(args: argparse.Namespace) -> int:
+    from harness.outputs import StaleDocuments, check_out
+
+    # Before any work: the one --out rule, and --save may not share a folder with --out (it would replace it).
+    check_out(args.out, "edit", args.model, args.data,
+              also=[(args.save, "the --save folder")] if args.save is not None else ())
+    with StaleDocuments(args.out, "edit"):
+        return _edit(args)
+
+
+def _edit(args: argparse.Namespace) -> int:
     from editing.methods import METHODS
     from editing.runner import EditOptions, check_save_target, run_editing
     from harness.models.loading import load_model, model_options

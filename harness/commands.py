@@ -98,9 +98,12 @@ def add_merge(subparsers) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    from harness.outputs import check_output_folder
     from harness.tracing.shard_merge import output_kind
     from vqa_constraints.errors import UserError
 
+    # Not inside (nor holding) one of the folders it reads; merge_* also require it new or empty.
+    check_output_folder(args.out, "--out", "merge", protected=[(run, f"the input {run}") for run in args.runs])
     kinds = {folder: output_kind(folder) for folder in args.runs}
     if len(set(kinds.values())) != 1:
         raise UserError("merge: the folders come from different commands (" +

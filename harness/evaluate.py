@@ -125,6 +125,23 @@ def plan_tasks(splits: dict[str, LoadedSplit], limit: int | None) -> list[Task]:
     return tasks
 
 
+def check_rows(data: str, splits: dict[str, LoadedSplit], tasks: list[Task]) -> None:
+    """Refuse, before any model loads, a row whose sample line would break samples.schema.json (and that
+    ``vqa-constraints validate`` rejects): an empty question, no answers or an empty answer."""
+    for config, split in splits.items():
+        indices = [t.index for t in tasks if t.config == config]
+        if not indices:
+            continue
+        columns = split.rows.select_columns(["id", "question", "answers"]).select(indices).to_dict()
+        for index, qid, question, answers in zip(indices, columns["id"], columns["question"], columns["answers"]):
+            where = f"{data} config {config!r} row {index} (question {qid})"
+            if not isinstance(question, str) or not question.strip():
+                raise UserError(f"{where} field 'question': empty; run `vqa-constraints validate {data}`")
+            if not answers or any(not isinstance(a, str) or not a.strip() for a in answers):
+                raise UserError(f"{where} field 'answers': empty or holds an empty answer; "
+                                f"run `vqa-constraints validate {data}`")
+
+
 def model_fingerprint(model: str) -> str | None:
     """For a local folder, the same sha256 revision ``load_model`` records (config + weights); None for Hub ids."""
     from harness.models.loading import local_revision
@@ -240,6 +257,16 @@ def score_batch(backend, adapter, records: list[Record], tasks: list[Task], opti
     return samples
 
 
+def check_sample_lines(samples: list[dict], path: Path) -> None:
+    """Every line written to samples.jsonl matches samples.schema.json (the contract `leaderboard validate` reads)."""
+    from harness.leaderboard import schema_errors
+
+    for sample in samples:
+        errors = schema_errors("samples", sample, f"{path} question {sample.get('id')}")
+        if errors:
+            raise UserError(f"{errors[0]} (the question's row breaks the sample line's schema; fix the data)")
+
+
 def make_backend(options: EvalOptions, adapter):
     if options.backend == "vllm":
         from harness.vllm_backend import VLLMBackend
@@ -255,10 +282,14 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     otherwise the model is loaded from ``options.model``.
     """
     check_options(options)
+    from harness.outputs import check_out
+
+    check_out(options.out, "evaluate", options.model, options.data)  # the one --out rule, before any work
     shard = parse_shard(options.shard)
     started = time.time()
     splits = load_splits(options)
     all_tasks = plan_tasks(splits, options.limit)
+    check_rows(options.data, splits, all_tasks)
     total = len(all_tasks)
     start, end = shard.bounds(total) if shard else (0, total)
     tasks = all_tasks[start:end]
@@ -357,6 +388,7 @@ def _score_pending(run, backend, adapter, splits, all_tasks, pending: list[Task]
         for batch, keep in aligned_batches(all_tasks, {t.id for t in pending}, options.batch_size):
             records = [splits[t.config].record(t.index) for t in batch]
             samples = score_batch(backend, adapter, records, batch, options)
+            check_sample_lines(samples, run.samples_path)
             run.append([sample for sample in samples if sample["id"] in keep])
             bar.update(len(keep))
     finally:

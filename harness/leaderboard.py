@@ -23,8 +23,10 @@ import json
 import math
 import random
 import re
+import secrets
 import shlex
 import shutil
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -50,6 +52,8 @@ from harness.scoring import answer_correct, exact_match
 
 SCHEMA_NAMES = ("samples", "results", "submission")
 MAX_PROBLEMS = 20  # per samples file: enough to see the pattern without flooding the terminal
+MAX_NAME = 100  # characters of model_name / submitted_by: a leaderboard cell, not a document
+RERUN_SEED_BITS = 63  # --rerun's seed: drawn with `secrets`, printed so a maintainer can repeat the draw
 
 
 # --- schemas ------------------------------------------------------------------
@@ -93,6 +97,8 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     the released questions, not that a model produced the predictions (see ``rerun_check``).
     """
     path = Path(path)
+    if path.is_symlink():  # its samples would be looked up next to the link's target, outside the submissions
+        return [f"{path}: a symbolic link; put the submission file itself in the folder"]
     try:
         submission = read_json(path)
     except UserError as error:
@@ -100,6 +106,7 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     problems = schema_errors("submission", submission, str(path))
     if problems:
         return problems
+    problems.extend(name_problems(submission["submission"], lambda field: f"{path} field 'submission.{field}'"))
     options, dataset, metrics = submission["options"], submission["dataset"], submission["metrics"]
     if options.get("limit") is not None:
         problems.append(f"{path} field 'options.limit': made with --limit {options['limit']}; the leaderboard takes full runs only")
@@ -125,10 +132,42 @@ def validate_submission(path: Path, release: dict) -> list[str]:
     return problems
 
 
+def name_problems(entry: dict, where_of) -> list[str]:
+    """The names shown on the leaderboard: printable ASCII, not blank, at most ``MAX_NAME`` characters.
+
+    ASCII only for ``model_name``: a look-alike letter from another script (Cyrillic 'а' for Latin 'a') would
+    rank a second entry that reads exactly like an existing one. ``submitted_by`` may be any printable text.
+    """
+    problems = []
+    for field, ascii_only in (("model_name", True), ("submitted_by", False)):
+        name = entry[field]
+        where = where_of(field)
+        if len(name) > MAX_NAME:
+            problems.append(f"{where}: {len(name)} characters; at most {MAX_NAME}")
+        elif not name.strip():
+            problems.append(f"{where}: blank (only whitespace)")
+        elif not name.isprintable():
+            problems.append(f"{where}: holds a control character or line break")
+        elif ascii_only and not name.isascii():
+            odd = next(c for c in name if not c.isascii())
+            problems.append(f"{where}: {odd!r} (U+{ord(odd):04X}) is not ASCII; model names are plain ASCII so that "
+                            "no entry can imitate another's name with look-alike letters")
+        elif name != name.strip():
+            problems.append(f"{where}: leading or trailing whitespace")
+    return problems
+
+
+def name_key(name: str) -> str:
+    """Two model names that read alike (case, spacing, '-' vs '_') share this key."""
+    return re.sub(r"[\s_\-]+", "-", unicodedata.normalize("NFKC", name).casefold()).strip("-")
+
+
 def samples_path_of(path: Path, submission: dict) -> tuple[Path | None, str | None]:
     """The samples file, which must be a file inside the submission's own folder."""
     name = submission["submission"]["samples"]
     where = f"{path} field 'submission.samples'"
+    if "\x00" in name or not name.isprintable():
+        return None, f"{where}: {name!r} holds a NUL or control character; give the samples file's name"
     candidate = Path(name)
     folder = path.resolve().parent
     if candidate.is_absolute() or ".." in candidate.parts:
@@ -168,14 +207,19 @@ def _check_samples(path: Path, samples_path: Path, submission: dict, release: di
     expected = {qid: hashes for entry in release["configs"].values() for qid, hashes in entry["questions"].items()}
     scoring_mode = submission["options"]["scoring"]
     problems, samples, seen = [], [], set()
-    with open(samples_path, encoding="utf-8") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines, start=1):
+    lines = samples_path.read_bytes().splitlines(keepends=True)
+    for number, raw in enumerate(lines, start=1):
         where = f"{samples_path} line {number}"
         try:
-            sample = json.loads(line)
+            sample = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            problems.append(f"{where}: not valid JSON (not UTF-8 text at byte {error.start})")
+            continue
         except json.JSONDecodeError as error:
             problems.append(f"{where}: not valid JSON ({error.msg})")
+            continue
+        except RecursionError:
+            problems.append(f"{where}: not valid JSON (nested too deeply)")
             continue
         errors = schema_errors("samples", sample, where)
         if errors:
@@ -223,6 +267,9 @@ def _sample_problems(where: str, sample: dict, expected: dict, seen: set, scorin
     logprobs = sample["answer_logprobs"]
     if (scoring_mode in ("logprob", "both")) != (logprobs is not None):
         problems.append(f"{where} field 'answer_logprobs': {'null' if logprobs is None else 'set'} under scoring {scoring_mode!r}")
+    positive = [v for v in (logprobs or []) + [sample["gold_logprob"]] if v is not None and v > 0]
+    if positive:  # a log-probability is at most 0: a probability is at most 1
+        problems.append(f"{where} field 'answer_logprobs': {positive[0]} > 0 is not a log-probability")
     if logprobs is not None:
         if len(logprobs) != len(sample["answers"]):
             problems.append(f"{where} field 'answer_logprobs': {len(logprobs)} values for {len(sample['answers'])} answers")
@@ -275,6 +322,11 @@ def prepare_submission(run_dir: Path, out_dir: Path, model_name: str, submitted_
         raise UserError(f"{run_dir}: a single shard ({options['shard']}); merge the shards first (vqa-constraints merge)")
     if not (run_dir / SAMPLES_FILE).is_file():
         raise UserError(f"{run_dir}: no {SAMPLES_FILE} next to {RESULTS_FILE}; not a complete run folder")
+    check_sample_file(run_dir / SAMPLES_FILE, results.get("n"))
+    problems = name_problems({"model_name": model_name, "submitted_by": submitted_by},
+                             lambda field: "--" + field.replace("_", "-"))
+    if problems:
+        raise UserError(problems[0])
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name).strip("-.") or "model"
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_target = out_dir / f"{slug}.samples.jsonl"
@@ -299,14 +351,49 @@ def prepare_submission(run_dir: Path, out_dir: Path, model_name: str, submitted_
     return target
 
 
+def check_sample_file(path: Path, expected: int | None) -> None:
+    """UserError at the first line of a run's samples.jsonl that `validate` could not read, before anything is written."""
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path} line {number}"
+        try:
+            sample = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise UserError(f"{where}: not valid JSON (not UTF-8 text at byte {error.start})") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise UserError(f"{where}: not valid JSON ({getattr(error, 'msg', 'nested too deeply')})") from None
+        errors = schema_errors("samples", sample, where)
+        if errors:
+            raise UserError(errors[0])
+    if expected is not None and len(lines) != expected:
+        raise UserError(f"{path}: {len(lines)} sample lines, but results.json field 'n' says {expected}")
+
+
 # --- re-run check -------------------------------------------------------------
 
 
-def rerun_check(path: Path, count: int, data: str, seed: int = 0, device: str = "auto") -> list[str]:
-    """Re-score ``count`` seeded-random questions with the submission's model and compare the sample lines.
+def new_rerun_seed() -> int:
+    """A fresh seed from the operating system: the submitter cannot know which questions will be re-run."""
+    return secrets.randbits(RERUN_SEED_BITS)
+
+
+def rerun_sample(samples: list[dict], count: int, seed: int) -> list[dict]:
+    """The ``count`` sample lines that ``--rerun count --rerun-seed seed`` re-scores, in file order.
+
+    Drawn by ``random.Random(seed).sample`` over the lines sorted by question id, so the same seed
+    picks the same questions whatever order the submitter wrote them in.
+    """
+    ordered = sorted(samples, key=lambda s: str(s.get("id")))
+    chosen = {id(s) for s in random.Random(seed).sample(ordered, min(count, len(ordered)))}
+    return [s for s in samples if id(s) in chosen]
+
+
+def rerun_check(path: Path, count: int, data: str, seed: int, device: str = "auto") -> list[str]:
+    """Re-score ``count`` random questions (drawn with ``seed``) with the submission's model; compare the lines.
 
     The one check that catches predictions rewritten by hand: it needs the model (``model.id``, pinned by
-    ``model.revision``) and the released data (``data``) on this machine.
+    ``model.revision``) and the released data (``data``) on this machine. ``_run_validate`` draws ``seed``
+    fresh for every validation unless ``--rerun-seed`` repeats an earlier one.
     """
     from harness.evaluate import EvalOptions, Task, load_adapter, make_backend, score_batch
     from vqa_constraints.loading import load_split
@@ -317,7 +404,7 @@ def rerun_check(path: Path, count: int, data: str, seed: int = 0, device: str = 
     if problem:
         return [problem]
     samples = [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
-    chosen = random.Random(seed).sample(samples, min(count, len(samples)))
+    chosen = rerun_sample(samples, count, seed)
     model, options = submission["model"], submission["options"]
     eval_options = EvalOptions(
         model=model["id"], data=data, out=Path("."), split=submission["dataset"]["split"], batch_size=8,
@@ -333,6 +420,10 @@ def rerun_check(path: Path, count: int, data: str, seed: int = 0, device: str = 
         loaded = load_split(data, config, eval_options.split)
         index = {qid: i for i, qid in enumerate(loaded.rows.select_columns(["id"]).to_dict()["id"])}
         mine = [s for s in chosen if s["config"] == config]
+        absent = [s["id"] for s in mine if s["id"] not in index]
+        if absent:
+            raise UserError(f"--rerun-data {data}: config {config!r} split {eval_options.split!r} has no question "
+                            f"{absent[0]} ({len(absent)} of the sampled questions missing); pass the released build")
         records = [loaded.record(index[s["id"]]) for s in mine]
         tasks = [Task(config, index[s["id"]], s["id"]) for s in mine]
         for claimed, fresh in zip(mine, score_batch(backend, adapter, records, tasks, eval_options)):
@@ -383,12 +474,17 @@ def leaderboard_rows(submissions_dir: Path, release: dict) -> list[dict]:
     submissions_dir = Path(submissions_dir)
     if not submissions_dir.is_dir():
         raise UserError(f"{submissions_dir}: no such folder")
-    rows = []
+    rows, names = [], {}
     for path in sorted(submissions_dir.glob("*.json")):
         problems = validate_submission(path, release)
         if problems:
             raise UserError(f"{problems[0]} (run `vqa-constraints leaderboard validate {path}` for every problem)")
         rows.append(_row(read_json(path)))
+        key = name_key(rows[-1]["model"])
+        if key in names:
+            raise UserError(f"{path} field 'submission.model_name': {rows[-1]['model']!r} reads like "
+                            f"{names[key][1]!r} of {names[key][0]}; give each entry a distinct name")
+        names[key] = (path, rows[-1]["model"])
     if not rows:
         raise UserError(f"{submissions_dir}: no *.json submissions")
     rows.sort(key=lambda r: r.pop("_sort"))
@@ -478,6 +574,9 @@ def add_leaderboard(subparsers) -> None:
     _add_release_options(validate)
     validate.add_argument("--rerun", type=int, default=0, metavar="K",
                           help="also re-score K random questions with the submitted model (needs it and --rerun-data)")
+    validate.add_argument("--rerun-seed", type=int, default=None, metavar="S",
+                          help="repeat the --rerun sample of an earlier validation (printed there); default: a fresh "
+                          "random seed every time, so a submitter cannot predict the questions")
     validate.add_argument("--rerun-data", help="the released build (folder or Hub id) to re-score from (default: --data)")
     validate.add_argument("--device", default="auto", help="device for --rerun (default auto)")
     validate.set_defaults(func=_run_validate)
@@ -515,6 +614,10 @@ def add_leaderboard(subparsers) -> None:
 def _run_validate(args: argparse.Namespace) -> int:
     if args.rerun < 0:
         raise UserError(f"--rerun {args.rerun}: expected a number of questions >= 0")
+    if args.rerun_seed is not None and not 0 <= args.rerun_seed < 2 ** RERUN_SEED_BITS:
+        raise UserError(f"--rerun-seed {args.rerun_seed}: expected a whole number in 0..2**{RERUN_SEED_BITS}-1")
+    if args.rerun_seed is not None and not args.rerun:
+        raise UserError("--rerun-seed repeats the sample of --rerun K: pass --rerun too")
     rerun_data = args.rerun_data or args.data
     if args.rerun and not rerun_data:
         raise UserError("--rerun needs the released build: pass --rerun-data DIR (or --data DIR)")
@@ -522,17 +625,30 @@ def _run_validate(args: argparse.Namespace) -> int:
     failed = []
     for path in args.submissions:
         problems = validate_submission(path, release)
+        rerun = ""
         if not problems and args.rerun:
-            problems = rerun_check(path, args.rerun, rerun_data, device=args.device)
+            # Fresh for every submission and every validation: a submitter cannot know which lines to keep honest.
+            seed = new_rerun_seed() if args.rerun_seed is None else args.rerun_seed
+            chosen = rerun_sample(_sample_lines(path), args.rerun, seed)
+            print(f"rerun {path}: --rerun {args.rerun} --rerun-seed {seed} re-scores {len(chosen)} question(s): "
+                  + " ".join(s["id"] for s in chosen))
+            problems = rerun_check(path, args.rerun, rerun_data, seed=seed, device=args.device)
+            rerun = f" (and {len(chosen)} questions re-scored, --rerun-seed {seed})"
         if problems:
             failed.append(str(path))
             for problem in problems:
                 print(f"FAIL {problem}")
         else:
-            print(f"ok   {path}" + (f" (and {args.rerun} questions re-scored)" if args.rerun else ""))
+            print(f"ok   {path}{rerun}")
     if failed:  # the problems are on stdout; the one error line says which submissions failed
         raise UserError(f"{', '.join(failed)}: not a valid submission (problems listed above)")
     return 0
+
+
+def _sample_lines(path: Path) -> list[dict]:
+    """The sample lines of a submission that passed ``validate_submission`` (so they parse)."""
+    samples_path, _ = samples_path_of(Path(path), read_json(Path(path)))
+    return [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
 
 
 def _run_build(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ def samples_files(paths: list[Path]) -> list[Path]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(path.rglob("*_samples_vqa_constraints_*.jsonl"))
+            # Only files: a folder may carry a log file's name.
+            found = sorted(p for p in path.rglob("*_samples_vqa_constraints_*.jsonl") if p.is_file())
             if not found:
                 raise UserError(f"{path}: no lmms-eval samples files (*_samples_vqa_constraints_*.jsonl)")
             files.extend(found)
@@ -58,14 +59,20 @@ def read_logged(files: list[Path]) -> list[tuple[str, str, str, dict]]:
     """(where, id, answer text, the logged line) per logged line."""
     out = []
     for path in files:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
             where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{where}: not an lmms-eval samples line (not UTF-8 text at byte {error.start})") from None
             if not line.strip():
                 continue
             try:
                 logged = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{where}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
             qid = _logged_id(logged) if isinstance(logged, dict) else None
             if qid is None:
                 raise UserError(f"{where} field 'accuracy_visual.id': missing; not an lmms-eval samples line "
@@ -130,12 +137,13 @@ def samples_from_logged(logged: list, data: str, split: str) -> tuple[list[dict]
             "answer_logprobs": None, "gold_logprob": None, "confidence": None,  # lmms-eval logs no probabilities
             "prompt_hash": sha256_hex(f"{_prompt_text(entry)}\x1f{row['image_id']}")[:16],
         }
-    scored = {config: loaded for config, loaded in splits.items() if any(s["config"] == config for s in by_id.values())}
+    scored = splits  # every config of the build: the leaderboard ranks full runs only
     for config, loaded in scored.items():
         count = sum(1 for s in by_id.values() if s["config"] == config)
         if count != len(loaded):
-            raise UserError(f"{config}: {count} of {len(loaded)} questions have a sample line (an lmms-eval run with "
-                            "--limit?); the leaderboard takes full runs only")
+            raise UserError(f"{config}: {count} of {len(loaded)} questions of {data} have a sample line in the logs "
+                            "(an lmms-eval run with --limit, or of some tasks only?); the leaderboard takes full runs "
+                            "of every config")
     order = [row_id for row_id, (config, _) in rows.items() if row_id in by_id]
     return [by_id[qid] for qid in order], scored
 
@@ -174,6 +182,19 @@ def results_of(samples: list[dict], splits: dict, model: str, data: str, split: 
     }
 
 
+def check_model(model: str) -> None:
+    """``--model`` must be a local model folder or a Hub model this machine can pin to a commit."""
+    from harness.models.loading import hub_revision
+
+    path = Path(model)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {model}: not a model folder (no config.json)")
+    elif hub_revision(model) is None:
+        raise UserError(f"--model {model}: no such folder, and no Hub model of that id is available here "
+                        "(the submission must pin the model's revision)")
+
+
 def lmms_eval_command(model: str) -> str:
     return (f"lmms-eval --model llava_hf --model_args pretrained={model} --tasks vqa_constraints_all "
             "--include_path integrations/lmms_eval --batch_size 1 --log_samples --output_path LOGS")
@@ -186,6 +207,7 @@ def prepare_from_lmms_eval(paths, data: str, model: str, out_dir: Path, model_na
 
     started = time.time()
     samples, splits = samples_from_logged(read_logged(samples_files(paths)), data, split)
+    check_model(model)
     results = results_of(samples, splits, model, data, split, started)
     with tempfile.TemporaryDirectory(prefix="lmms-eval-run-") as run_dir:
         write_lines_atomic(Path(run_dir) / SAMPLES_FILE, (dumps_line(s) for s in samples))

@@ -24,6 +24,9 @@ from pathlib import Path
 from vqa_constraints.errors import UserError
 
 MARKER = ".vqa-constraints-output"
+# The document each command writes into its --out: a folder holding it is an earlier output of that command.
+OUTPUT_DOCUMENTS = {"evaluate": "run.json", "trace": "trace_stats.json", "attention": "attention_stats.json",
+                    "edit": "editing_results.json"}
 
 
 # --- complete / partial documents ---------------------------------------------------
@@ -72,15 +75,24 @@ def marked_command(folder: Path) -> str | None:
         return None
 
 
+def is_leftover(name: str) -> bool:
+    """A temporary file of an atomic write (``.x.json.tmp``, ``x.tmp.png``) that a SIGKILL left behind."""
+    return name.endswith(".tmp") or ".tmp." in name
+
+
 def check_output_folder(target: str | Path, option: str, command: str, overwrite: bool = False,
-                        protected: Iterable[tuple[str | Path, str]] = ()) -> Path:
+                        protected: Iterable[tuple[str | Path, str]] = (), document: str | None = None) -> Path:
     """Refuse ``target`` (given as ``option``) when writing ``command``'s output there could lose files.
 
     ``protected`` is (path, what) pairs, e.g. (model folder, "the model's folder"): the target may
     not be one of them, hold one, or lie inside one. The working directory and the home folder are
-    always protected this way (inside them is fine). ``overwrite`` allows replacing a non-empty
-    folder that is not an earlier output of ``command``, never a protected one.
+    always protected this way (inside them is fine), and so is the zoo cache (inside it too). ``overwrite``
+    allows replacing a non-empty folder that is not an earlier output of ``command``, never a protected
+    one. An earlier output is marked with ``MARKER`` or holds ``document``; leftover temporary files
+    of a killed run do not make a folder non-empty.
     """
+    from harness.zoo.cache import cache_root
+
     target = Path(target)
     resolved = target.resolve()
     for path, what in protected:
@@ -90,12 +102,71 @@ def check_output_folder(target: str | Path, option: str, command: str, overwrite
     for path, what in ((Path.cwd().resolve(), "the working directory"), (Path.home().resolve(), "your home folder")):
         if resolved == path or resolved in path.parents:
             raise UserError(f"{option} {target}: is or holds {what}; choose another folder")
+    cache = cache_root().resolve()
+    if resolved == cache or resolved in cache.parents or cache in resolved.parents:
+        raise UserError(f"{option} {target}: is, holds or lies inside the zoo cache ({cache}); choose another folder")
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UserError(f"{option} {target}: exists and is not a folder; choose another")
-    if target.exists() and any(target.iterdir()) and marked_command(target) != command and not overwrite:
+    own = marked_command(target) == command or (document is not None and (target / document).is_file())
+    if target.exists() and any(not is_leftover(p.name) for p in target.iterdir()) and not own and not overwrite:
         raise UserError(f"{option} {target}: folder is not empty and was not written by `{command}`; "
                         "choose another folder or pass --overwrite to replace it")
     return target
+
+
+def check_out(target: str | Path, command: str, model: str | Path | None = None,
+              data: str | Path | None = None, also: Iterable[tuple[str | Path, str]] = ()) -> Path:
+    """The one rule for ``--out`` of evaluate, trace, attention and edit, checked before any work.
+
+    Refused: the model's folder, the data build, the zoo cache (or a folder holding or inside one of them),
+    the working directory, the home folder, a file, and a non-empty folder that is not an earlier output
+    of ``command``. Leftover ``*.tmp`` files of a killed earlier run are removed.
+    """
+    protected = [(path, what) for path, what in ((model, "the model's folder"), (data, "the data build"))
+                 if path is not None and Path(str(path)).exists()]
+    target = check_output_folder(target, "--out", command, False, [*protected, *also], OUTPUT_DOCUMENTS.get(command))
+    if target.is_dir():
+        for leftover in target.iterdir():
+            if is_leftover(leftover.name) and leftover.is_file():
+                leftover.unlink()
+    return target
+
+
+class StaleDocuments:
+    """On Ctrl-C before a command wrote its own document, an older run's complete document in ``--out``
+    is marked ``"complete": false``, so it never passes for this command line's finished result."""
+
+    def __init__(self, out: str | Path, command: str):
+        self.path = Path(out) / OUTPUT_DOCUMENTS[command]
+        self.before = self._stamp()
+
+    def _stamp(self):
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if kind is None or not issubclass(kind, KeyboardInterrupt) or self.before is None:
+            return False
+        if self._stamp() != self.before:  # the command wrote its own (partial) document
+            return False
+        from harness.runs import write_json_atomic
+
+        try:
+            document = json.loads(self.path.read_text("utf-8"))
+        except (OSError, ValueError):
+            return False
+        if isinstance(document, dict) and document.get("complete") is True:
+            document["complete"] = False
+            write_json_atomic(self.path, document)
+            raise KeyboardInterrupt(f"stopped before any result; marked the earlier {self.path} complete: false "
+                                    "(it is not this command's); rerun the same command") from None
+        return False
 
 
 def staging_folder(target: Path) -> Path:

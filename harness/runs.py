@@ -94,6 +94,8 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
@@ -119,7 +121,7 @@ def read_samples(path: Path, expected_ids: set[str] | None = None) -> tuple[list
         if line.endswith("\n"):
             try:
                 sample = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 sample = None
         if not isinstance(sample, dict) or not isinstance(sample.get("id"), str):
             where = "the last line" if number == len(lines) else f"line {number}"
@@ -197,8 +199,8 @@ class RunFolder:
         """Put ``samples.jsonl`` in question order (a resumed run may have appended out of order)."""
         ordered = self.ordered_samples(order)
         lines = [dumps_line(s) for s in ordered]
-        with open(self.samples_path, encoding="utf-8") as handle:
-            current = handle.read()
+        # An empty shard (more shards than questions) has no file yet: it gets an empty one.
+        current = self.samples_path.read_text("utf-8") if self.samples_path.exists() else None
         if current != "".join(lines):
             write_lines_atomic(self.samples_path, lines)
         return ordered

@@ -51,7 +51,7 @@ class Command:
     data: str | None = None  # the placeholder of a build folder: "{data}" (planted) or "{real_data}" (flags)
     decodes_images: bool = False
     model: bool = False  # "{model}"
-    run: bool = False  # "{run}" is a finished run folder
+    run: str | None = None  # the placeholder of a finished run folder: "{run}" (a full run) or "{shard_run}"
     json_file: str | None = None  # placeholder of a JSON file input
     out: str | None = "{out}"  # "{out}" a folder, "{out_file}" a file
     numbers: tuple[tuple[str, str], ...] = ()  # (flag, kind of NUMBER_VALUES)
@@ -80,7 +80,7 @@ COMMANDS = {
                         choices=("--config", "--scoring", "--backend", "--split", "--shard", "--device", "--dtype"),
                         combos=(("--backend", "vllm"), ("--shard", "2/2"), ("--shard", "-1/2"), ("--shard", "0/0")),
                         optional=("--config",)),
-    "merge": Command(("merge", "{run}", "--out", "{out}"), run=True),
+    "merge": Command(("merge", "{shard_run0}", "{shard_run}", "--out", "{out}"), run="{shard_run}"),
     "trace": Command(("trace", *MODEL_ARGS, "--data", "{data}", "--config", "single_constraint", "--out", "{out}",
                       "--limit", "2", "--no-progress"),
                      data="{data}", decodes_images=True, model=True,
@@ -116,7 +116,7 @@ COMMANDS = {
     "leaderboard-build": Command(("leaderboard", "build", "{submissions}", "--out", "{out}", "--release", "{release}"),
                                  json_file="{submissions}"),
     "leaderboard-prepare": Command(("leaderboard", "prepare", "{run}", "--model-name", "tiny", "--submitted-by", "t",
-                                    "--out", "{out}"), run=True, combos=(("{limit_run}",),)),
+                                    "--out", "{out}"), run="{run}", combos=(("{limit_run}",),)),
     "leaderboard-release": Command(("leaderboard", "release", "--data", "{real_data}", "--split", "validation",
                                     "--out", "{out_file}"), data="{real_data}", out="{out_file}", choices=("--split",)),
     # The baselines would build a model or run the whole study: minutes, so not run here.
@@ -147,7 +147,7 @@ def generate_cases() -> list[Case]:
         if c.model:
             cases += [Case(name, "{model}", k) for k in MODEL_KINDS]
         if c.run:
-            cases += [Case(name, "{run}", k) for k in RUN_KINDS]
+            cases += [Case(name, c.run, k) for k in RUN_KINDS]
         if c.json_file:
             cases += [Case(name, c.json_file, k) for k in JSON_FILE_KINDS]
         if c.out:
@@ -242,6 +242,10 @@ def corpus(tmp_path_factory, planted_data_dir, tiny_model_dirs):
             "--split", "validation", "--scoring", "generate", "--max-new-tokens", "2", "--no-progress"]
     assert cli.run([*base, "--out", str(runs / "full")]) == 0
     assert cli.run([*base, "--out", str(runs / "limited"), "--limit", "2"]) == 0
+    for i in range(2):  # for merge: the two shards of a small evaluation
+        assert cli.run(["evaluate", *base[1:7], "--data", str(data), "--config", "single_constraint", "--limit", "2",
+                        "--scoring", "generate", "--max-new-tokens", "2", "--no-progress", "--shard", f"{i}/2",
+                        "--out", str(runs / f"shard{i}")]) == 0
     run_kinds = {k: common[k] for k in ("missing", "empty-dir", "a-file")}
     run_kinds["garbage-json"] = shutil.copytree(runs / "full", root / "run-garbage-json")
     for name in ("run.json", "results.json"):  # merge reads the one, prepare the other
@@ -266,11 +270,13 @@ def corpus(tmp_path_factory, planted_data_dir, tiny_model_dirs):
         shutil.copyfile(json_files[kind], folder / "entry.json")
 
     valid = {"{model}": model, "{data}": data, "{real_data}": real_data, "{run}": runs / "full", "{limit_run}": runs / "limited",
+             "{shard_run0}": runs / "shard0", "{shard_run}": runs / "shard1",
              "{submission}": submissions / "tiny.json", "{submissions}": submissions, "{release}": release,
              "{missing}": common["missing"], "{a_file}": a_file, "{under_a_file}": common["under-a-file"],
              "{garbage}": garbage}
     out_kinds = {k: common[k] for k in ("a-file", "a-dir", "under-a-file")}
-    kinds = {"{data}": builds, "{real_data}": builds, "{model}": models, "{run}": run_kinds, "{submission}": json_files,
+    kinds = {"{data}": builds, "{real_data}": builds, "{model}": models, "{run}": run_kinds, "{shard_run}": run_kinds,
+             "{submission}": json_files,
              "{release}": json_files, "{submissions}": submission_dirs, "{out}": out_kinds, "{out_file}": out_kinds}
     return {"root": root, "valid": valid, "kinds": kinds}
 
@@ -396,3 +402,517 @@ def test_a_bug_is_one_line_with_where_to_report_it_and_debug_shows_the_traceback
 def test_help_and_version_exit_0(capsys):
     assert run_cli(["--version"], capsys)[0] == 0
     assert run_cli(["evaluate", "--help"], capsys)[0] == 0
+
+
+# --- the later surfaces: merge, --shard, --device-map, edit --save/--out, prepare --from-lmms-eval, validate --rerun --
+#
+# Each case forges or breaks one object made by a real run (shards of trace, attention and evaluate on 4 planted
+# questions; lmms-eval logs of the flags validation split) and must end like the table above: exit 1, one line
+# naming the file or flag, no traceback, nothing written or changed.
+
+HUGE_SHARD = "0/100000000000000000000"  # more shards than questions: every slice is empty
+
+
+def _flags_rows(real_data: Path) -> dict[str, list[dict]]:
+    from vqa_constraints.loading import load_split
+
+    return {config: load_split(str(real_data), config, "validation").rows.select_columns(["id", "answers"]).to_list()
+            for config in ("single_constraint", "multi_constraint", "encyclopedic")}
+
+
+def _log_lines(rows: list[dict]) -> str:
+    """lmms-eval 0.7 --log_samples lines of the vqa_constraints tasks, answering with the first gold answer."""
+    return "".join(json.dumps({"accuracy_visual": {"id": r["id"]}, "filtered_resps": [r["answers"][0]],
+                               "target": r["answers"][0]}) + "\n" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def surfaces(corpus):
+    root = corpus["root"] / "surfaces"
+    model, data = corpus["valid"]["{model}"], corpus["valid"]["{data}"]
+    common = ["--model", str(model), "--data", str(data), "--config", "single_constraint", "--limit", "4",
+              "--no-progress", "--device", "cpu", "--dtype", "float32"]
+    made = {}
+    for shard in ("0/2", "1/2", None, HUGE_SHARD):
+        name = {"0/2": "0", "1/2": "1", None: "all", HUGE_SHARD: "huge"}[shard]
+        extra = ["--shard", shard] if shard else []
+        for command, args in (("trace", ["--kinds", "mlp", "--traced", "all"]), ("attention", ["--draws", "1"]),
+                              ("evaluate", ["--scoring", "generate", "--max-new-tokens", "2"])):
+            if (command == "attention" and shard in (None, HUGE_SHARD)) or (command == "evaluate" and shard == HUGE_SHARD):
+                continue
+            out = made[f"{command}-{name}"] = root / f"{command}-{name}"
+            assert cli.run([command, *common, *args, *extra, "--out", str(out)]) == 0, (command, shard)
+    logs = root / "lmms-logs"
+    logs.mkdir()
+    for config, rows in _flags_rows(corpus["valid"]["{real_data}"]).items():
+        (logs / f"model_samples_vqa_constraints_{config}.jsonl").write_text(_log_lines(rows))
+    made["logs"] = logs
+    return made
+
+
+def _copy(src: Path, tmp: Path, name: str) -> Path:
+    return Path(shutil.copytree(src, tmp / name) if Path(src).is_dir() else shutil.copy(src, tmp / name))
+
+
+def _swap(a: Path, b: Path, name: str) -> None:
+    data_a = (a / name).read_bytes()
+    (a / name).write_bytes((b / name).read_bytes())
+    (b / name).write_bytes(data_a)
+
+
+def _merge(*folders, out) -> list[str]:
+    return ["merge", *map(str, folders), "--out", str(out)]
+
+
+def merge_trace_rows_copied(c, s, tmp):
+    one = _copy(s["trace-1"], tmp, "trace-1")
+    shutil.copy(s["trace-0"] / "traces.parquet", one / "traces.parquet")
+    return _merge(s["trace-0"], one, out=tmp / "out"), ("trace-1",)
+
+
+def merge_trace_rows_half_dropped(c, s, tmp):
+    one = _copy(s["trace-1"], tmp, "trace-1")
+    table = pq.read_table(one / "traces.parquet")
+    pq.write_table(table.slice(0, table.num_rows // 2), one / "traces.parquet")
+    return _merge(s["trace-0"], one, out=tmp / "out"), ("trace-1",)
+
+
+def merge_trace_rows_swapped(c, s, tmp):
+    zero, one = _copy(s["trace-0"], tmp, "trace-0"), _copy(s["trace-1"], tmp, "trace-1")
+    _swap(zero, one, "traces.parquet")
+    return _merge(zero, one, out=tmp / "out"), ("trace-0", "trace-1")
+
+
+def merge_attention_rows_copied(c, s, tmp):
+    one = _copy(s["attention-1"], tmp, "attention-1")
+    shutil.copy(s["attention-0"] / "attention_examples.parquet", one / "attention_examples.parquet")
+    return _merge(s["attention-0"], one, out=tmp / "out"), ("attention-1",)
+
+
+def merge_attention_rows_swapped(c, s, tmp):
+    zero, one = _copy(s["attention-0"], tmp, "attention-0"), _copy(s["attention-1"], tmp, "attention-1")
+    _swap(zero, one, "attention_examples.parquet")
+    return _merge(zero, one, out=tmp / "out"), ("attention-0", "attention-1")
+
+
+def merge_evaluate_samples_swapped(c, s, tmp):
+    zero, one = _copy(s["evaluate-0"], tmp, "evaluate-0"), _copy(s["evaluate-1"], tmp, "evaluate-1")
+    _swap(zero, one, "samples.jsonl")
+    return _merge(zero, one, out=tmp / "out"), ("evaluate-0", "evaluate-1")
+
+
+def merge_evaluate_samples_copied(c, s, tmp):
+    one = _copy(s["evaluate-1"], tmp, "evaluate-1")
+    shutil.copy(s["evaluate-0"] / "samples.jsonl", one / "samples.jsonl")
+    return _merge(s["evaluate-0"], one, out=tmp / "out"), ("evaluate-1", "evaluate-0")
+
+
+def merge_single_unsharded_trace(c, s, tmp):
+    return _merge(s["trace-all"], out=tmp / "out"), ("trace-all",)
+
+
+def merge_single_unsharded_evaluate(c, s, tmp):
+    return _merge(s["evaluate-all"], out=tmp / "out"), ("evaluate-all",)
+
+
+def merge_traces_parquet_not_parquet(c, s, tmp):
+    one = _copy(s["trace-1"], tmp, "trace-1")
+    (one / "traces.parquet").write_text("id,p\nq,0.5\n")
+    return _merge(s["trace-0"], one, out=tmp / "out"), ("traces.parquet",)
+
+
+def merge_trace_stats_empty_list(c, s, tmp):
+    one = _copy(s["trace-1"], tmp, "trace-1")
+    (one / "trace_stats.json").write_text("[]")
+    return _merge(s["trace-0"], one, out=tmp / "out"), ("trace_stats.json",)
+
+
+def merge_trace_stats_empty_object(c, s, tmp):
+    one = _copy(s["trace-1"], tmp, "trace-1")
+    (one / "trace_stats.json").write_text("{}")
+    return _merge(s["trace-0"], one, out=tmp / "out"), ("trace_stats.json",)
+
+
+def merge_run_json_without_identity(c, s, tmp):
+    one = _copy(s["evaluate-1"], tmp, "evaluate-1")
+    (one / "run.json").write_text(json.dumps({"format": 1}))
+    return _merge(s["evaluate-0"], one, out=tmp / "out"), ("run.json",)
+
+
+def merge_output_of_a_huge_shard_count(c, s, tmp):
+    return _merge(s["trace-huge"], out=tmp / "out"), ("100000000000000000000",)
+
+
+def merge_out_inside_an_input(c, s, tmp):
+    zero, one = _copy(s["trace-0"], tmp, "trace-0"), _copy(s["trace-1"], tmp, "trace-1")
+    return _merge(zero, one, out=zero / "merged"), ("--out",)
+
+
+def _submission(c, tmp) -> tuple[Path, dict, Path]:
+    folder = _copy(c["valid"]["{submissions}"], tmp, "subs")
+    path = folder / "tiny.json"
+    document = json.loads(path.read_text())
+    return path, document, folder / document["submission"]["samples"]
+
+
+def _validate(path, c, *extra) -> list[str]:
+    return ["leaderboard", "validate", str(path), "--release", str(c["valid"]["{release}"]), *extra]
+
+
+def validate_samples_not_utf8(c, s, tmp):
+    path, _, samples = _submission(c, tmp)
+    samples.write_bytes(samples.read_bytes().replace(b'"', b'\xff', 1))
+    return _validate(path, c), ("tiny.json",)
+
+
+def validate_nul_in_samples_name(c, s, tmp):
+    path, document, _ = _submission(c, tmp)
+    document["submission"]["samples"] = "tiny\u0000.samples.jsonl"
+    path.write_text(json.dumps(document))
+    return _validate(path, c), ("tiny.json",)
+
+
+def validate_deeply_nested_json(c, s, tmp):
+    path, _, _ = _submission(c, tmp)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return _validate(path, c), ("tiny.json",)
+
+
+def validate_deeply_nested_samples_line(c, s, tmp):
+    path, _, samples = _submission(c, tmp)
+    samples.write_text(samples.read_text() + "[" * 100_000 + "]" * 100_000 + "\n")
+    return _validate(path, c), ("tiny.json",)
+
+
+def validate_rerun_data_without_the_released_questions(c, s, tmp):
+    path, _, _ = _submission(c, tmp)
+    return _validate(path, c, "--rerun", "1000", "--rerun-data", str(c["valid"]["{data}"]),
+                     "--device", "cpu"), ("--rerun-data",)
+
+
+def validate_rerun_seed_without_rerun(c, s, tmp):
+    return _validate(c["valid"]["{submission}"], c, "--rerun-seed", "7"), ("--rerun-seed",)
+
+
+def validate_rerun_seed_negative(c, s, tmp):
+    return _validate(c["valid"]["{submission}"], c, "--rerun", "1", "--rerun-data", str(c["valid"]["{real_data}"]),
+                     "--rerun-seed", "-1"), ("--rerun-seed",)
+
+
+def _prepare(logs, c, tmp, model=None) -> list[str]:
+    return ["leaderboard", "prepare", "--from-lmms-eval", *map(str, logs), "--data", str(c["valid"]["{real_data}"]),
+            "--split", "validation", "--model", str(model or c["valid"]["{model}"]), "--model-name", "m",
+            "--submitted-by", "t", "--out", str(tmp / "out")]
+
+
+def _log_copy(s, tmp) -> Path:
+    return _copy(s["logs"], tmp, "logs")
+
+
+def prepare_binary_log(c, s, tmp):
+    logs = _log_copy(s, tmp)
+    (logs / "model_samples_vqa_constraints_encyclopedic.jsonl").write_bytes(bytes(range(256)) * 4)
+    return _prepare([logs], c, tmp), ("encyclopedic.jsonl",)
+
+
+def prepare_invalid_utf8_log(c, s, tmp):
+    logs = _log_copy(s, tmp)
+    log = logs / "model_samples_vqa_constraints_encyclopedic.jsonl"
+    log.write_bytes(log.read_bytes().replace(b"{", b"{\"x\": \"\xc3\x28\", ", 1))
+    return _prepare([logs], c, tmp), ("encyclopedic.jsonl",)
+
+
+def prepare_deeply_nested_line(c, s, tmp):
+    logs = _log_copy(s, tmp)
+    log = logs / "model_samples_vqa_constraints_encyclopedic.jsonl"
+    log.write_text("[" * 100_000 + "]" * 100_000 + "\n" + log.read_text())
+    return _prepare([logs], c, tmp), ("encyclopedic.jsonl",)
+
+
+def prepare_folder_named_like_a_log(c, s, tmp):
+    logs = tmp / "logs"
+    (logs / "run" / "model_samples_vqa_constraints_single_constraint.jsonl").mkdir(parents=True)
+    return _prepare([logs], c, tmp), ("logs",)
+
+
+def prepare_logs_of_one_config(c, s, tmp):
+    return _prepare([s["logs"] / "model_samples_vqa_constraints_single_constraint.jsonl"], c, tmp), (
+        "multi_constraint", "encyclopedic")
+
+
+def prepare_model_that_does_not_exist(c, s, tmp):
+    return _prepare([s["logs"]], c, tmp, model=tmp / "no-such-model"), ("no-such-model",)
+
+
+def _build_with(c, tmp, change) -> tuple[list[str], tuple[str, ...]]:
+    path, document, _ = _submission(c, tmp)
+    named = change(path, document) or path.name
+    return ["leaderboard", "build", str(path.parent), "--out", str(tmp / "board"), "--release",
+            str(c["valid"]["{release}"])], (named,)
+
+
+def _renamed(name):
+    def change(path, document):
+        document["submission"]["model_name"] = name
+        path.write_text(json.dumps(document))
+    return change
+
+
+def build_cyrillic_look_alike(c, s, tmp):
+    def change(path, document):
+        twin = json.loads(json.dumps(document))
+        twin["submission"]["model_name"] = "tiny"[:1] + "\u0456" + "ny"  # Cyrillic i
+        (path.parent / "twin.json").write_text(json.dumps(twin))
+        return "twin.json"
+    return _build_with(c, tmp, change)
+
+
+def build_case_look_alike(c, s, tmp):
+    def change(path, document):
+        twin = json.loads(json.dumps(document))
+        twin["submission"]["model_name"] = " TINY"[1:]
+        (path.parent / "twin.json").write_text(json.dumps(twin))
+        return "twin.json"
+    return _build_with(c, tmp, change)
+
+
+def build_whitespace_only_name(c, s, tmp):
+    return _build_with(c, tmp, _renamed(" \t  "))
+
+
+def build_huge_name(c, s, tmp):
+    return _build_with(c, tmp, _renamed("x" * 5_000_000))
+
+
+def build_submission_symlink_outside(c, s, tmp):
+    def change(path, document):
+        outside = tmp / "outside"
+        outside.mkdir()
+        shutil.move(str(path), outside / path.name)
+        shutil.move(str(path.parent / document["submission"]["samples"]), outside / document["submission"]["samples"])
+        path.symlink_to(outside / path.name)
+    return _build_with(c, tmp, change)
+
+
+def _broken_build(c, tmp, field, value) -> Path:
+    build = _copy(c["valid"]["{data}"], tmp, "data")
+    [shard] = sorted((build / "single_constraint").glob("test*.parquet"))[:1]
+    table = pq.read_table(shard)
+    column = table.column(field).to_pylist()
+    column[0] = value
+    pq.write_table(table.set_column(table.schema.get_field_index(field), field,
+                                    pa.array(column, type=table.schema.field(field).type)), shard)
+    return build
+
+
+def _evaluate(c, tmp, data=None, out=None, *extra) -> list[str]:
+    return ["evaluate", *MODEL_ARGS, "--data", str(data or c["valid"]["{data}"]), "--config", "single_constraint",
+            "--limit", "2", "--no-progress", "--scoring", "generate", "--out", str(out or tmp / "out"), *extra]
+
+
+def evaluate_build_with_empty_answers(c, s, tmp):
+    return [str(c["valid"].get(a, a)) for a in _evaluate(c, tmp, _broken_build(c, tmp, "answers", []))], ("answers",)
+
+
+def evaluate_build_with_empty_question(c, s, tmp):
+    return [str(c["valid"].get(a, a)) for a in _evaluate(c, tmp, _broken_build(c, tmp, "question", ""))], ("question",)
+
+
+def evaluate_out_inside_the_model(c, s, tmp):
+    model = _copy(c["valid"]["{model}"], tmp, "model")
+    argv = _evaluate(c, tmp, None, model / "run")
+    return [str(model) if a == "{model}" else a for a in argv], ("--out",)
+
+
+def evaluate_out_another_tools_folder(c, s, tmp):
+    other = _copy(s["trace-0"], tmp, "trace-0")
+    return [str(c["valid"].get(a, a)) for a in _evaluate(c, tmp, None, other)], ("--out",)
+
+
+def evaluate_device_cuda_device_map_auto_without_cuda(c, s, tmp):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv = [str(c["valid"].get(a, a)) for a in _evaluate(c, tmp, None, None, "--device-map", "auto")]
+    argv[argv.index("--device") + 1] = "cuda"
+    return argv, ("--device",)
+
+
+def _tool(command, c, tmp, out, *extra) -> list[str]:
+    argv = [*COMMANDS[command].argv, *extra]
+    values = {**c["valid"], "{out}": out}
+    return [str(values.get(a, a)) for a in _with_option(argv, "--out", str(out))]
+
+
+def trace_out_inside_the_model(c, s, tmp):
+    model = _copy(c["valid"]["{model}"], tmp, "model")
+    argv = _tool("trace", c, tmp, model / "trace")
+    return _with_option(argv, "--model", str(model)), ("--out",)
+
+
+def trace_out_an_evaluate_run(c, s, tmp):
+    return _tool("trace", c, tmp, _copy(s["evaluate-0"], tmp, "run")), ("--out",)
+
+
+def attention_out_inside_the_model(c, s, tmp):
+    model = _copy(c["valid"]["{model}"], tmp, "model")
+    return _with_option(_tool("attention", c, tmp, model / "attention"), "--model", str(model)), ("--out",)
+
+
+def edit_out_inside_the_model(c, s, tmp):
+    model = _copy(c["valid"]["{model}"], tmp, "model")
+    return _with_option(_tool("edit", c, tmp, model / "edit"), "--model", str(model)), ("--out",)
+
+
+def edit_out_and_save_the_same_folder(c, s, tmp):
+    return _tool("edit", c, tmp, tmp / "same", "--save", str(tmp / "same")), ("--out", "--save")
+
+
+def edit_out_and_save_the_same_folder_overwrite(c, s, tmp):
+    (tmp / "same").mkdir()
+    (tmp / "same" / "editing_results.json").write_text("{}")
+    return _tool("edit", c, tmp, tmp / "same", "--save", str(tmp / "same"), "--overwrite"), ("--out", "--save")
+
+
+def edit_save_into_the_zoo_cache_overwrite(c, s, tmp):
+    # A private cache (the test sets VQA_CONSTRAINTS_CACHE to it): code with the bug replaces only this one.
+    cache = tmp / "cache"
+    (cache / "zoo" / "planted-0123").mkdir(parents=True)
+    (cache / "zoo" / "planted-0123" / "config.json").write_text("{}")
+    return _tool("edit", c, tmp, tmp / "out", "--save", str(cache), "--overwrite"), ("--save",)
+
+
+SURFACE_CASES = {f.__name__: f for f in [
+    merge_trace_rows_copied, merge_trace_rows_half_dropped, merge_trace_rows_swapped, merge_attention_rows_copied,
+    merge_attention_rows_swapped, merge_evaluate_samples_swapped, merge_evaluate_samples_copied,
+    merge_single_unsharded_trace, merge_single_unsharded_evaluate, merge_traces_parquet_not_parquet,
+    merge_trace_stats_empty_list, merge_trace_stats_empty_object, merge_run_json_without_identity,
+    merge_output_of_a_huge_shard_count, merge_out_inside_an_input,
+    validate_samples_not_utf8, validate_nul_in_samples_name, validate_deeply_nested_json,
+    validate_deeply_nested_samples_line, validate_rerun_data_without_the_released_questions,
+    validate_rerun_seed_without_rerun, validate_rerun_seed_negative,
+    prepare_binary_log, prepare_invalid_utf8_log, prepare_deeply_nested_line, prepare_folder_named_like_a_log,
+    prepare_logs_of_one_config, prepare_model_that_does_not_exist,
+    build_cyrillic_look_alike, build_case_look_alike, build_whitespace_only_name, build_huge_name,
+    build_submission_symlink_outside,
+    evaluate_build_with_empty_answers, evaluate_build_with_empty_question, evaluate_out_inside_the_model,
+    evaluate_out_another_tools_folder, evaluate_device_cuda_device_map_auto_without_cuda,
+    trace_out_inside_the_model, trace_out_an_evaluate_run, attention_out_inside_the_model,
+    edit_out_inside_the_model, edit_out_and_save_the_same_folder, edit_out_and_save_the_same_folder_overwrite,
+    edit_save_into_the_zoo_cache_overwrite,
+]}
+
+
+def _assert_one_clean_line(argv, code, err, mentions):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert code == 1, f"{argv}: exit {code}\n{err}"
+    assert len(lines) == 1, f"{argv}\n{err}"
+    assert "internal error" not in lines[0]
+    assert any(m in lines[0] for m in mentions), f"{lines[0][:300]!r} names none of {mentions}"
+
+
+@pytest.mark.parametrize("name", SURFACE_CASES)
+def test_later_surfaces_refuse_bad_input_in_one_clean_line(name, corpus, surfaces, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQA_CONSTRAINTS_CACHE", str(tmp_path / "cache"))  # never the shared zoo cache
+    argv, mentions = SURFACE_CASES[name](corpus, surfaces, tmp_path)
+    roots = (corpus["root"], corpus["valid"]["{model}"], corpus["valid"]["{data}"], tmp_path)
+    before = snapshot(*roots)
+    code, err = run_cli(argv, capsys)
+    _assert_one_clean_line(argv, code, err, mentions)
+    assert snapshot(*roots) == before, f"{argv} left files behind or changed them"
+
+
+def test_the_later_surfaces_baselines_succeed(corpus, surfaces, tmp_path, capsys):
+    """The objects the cases break are valid: honest shards merge, the full logs prepare."""
+    for folders in (("trace-1", "trace-0"), ("attention-0", "attention-1"), ("evaluate-0", "evaluate-1")):
+        out = tmp_path / f"merged-{folders[0]}"
+        code, err = run_cli(_merge(*(surfaces[f] for f in folders), out=out), capsys)
+        assert code == 0, err
+    # merged shards equal the unsharded run, byte for byte
+    for name in ("traces.parquet", "trace_stats.json"):
+        assert (tmp_path / "merged-trace-1" / name).read_bytes() == (surfaces["trace-all"] / name).read_bytes()
+    assert ((tmp_path / "merged-evaluate-0" / "samples.jsonl").read_bytes()
+            == (surfaces["evaluate-all"] / "samples.jsonl").read_bytes())
+    code, err = run_cli(_prepare([surfaces["logs"]], corpus, tmp_path), capsys)
+    assert code == 0, err
+
+
+# --- every command on a corrupted file of each type it reads ---------------------------------------------------
+#
+# (command, file type, the object holding the file, which file in it): the file is overwritten with bytes that are
+# no JSON, JSONL, parquet, safetensors or YAML (nor UTF-8 text), and the command must exit 1 naming it.
+
+GARBAGE = bytes(range(256)) * 8
+CORRUPT_FILES = [
+    *[(command, kind, "{data}", name) for command in ("validate", "publish", "info", "evaluate", "trace", "attention",
+                                                       "edit")
+      for kind, name in (("parquet", "single_constraint/*.parquet"), ("yaml", "README.md"))],
+    ("publish", "json", "{data}", "build_info.json"),
+    ("info", "json", "{data}", "build_info.json"),
+    *[(command, kind, "{model}", name) for command in ("evaluate", "trace", "attention", "edit")
+      for kind, name in (("safetensors", "model.safetensors"), ("json", "config.json"))],
+    ("evaluate", "json", "{out}", "run.json"),
+    ("merge", "json", "{shard_run}", "run.json"),
+    ("merge", "json", "{shard_run}", "results.json"),
+    ("merge", "jsonl", "{shard_run}", "samples.jsonl"),
+    ("merge-trace", "json", "trace-1", "trace_stats.json"),
+    ("merge-trace", "parquet", "trace-1", "traces.parquet"),
+    ("merge-attention", "json", "attention-1", "attention_stats.json"),
+    ("merge-attention", "parquet", "attention-1", "attention_examples.parquet"),
+    ("leaderboard-validate", "json", "{submission}", ""),
+    ("leaderboard-validate", "jsonl", "{submissions}", "tiny.samples.jsonl"),
+    ("leaderboard-validate-release", "json", "{release}", ""),
+    ("leaderboard-build", "json", "{submissions}", "tiny.json"),
+    ("leaderboard-build", "jsonl", "{submissions}", "tiny.samples.jsonl"),
+    ("leaderboard-prepare", "json", "{run}", "results.json"),
+    ("leaderboard-prepare", "jsonl", "{run}", "samples.jsonl"),
+    ("leaderboard-prepare-lmms-eval", "jsonl", "logs", "model_samples_vqa_constraints_encyclopedic.jsonl"),
+    *[("leaderboard-prepare-lmms-eval", kind, "{real_data}", name)
+      for kind, name in (("parquet", "encyclopedic/*.parquet"), ("yaml", "README.md"))],
+    *[("leaderboard-release", kind, "{real_data}", name)
+      for kind, name in (("parquet", "single_constraint/*.parquet"), ("yaml", "README.md"))],
+]
+
+
+@pytest.mark.parametrize("command, kind, holder, name", CORRUPT_FILES, ids=lambda v: str(v).strip("{}") or "file")
+def test_every_command_on_a_corrupted_file_of_each_type_exits_1(command, kind, holder, name, corpus, surfaces,
+                                                                 tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    values = {"{out}": tmp_path / "out", "{out_file}": tmp_path / "release.json", **corpus["valid"]}
+    if holder == "{out}":  # an earlier run folder in --out
+        shutil.copytree(corpus["valid"]["{run}"], tmp_path / "out")
+        original = tmp_path / "out"
+    else:
+        original = surfaces.get(holder) or values[holder]
+        values[holder] = original = _copy(original, tmp_path, Path(original).name)
+    files = [original] if not name else sorted(original.glob(name))
+    assert files, (original, name)
+    for path in files:
+        path.write_bytes(GARBAGE)
+    if command.startswith("merge-"):
+        other = surfaces[holder.replace("-1", "-0")]
+        argv = _merge(other, original, out=tmp_path / "merged")
+    elif command == "leaderboard-prepare-lmms-eval":
+        logs = original if holder == "logs" else surfaces["logs"]
+        argv = _prepare([logs], {"valid": values}, tmp_path)
+    elif command == "leaderboard-validate" and holder == "{submissions}":
+        argv = _validate(original / "tiny.json", {"valid": values})
+    else:
+        argv = [str(values.get(a, a)) for a in COMMANDS[command].argv]
+    before = snapshot(corpus["root"], tmp_path)
+    code, err = run_cli(argv, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert code == 1, f"{argv}: exit {code}\n{err}"
+    assert len(lines) == 1 and "internal error" not in lines[0], err
+    assert snapshot(corpus["root"], tmp_path) == before, f"{argv} left files behind or changed them"
+
+
+def test_corrupted_files_cover_every_type_and_every_command_that_reads_files():
+    kinds = {kind for _, kind, _, _ in CORRUPT_FILES}
+    assert kinds == {"json", "jsonl", "parquet", "safetensors", "yaml"}
+    commands = {command.split("-")[0] for command, *_ in CORRUPT_FILES}
+    assert commands >= {"validate", "publish", "info", "evaluate", "trace", "attention", "edit", "merge", "leaderboard"}

@@ -8,13 +8,14 @@ recomputing the metrics afterwards wherever that makes the forgery harder to see
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from harness_support import flags_data_dir, flags_validation_run, planted_adapter  # noqa: F401  (session fixtures)
 
-from harness.leaderboard import prepare_submission, validate_submission
+from harness.leaderboard import prepare_submission, rerun_sample, validate_submission
 from harness.leaderboard_release import release_from_data, write_release
 from harness.results import compute_metrics
 from harness.scoring import answer_correct, exact_match
@@ -211,6 +212,44 @@ def predictions_rewritten_to_gold(sub):
     sub.save()
 
 
+def log_probabilities_positive(sub):
+    for sample in sub.samples:
+        sample["answer_logprobs"] = [5.0] * len(sample["answers"])
+        sample["gold_logprob"] = 5.0
+    sub.save()
+
+
+def _named(name):
+    def forge(sub):
+        sub.data["submission"]["model_name"] = name
+        sub.save(recompute=False)
+    return forge
+
+
+model_name_cyrillic_look_alike = _named("honest m\u043edel")  # Cyrillic o
+model_name_cyrillic_look_alike.__name__ = "model_name_cyrillic_look_alike"
+model_name_whitespace_only = _named(" \t ")
+model_name_whitespace_only.__name__ = "model_name_whitespace_only"
+model_name_huge = _named("x" * 5_000_000)
+model_name_huge.__name__ = "model_name_huge"
+model_name_with_a_line_break = _named("honest\n| 1 | fake row")
+model_name_with_a_line_break.__name__ = "model_name_with_a_line_break"
+
+
+def submitted_by_huge(sub):
+    sub.data["submission"]["submitted_by"] = "y" * 5_000_000
+    sub.save(recompute=False)
+
+
+def submission_file_symlinked_from_outside(sub):
+    sub.save(recompute=False)
+    outside = sub.path.parent.parent / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    shutil.move(str(sub.samples_path), outside / sub.samples_path.name)
+    shutil.move(str(sub.path), outside / sub.path.name)
+    sub.path.symlink_to(outside / sub.path.name)
+
+
 FORGERIES = {
     forge.__name__: (forge, field)
     for forge, field in [
@@ -240,22 +279,62 @@ FORGERIES = {
         (reproduction_record_removed, "'reproduce' is a required property"),
         (sample_line_not_json, "not valid JSON"),
         (predictions_rewritten_to_gold, "field 'prediction'"),
+        (log_probabilities_positive, "field 'answer_logprobs'"),
+        (model_name_cyrillic_look_alike, "field 'submission.model_name'"),
+        (model_name_whitespace_only, "field 'submission.model_name'"),
+        (model_name_huge, "field 'submission.model_name'"),
+        (model_name_with_a_line_break, "field 'submission.model_name'"),
+        (submitted_by_huge, "field 'submission.submitted_by'"),
+        (submission_file_symlinked_from_outside, "a symbolic link"),
     ]
 }
 NEEDS_RERUN = {"predictions_rewritten_to_gold"}
 
 
-def validate_cli(sub: Submission, release_file: Path, data: Path, capsys, rerun: int = 6) -> tuple[int, list[str]]:
+def validate_cli(sub: Submission, release_file: Path, data: Path, capsys, rerun: int = 6,
+                 seed: int | None = None) -> tuple[int, list[str]]:
     capsys.readouterr()
     code = cli.run(["leaderboard", "validate", str(sub.path), "--release", str(release_file),
-                    "--rerun", str(rerun), "--rerun-data", str(data), "--device", "cpu"])
+                    "--rerun", str(rerun), "--rerun-data", str(data), "--device", "cpu",
+                    *(["--rerun-seed", str(seed)] if seed is not None else [])])
     return code, capsys.readouterr().out.splitlines()
+
+
+def drawn(lines: list[str]) -> tuple[int, list[str]]:
+    """The seed and question ids of the one ``rerun`` line validate printed."""
+    [line] = [line for line in lines if line.startswith("rerun ")]
+    return int(re.search(r"--rerun-seed (\d+)", line).group(1)), line.split(": ")[-1].split()
 
 
 def test_the_honest_submission_passes_every_check_and_a_rerun(honest, release_file, flags_data_dir, capsys):
     code, lines = validate_cli(honest, release_file, flags_data_dir, capsys)
     assert code == 0, lines
-    assert lines == [f"ok   {honest.path} (and 6 questions re-scored)"]
+    seed, ids = drawn(lines)
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert lines[-1] == f"ok   {honest.path} (and 6 questions re-scored, --rerun-seed {seed})"
+
+
+def test_the_rerun_sample_is_drawn_fresh_and_can_be_repeated(honest, release_file, flags_data_dir, capsys):
+    """No seed a submitter could know: every validation draws its own, and prints it so it can be repeated."""
+    draws = [drawn(validate_cli(honest, release_file, flags_data_dir, capsys, rerun=3)[1]) for _ in range(3)]
+    assert len({seed for seed, _ in draws}) == 3
+    assert len({tuple(ids) for _, ids in draws}) > 1  # 3 of 159 questions: equal draws would be a broken sampler
+    seed, ids = draws[0]
+    code, lines = validate_cli(honest, release_file, flags_data_dir, capsys, rerun=3, seed=seed)
+    assert code == 0 and drawn(lines) == (seed, ids)
+
+
+def test_predictions_honest_only_where_a_known_seed_looks_are_caught(honest, release_file, flags_data_dir, capsys):
+    """The forgery a fixed seed let through: keep the questions that seed re-runs honest, rewrite the rest."""
+    kept = {s["id"] for s in rerun_sample(honest.samples, 6, seed=0)}
+    for sample in honest.wrong():
+        if sample["id"] not in kept:
+            sample["prediction"] = sample["answers"][0]
+            honest.rescore(sample)
+    honest.save()
+    assert validate_cli(honest, release_file, flags_data_dir, capsys, seed=0)[0] == 0  # the known draw: blind
+    code, lines = validate_cli(honest, release_file, flags_data_dir, capsys, seed=1)  # any other draw sees it
+    assert code == 1 and any("field 'prediction'" in line and line.startswith("FAIL ") for line in lines), lines
 
 
 @pytest.mark.parametrize("name", sorted(FORGERIES))
@@ -265,6 +344,7 @@ def test_each_forgery_is_refused_naming_the_field(name, honest, release_file, fl
     # the rerun must sample a forged row: re-score every question when only the rerun can tell
     code, lines = validate_cli(honest, release_file, flags_data_dir, capsys, rerun=200 if name in NEEDS_RERUN else 0)
     assert code == 1
+    lines = [line for line in lines if not line.startswith("rerun ")]  # which questions the rerun drew
     assert lines and all(line.startswith("FAIL ") for line in lines), lines
     assert any(field in line for line in lines), lines
 

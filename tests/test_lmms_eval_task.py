@@ -237,12 +237,14 @@ def write_logged_samples(data_dir: Path, out: Path, utils, task_configs, split: 
     return predictions
 
 
-def test_prepare_from_lmms_eval_makes_a_valid_submission(flags_data_dir, task_configs, utils, tmp_path, capsys):
+def test_prepare_from_lmms_eval_makes_a_valid_submission(flags_data_dir, task_configs, utils, tmp_path, capsys,
+                                                        tiny_model_dirs):
     logs = tmp_path / "logs" / "llava-hf__llava-1.5-7b-hf"
     predictions = write_logged_samples(flags_data_dir, logs, utils, task_configs)
     out = tmp_path / "submissions"
     argv = ["leaderboard", "prepare", "--from-lmms-eval", str(logs.parent), "--data", str(flags_data_dir),
-            "--model", "llava-hf/llava-1.5-7b-hf", "--model-name", "llava 1.5 7b (lmms-eval)",
+            # a model this machine has: the submission pins its revision (an unknown --model is refused)
+            "--model", str(tiny_model_dirs("llava")), "--model-name", "llava 1.5 7b (lmms-eval)",
             "--submitted-by", "tests", "--out", str(out)]
     assert cli.run(argv) == 0
     submission = Path(capsys.readouterr().out.strip())

@@ -13,11 +13,14 @@ with where to report it. ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import math
 import re
+import signal
 import sys
+import threading
 import traceback
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -86,6 +89,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; return the exit code (never raises, never exits)."""
+    installed = _install_sigint_handler()
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # while the commands are imported, before any command runs (dispatch has its own)
+        return _interrupted(KeyboardInterrupt("before the command started; nothing was read or written"))
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _on_sigint(signum, frame) -> None:
+    """Python's Ctrl-C, except inside a finalizer (``__del__``, e.g. of a ``datasets`` table while the model
+    loads): an exception there is printed with a traceback and then dropped, so the interrupt is delivered
+    again a moment later, outside it."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def _install_sigint_handler() -> bool:
+    """Install ``_on_sigint`` where Python's default Ctrl-C handler is active (the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return False
+    signal.signal(signal.SIGINT, _on_sigint)
+    return True
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> int:
+    # A command that wrote partial results says where in the interrupt's message (harness/outputs.py).
+    detail = str(interrupt) or "evaluate keeps what it scored and resumes when rerun; other commands start over"
+    sys.stdout.flush()
+    print(f"interrupted: {one_line(detail)}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
     parser = build_parser()
@@ -110,10 +154,7 @@ def dispatch(func, args: argparse.Namespace, debug: bool = False) -> int:
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt as interrupt:
-        # A command that wrote partial results says where in the interrupt's message (harness/outputs.py).
-        detail = str(interrupt) or "evaluate keeps what it scored and resumes when rerun; other commands start over"
-        print(f"interrupted: {detail}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(interrupt)
     except Exception as error:
         return report(error, debug)
 
@@ -133,7 +174,15 @@ def report(error: BaseException, debug: bool) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = EXIT_INTERRUPTED
+    try:
+        _install_sigint_handler()  # kept until exit: run() leaves a handler it did not install alone
+        code = run()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command is over: a late Ctrl-C changes nothing
+        sys.stdout.flush()
+    except KeyboardInterrupt:  # between run() returning and the line above
+        pass
+    sys.exit(code)
 
 
 # --- argument types: a bad value is a usage error at parse time, before any model or data is loaded ----------

@@ -62,6 +62,8 @@ def resolve_placement(device: str = "auto", device_map: str | None = None) -> tu
         return resolve_device(device), None
     if device_map not in DEVICE_MAPS:
         raise UserError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    if device != "auto":  # an explicit --device cuda without CUDA is refused, never run on the CPU silently
+        resolve_device(device)
     try:
         import accelerate  # noqa: F401  (transformers needs it for any device_map)
     except ImportError:

@@ -54,6 +54,14 @@ def add_attention(subparsers) -> None:
 
 @distributed.data_parallel("attention")  # torchrun / accelerate launch: one shard per rank
 def run_attention(args: argparse.Namespace) -> int:
+    from harness.outputs import StaleDocuments, check_out
+
+    check_out(args.out, "attention", args.model, args.data)  # before any work: the one --out rule
+    with StaleDocuments(args.out, "attention"):
+        return _run_attention(args)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
     from harness.models.loading import load_model, model_options
     from harness.shards import parse_shard
     from harness.tracing.attention_study import StudyOptions, run_attention_study

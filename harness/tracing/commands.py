@@ -91,6 +91,14 @@ def _cache_budget(text: str) -> int:
 
 @distributed.data_parallel("trace")  # torchrun / accelerate launch: one shard per rank
 def _run(args: argparse.Namespace) -> int:
+    from harness.outputs import StaleDocuments, check_out
+
+    check_out(args.out, "trace", args.model, args.data)  # before any work
+    with StaleDocuments(args.out, "trace"):
+        return _trace(args)
+
+
+def _trace(args: argparse.Namespace) -> int:
     options = TraceOptions(
         model=args.model, data=args.data, config=args.config, out=Path(args.out), split=args.split,
         corruption=args.corruption, replace_token=args.replace_token,

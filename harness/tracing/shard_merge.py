@@ -18,52 +18,91 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from vqa_constraints.errors import UserError
+from vqa_constraints.errors import UserError, one_line
 
-from harness.shards import parse_shard
+from harness.scoring import DEFAULT_MAX_NEW_TOKENS
+from harness.shards import check_shard_ids, check_shard_set, parse_shard
 
 TRACE_STATS, TRACE_ROWS = "trace_stats.json", "traces.parquet"
 ATTENTION_STATS, ATTENTION_ROWS = "attention_stats.json", "attention_examples.parquet"
 
 
 def _read(folder: Path, stats_file: str, rows_file: str) -> tuple[dict, list[dict]]:
+    from harness.runs import read_json
+
     for name in (stats_file, rows_file):
-        if not (folder / name).exists():
+        if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name}; not a finished shard of this kind")
-    try:
-        document = json.loads((folder / stats_file).read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{folder / stats_file}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    document = read_json(folder / stats_file)  # UserError naming the file for bad JSON, UTF-8 or a non-object
     if document.get("complete") is False:
         raise UserError(f"{folder / stats_file}: the run was interrupted (complete: false); rerun that shard")
-    return document, pq.read_table(folder / rows_file).to_pylist()
+    if not isinstance(document.get("options"), dict) or not isinstance(document.get("counts"), dict):
+        raise UserError(f"{folder / stats_file} field 'options'/'counts': missing; not a {stats_file} written by "
+                        "trace or attention")
+    try:
+        rows = pq.read_table(folder / rows_file).to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{folder / rows_file}: not a readable parquet file ({one_line(error)})") from None
+    if any(not isinstance(row.get("id"), str) for row in rows):
+        raise UserError(f"{folder / rows_file} field 'id': missing in some rows; not rows written by trace or attention")
+    return document, rows
+
+
+def _count(folder: Path, document: dict, stats_file: str, key: str) -> int:
+    value = document["counts"].get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{folder / stats_file} field 'counts.{key}': {value!r} is not a count")
+    return value
 
 
 def _order_shards(shards: list[tuple[Path, dict, list]], count_of) -> tuple[list, int]:
     """Shards sorted by index, checked to be all N of one split; returns them and the total question count."""
     parsed = []
     for folder, document, rows in shards:
-        shard = parse_shard(document["options"].get("shard"))
-        if shard is None:
-            raise UserError(f"{folder}: not a shard (made without --shard)")
+        try:
+            shard = parse_shard(document["options"].get("shard"))
+        except UserError as error:
+            raise UserError(f"{folder} field 'options.shard': {str(error).removeprefix('--shard ')}") from None
         parsed.append((shard, folder, document, rows))
-    counts = {shard.count for shard, *_ in parsed}
-    if len(counts) != 1:
-        raise UserError(f"merge: the runs come from different --shard splits (N = {sorted(counts)})")
-    count = counts.pop()
-    indices = sorted(shard.index for shard, *_ in parsed)
-    if indices != list(range(count)):
-        missing = sorted(set(range(count)) - set(indices))
-        raise UserError(f"merge: need each of the {count} shards exactly once (missing {missing or 'none'}, "
-                        f"given {indices})")
+    check_shard_set([(str(folder), shard) for shard, folder, _, _ in parsed])
     parsed.sort(key=lambda item: item[0].index)
-    total = sum(count_of(document) for _, _, document, _ in parsed)
+    total = sum(count_of(folder, document) for _, folder, document, _ in parsed)
     for shard, folder, document, _ in parsed:
         start, end = shard.bounds(total)
-        if count_of(document) != end - start:
-            raise UserError(f"{folder}: shard {shard} covers {count_of(document)} questions, expected {end - start} "
-                            f"of {total}; the shards were made with different --limit or data")
-    return [(folder, document, rows) for _, folder, document, rows in parsed], total
+        if count_of(folder, document) != end - start:
+            raise UserError(f"{folder}: shard {shard} covers {count_of(folder, document)} questions, expected "
+                            f"{end - start} of {total}; the shards were made with different --limit or data")
+    return [(shard, folder, document, rows) for shard, folder, document, rows in parsed], total
+
+
+def _check_rows(shards: list, total: int, rows_file: str, stats_file: str, data: dict, distinct_key: str,
+                rows_key: str | None) -> None:
+    """Each shard's rows are questions its I/N assigns, as many as its counts say, none in two shards.
+
+    ``data``: where the shards read their questions (data, config, split, fingerprint, limit): the ordered
+    question list is read back from it, so rows copied from another shard, dropped or swapped are refused.
+    """
+    from vqa_constraints.loading import load_split
+
+    split = load_split(data["data"], data["config"], data["split"])
+    if split.fingerprint != data["fingerprint"]:
+        raise UserError(f"{shards[0][1] / stats_file} field 'data fingerprint': {data['data']} has changed since the "
+                        "shards were made; merge needs the data they read")
+    count = len(split) if data["limit"] is None else min(int(data["limit"]), len(split))
+    assigned = split.rows.select(range(count))["id"] if count else []
+    if len(assigned) != total:
+        raise UserError(f"{shards[0][1] / stats_file} field 'counts': the shards cover {total} questions, but "
+                        f"{data['data']} holds {len(assigned)} for these options")
+    for shard, folder, document, rows in shards:
+        ids = [row["id"] for row in rows]
+        check_shard_ids(str(folder / rows_file), shard, assigned, ids, every=False)
+        distinct = len(set(ids))
+        if distinct != _count(folder, document, stats_file, distinct_key):
+            raise UserError(f"{folder / rows_file}: rows for {distinct} questions, but {stats_file} field "
+                            f"'counts.{distinct_key}' says {document['counts'][distinct_key]} (rows dropped or added)")
+        if rows_key and len(rows) != _count(folder, document, stats_file, rows_key):
+            raise UserError(f"{folder / rows_file}: {len(rows)} rows, but {stats_file} field 'counts.{rows_key}' "
+                            f"says {document['counts'][rows_key]} (rows dropped or added)")
 
 
 def _same_run(shards, ignore: tuple[str, ...]) -> None:
@@ -123,8 +162,14 @@ def merge_traces(folders: list[Path], out: Path) -> Path:
     from . import plots, stats
 
     shards = [(Path(f), *_read(Path(f), TRACE_STATS, TRACE_ROWS)) for f in folders]
-    shards, _ = _order_shards(shards, lambda d: d["counts"]["records"])
-    _same_run(shards, ("counts", "groups", "peak_mlp_layer"))
+    shards, total = _order_shards(shards, lambda f, d: _count(f, d, TRACE_STATS, "records"))
+    _same_run([(f, d, r) for _, f, d, r in shards], ("counts", "groups", "peak_mlp_layer"))
+    data = shards[0][2].get("data")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("data", "config", "split", "fingerprint")):
+        raise UserError(f"{shards[0][1] / TRACE_STATS} field 'data': missing or malformed")
+    _check_rows(shards, total, TRACE_ROWS, TRACE_STATS, {**data, "limit": shards[0][2]["options"].get("limit")},
+                "traced", "rows")
+    shards = [(f, d, r) for _, f, d, r in shards]
     rows = [row for _, _, shard_rows in shards for row in shard_rows]
     document = json.loads(json.dumps(shards[0][1]))
     document["options"]["shard"] = None
@@ -161,9 +206,16 @@ def merge_attention(folders: list[Path], out: Path) -> Path:
     from .attention_study import RESULT_KEYS, StudyOptions, locate_entities, summarize, validate_stats, write_examples
 
     shards = [(Path(f), *_read(Path(f), ATTENTION_STATS, ATTENTION_ROWS)) for f in folders]
-    shards, total = _order_shards(shards, lambda d: d["counts"]["questions"])
+    shards, total = _order_shards(shards, lambda f, d: _count(f, d, ATTENTION_STATS, "questions"))
     results = RESULT_KEYS
-    _same_run(shards, results)
+    _same_run([(f, d, r) for _, f, d, r in shards], results)
+    first = shards[0][2]
+    if not all(isinstance(first.get(k), str) for k in ("data", "config", "split", "data_fingerprint")):
+        raise UserError(f"{shards[0][1] / ATTENTION_STATS} field 'data': missing or malformed")
+    data = {"data": first["data"], "config": first["config"], "split": first["split"],
+            "fingerprint": first["data_fingerprint"], "limit": first["options"].get("limit")}
+    _check_rows(shards, total, ATTENTION_ROWS, ATTENTION_STATS, data, "analysed", None)
+    shards = [(f, d, r) for _, f, d, r in shards]
     # Parquet gives every row every column; knockout columns belong only to correctly answered questions.
     rows = locate_entities([{k: v for k, v in row.items() if not (k.startswith("knockout_") and v is None)}
                             for _, _, shard_rows in shards for row in shard_rows])
