@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from harness.hooks import record_inputs
+from harness.hooks import record_inputs, stop_after
 from harness.scoring import Prompt, as_prompt
+from vqa_constraints.files import atomic_path
 
 FORMAT = 1
 
@@ -42,10 +42,6 @@ class KeyCovariance:
     def describe(self) -> dict:
         return {"layer": self.layer, "n_keys": self.n_keys, "n_questions": self.n_questions,
                 "ridge": self.ridge, "cache_file": self.cache_file}
-
-
-class _Stop(Exception):
-    """Raised from a hook once every needed layer has been read: the rest of the forward is wasted work."""
 
 
 def upstream_hash(adapter, layer: int) -> str:
@@ -106,23 +102,12 @@ def _accumulate(adapter, layers: Sequence[int], prompts: Sequence[Prompt]) -> tu
     last = modules[max(layers)]
     sums = {layer: None for layer in layers}
     count = 0
-
-    def stop(_module, _inputs, _output):
-        raise _Stop
-
     for prompt in prompts:
         encoded = adapter.encode(prompt.question, prompt.image)
         inputs = {k: (v.to(adapter.dtype) if v.is_floating_point() else v).to(adapter.device)
                   for k, v in encoded.inputs.items()}
-        handle = last.register_forward_hook(stop)
-        try:
-            with record_inputs({layer: module for layer, module in modules.items()}) as store:
-                try:
-                    adapter.model(**inputs)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
+        with stop_after(last), record_inputs({layer: module for layer, module in modules.items()}) as store:
+            adapter.model(**inputs)
         for layer in layers:
             keys = store[layer][0].to(torch.float64)
             sums[layer] = keys.T @ keys if sums[layer] is None else sums[layer] + keys.T @ keys
@@ -150,10 +135,9 @@ def _save(path: Path, second: torch.Tensor, n_keys: int, n_questions: int) -> No
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"second_moment": second.contiguous()}, str(tmp),
-              metadata={"n_keys": str(n_keys), "n_questions": str(n_questions)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"second_moment": second.contiguous()}, str(tmp),
+                  metadata={"n_keys": str(n_keys), "n_questions": str(n_questions)})
 
 
 # --- a generic corpus: the language model's own text ---------------------------
@@ -222,9 +206,8 @@ def sample_corpus(adapter, corpus: GenericCorpus) -> torch.Tensor:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"ids": ids.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"ids": ids.contiguous()}, str(tmp))
     return ids
 
 
@@ -252,21 +235,10 @@ def corpus_covariances(adapter, layers: Sequence[int], corpus: GenericCorpus,
 def _accumulate_ids(adapter, layer: int, ids: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
     module = adapter.mlp_out_proj(layer)
     total, count = None, 0
-
-    def stop(_module, _inputs, _output):
-        raise _Stop
-
     for start in range(0, ids.shape[0], batch):
         chunk = ids[start : start + batch].to(adapter.device)
-        handle = module.register_forward_hook(stop)
-        try:
-            with record_inputs({"key": module}) as store:
-                try:
-                    adapter.model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
+        with stop_after(module), record_inputs({"key": module}) as store:
+            adapter.model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
         keys = store["key"].reshape(-1, store["key"].shape[-1]).to(torch.float64).cpu()
         total = keys.T @ keys if total is None else total + keys.T @ keys
         count += int(keys.shape[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from harness.hooks import record_inputs
 from harness.tracing.patching import recording_language_model_inputs
 
 TOLERANCE = 1e-4  # largest |NLL(cached) - NLL(full model)| accepted, per request, at delta = 0
@@ -55,19 +56,10 @@ class PrefixCachedForward:
                      if isinstance(child, torch.nn.ModuleList) and len(child) and child[0] is first), None)
         if name is None:  # layers not held directly by the language model: run them all
             return
-        seen = {}
-
-        def capture(module, args, kwargs):
-            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-
-        handle = adapter.layers()[start_layer].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                self._run(self.embeds[:, self.offset:])
-        finally:
-            handle.remove()
-        if "hidden" in seen:
-            self.start_layer, self.suffix_input, self.layers_name = start_layer, seen["hidden"].detach(), name
+        with torch.no_grad(), record_inputs({"hidden": adapter.layers()[start_layer]}) as seen:
+            self._run(self.embeds[:, self.offset:])
+        if seen.get("hidden") is not None:
+            self.start_layer, self.suffix_input, self.layers_name = start_layer, seen["hidden"], name
 
     def _positions(self, start: int, end: int | None = None):
         return None if self.positions is None else self.positions[..., start:end]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from vqa_constraints.files import atomic_path, write_text_atomic
 
 COLUMNS = [
     ("efficacy_score", "Efficacy score"),
@@ -86,20 +89,13 @@ def table(document: dict) -> str:
 
 
 def write_table(document: dict, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(table(document), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(Path(path), table(document))
 
 
 def write_sweep_plot(document: dict, path: Path) -> None:
     """Efficacy (and generalization, dashed) against the edited layer, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     for name, rows in document["sweep"].items():
         layers = [row["layer"] for row in rows]
         efficacy = [row["efficacy"]["mean"] for row in rows]
@@ -115,9 +111,6 @@ def write_sweep_plot(document: dict, path: Path) -> None:
     axis.set_title(f"Editing by layer: {Path(document['model']['name_or_path']).name}")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    # No metadata, so the same numbers give the same bytes.
-    figure.savefig(tmp, dpi=120, metadata={"Software": None})
-    plt.close(figure)
-    os.replace(tmp, path)
+    with atomic_path(Path(path)) as tmp:
+        # No metadata, so the same numbers give the same bytes.
+        figure.savefig(tmp, dpi=120, metadata={"Software": None})

@@ -36,6 +36,7 @@ from harness.outputs import check_output_folder, interrupted, replace_folder, st
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, as_prompt, generate_answers
 from vqa_constraints.errors import UserError
+from vqa_constraints.files import load_schema
 from vqa_constraints.loading import load_split
 
 log = logging.getLogger(__name__)
@@ -722,9 +723,7 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
 
 
 def results_schema() -> dict:
-    from importlib import resources
-
-    return json.loads(resources.files("editing").joinpath("schemas", "editing_results.schema.json").read_text("utf-8"))
+    return load_schema("editing", "schemas", "editing_results.schema.json")
 
 
 def validate_results(document: dict) -> None:

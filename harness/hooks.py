@@ -120,6 +120,26 @@ def edit_inputs(edits: dict[nn.Module, TensorFn]) -> Iterator[None]:
         yield
 
 
+class _Stop(Exception):
+    """Raised by :func:`stop_after`'s hook and swallowed by its block; never seen outside."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """End a forward pass inside the block right after ``module`` has run: what comes later (the rest of
+    the layers, the logits) is not needed when only what a module reads or writes is recorded."""
+    def hook(_module, _inputs, _output):
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
 KwargsFn = Callable[[dict], dict | None]
 
 

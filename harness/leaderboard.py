@@ -28,10 +28,9 @@ import shlex
 import shutil
 import unicodedata
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
-from vqa_constraints import CONFIGS
+from vqa_constraints import CONFIGS, files
 from vqa_constraints.cli import output_file, output_folder
 from vqa_constraints.errors import UserError
 
@@ -62,8 +61,7 @@ RERUN_SEED_BITS = 63  # --rerun's seed: drawn with `secrets`, printed so a maint
 @lru_cache(maxsize=None)
 def load_schema(name: str) -> dict:
     """One of the JSON Schemas shipped in ``harness/schemas``."""
-    text = resources.files("harness").joinpath("schemas", f"{name}.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    return files.load_schema("harness", "schemas", f"{name}.schema.json")
 
 
 @lru_cache(maxsize=None)

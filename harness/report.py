@@ -13,14 +13,12 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from harness.controls import CONTROLS_FILE, control_verdicts  # noqa: E402
-from harness.findings import findings_section  # noqa: E402
-from harness.outputs import read_complete  # noqa: E402
+from harness.controls import CONTROLS_FILE, control_verdicts
+from harness.findings import findings_section
+from harness.outputs import read_complete
+from vqa_constraints.files import atomic_path
 
 REPORT_NAME = "report.md"
 FIGURES = "figures"
@@ -272,18 +270,17 @@ def fmt_stat(stat: dict | None) -> str:
 # --- figures ------------------------------------------------------------------
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    # No timestamp in the PNG metadata, so the same numbers give the same file.
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        # No timestamp in the PNG metadata, so the same numbers give the same file.
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
 
 
 def plot_accuracy(metrics: dict, configs: list[str], path: Path, title: str) -> None:
     groups = ["all", "visual", "visual+textual"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     width = 0.8 / len(groups)
     for offset, group in enumerate(groups):
         values, errors = [], [[], []]
@@ -306,7 +303,8 @@ def plot_accuracy(metrics: dict, configs: list[str], path: Path, title: str) -> 
 
 
 def plot_curves(curves: dict[str, list], path: Path, title: str, planted_layer: int | None) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(range(len(curve)), [v if v is not None else float("nan") for v in curve], marker="o", label=label)
     if planted_layer is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from vqa_constraints.errors import UserError
+from vqa_constraints.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +62,16 @@ def dumps_line(sample: dict) -> str:
 
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON to ``path`` via a temporary sibling and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(Path(path), json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", fsync=True)
 
 
 def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for line in lines:
+                handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def read_json(path: Path) -> dict:

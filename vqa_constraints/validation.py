@@ -15,7 +15,6 @@ import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
+from vqa_constraints.files import load_schema
 from vqa_constraints.records import CONSTRAINT_TYPES, VISUAL, sha256_hex
 
 IMAGE_FIELDS = ("image",)
@@ -43,8 +43,7 @@ class Violation:
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    text = resources.files("vqa_constraints").joinpath("schema/record.schema.json").read_text("utf-8")
-    return json.loads(text)
+    return load_schema("vqa_constraints", "schema", "record.schema.json")
 
 
 @lru_cache(maxsize=1)

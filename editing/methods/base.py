@@ -10,7 +10,7 @@ Nothing here writes to disk.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from editing.requests import EditRequest
+from harness.hooks import edit_inputs, edit_outputs
 from vqa_constraints.errors import UserError
 
 KEY_POSITIONS = ("subject-token", "constraint", "last")
@@ -38,7 +39,7 @@ class EditHandle:
     untouched original Parameter back (bit-exact by construction).
     """
 
-    modules: list[tuple[nn.Module, dict[str, nn.Parameter], list]] = field(default_factory=list)
+    modules: list[tuple[nn.Module, dict[str, nn.Parameter], ExitStack]] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # method-specific facts (steps, losses, norms) for edits.jsonl
     restored: bool = False
 
@@ -61,23 +62,22 @@ class EditHandle:
     @torch.no_grad()
     def restore(self) -> None:
         for module, originals, hooks in self.modules:
-            for hook in hooks:
-                hook.remove()
+            hooks.close()
             for name, param in originals.items():
                 setattr(module, name, param)
         self.modules = []
         self.restored = True
 
 
-def _promote(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Parameter], list]:
+def _promote(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Parameter], ExitStack]:
     originals = {name: getattr(module, name) for name in ("weight", "bias") if getattr(module, name, None) is not None}
     dtype = originals["weight"].dtype
     for name, param in originals.items():
         setattr(module, name, nn.Parameter(param.detach().to(torch.float32, copy=True), requires_grad=False))
-    hooks = [
-        module.register_forward_pre_hook(lambda _m, args: (args[0].to(torch.float32),) + tuple(args[1:])),
-        module.register_forward_hook(lambda _m, _args, output: output.to(dtype)),
-    ]
+    # The hooks live as long as the edit, not one block: an open stack that restore() closes.
+    hooks = ExitStack()
+    hooks.enter_context(edit_inputs({module: lambda inputs: inputs.to(torch.float32)}))
+    hooks.enter_context(edit_outputs({module: lambda output: output.to(dtype)}))
     return module, originals, hooks
 
 

@@ -1,25 +1,20 @@
-"""Plots of the attention study (matplotlib, Agg backend, files written via a temporary name)."""
+"""Plots of the attention study (matplotlib's Figure API, files written via a temporary name)."""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from vqa_constraints.files import atomic_path
 
 
-def _save(figure, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight", metadata={"Software": None})
-    plt.close(figure)
-    os.replace(tmp, path)
+def _save(figure: Figure, path: Path) -> None:
+    with atomic_path(Path(path)) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight", metadata={"Software": None})
 
 
 def plot_image_to_constraint(rows: list[dict], path: Path, title: str) -> bool:
@@ -32,7 +27,8 @@ def plot_image_to_constraint(rows: list[dict], path: Path, title: str) -> bool:
     size = Counter(len(r["image_positions"]) for r in rows).most_common(1)[0][0]
     chosen = [r["image_to_visual"] for r in rows if len(r["image_positions"]) == size]
     mean = np.asarray(chosen, dtype=np.float64).mean(axis=0)  # [layers, image tokens]
-    figure, axis = plt.subplots(figsize=(min(14, 3 + size * 0.08 + 2), 1.5 + 0.35 * mean.shape[0]))
+    figure = Figure(figsize=(min(14, 3 + size * 0.08 + 2), 1.5 + 0.35 * mean.shape[0]))
+    axis = figure.subplots()
     image = axis.imshow(mean, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest")
     axis.set_xlabel("image token (order in the prompt)")
     axis.set_ylabel("layer")
@@ -48,7 +44,8 @@ def plot_constraint_to_last(stats: dict, path: Path, title: str) -> bool:
     groups = stats["per_layer"]["constraint_to_last"]
     if not groups["all"]:
         return False
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     for group, style in (("all", "-"), ("correct", "--"), ("incorrect", ":")):
         cells = groups[group]
         if not cells:

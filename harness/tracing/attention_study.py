@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, replace
-from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from harness.tracing.failure_prediction import failure_prediction, locate_entity
 from harness.tracing.knockout import knockout, layer_bands
 from harness.tracing.targets import choose_target
 from vqa_constraints.errors import UserError
+from vqa_constraints.files import atomic_path, load_schema
 
 log = logging.getLogger(__name__)
 
@@ -532,18 +531,16 @@ def summarize(rows: list[dict], skipped: Counter, total: int, header: dict, opti
 
 
 def validate_stats(stats: dict) -> None:
-    schema = json.loads(resources.files("harness.tracing").joinpath("schemas", SCHEMA).read_text())
-    jsonschema.validate(json.loads(json.dumps(stats)), schema)
+    jsonschema.validate(json.loads(json.dumps(stats)), load_schema("harness.tracing", "schemas", SCHEMA))
 
 
 def write_examples(rows: list[dict], path: Path) -> None:
     """Per-question arrays as parquet (via a temporary file and rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     keys = list(dict.fromkeys(k for row in rows for k in row))  # knockout columns exist only for correct answers
     rows = [{k: row.get(k) for k in keys} for row in rows]
     table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def shard_questions(adapter, records: list, shard: str | None,

@@ -51,7 +51,9 @@ POSITIONS = ("constraint", "last", "all")
 TRACED = ("correct", "all")
 PREFIX_SUBJECT = ("corrupt", "keep")
 ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
-NOISE_SCALE = 3.0  # noise std as a multiple of the embedding (or image-feature) std, as in ROME
+# ROME's factor of 3; ROME multiplies the std of its subjects' token embeddings, here the whole embedding matrix's
+# (or the image features') is used, which needs no list of subjects.
+NOISE_SCALE = 3.0
 DEFAULT_REPLACE_TOKEN = " Paris"
 
 

@@ -10,15 +10,13 @@ Titles name the model and the config.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
+from vqa_constraints.files import atomic_path
 
 KIND_COLOURS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 
@@ -27,12 +25,10 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    # A fixed creation date keeps reruns byte-identical.
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        # No creation date or software tag, so reruns are byte-identical.
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
 
 
 def _title(document: dict, what: str) -> str:
@@ -63,7 +59,8 @@ def heatmap(document: dict, groups: list[dict], path: Path, corrupted: str) -> P
               for g in groups]
     values = np.array([[np.nan] * layers if g["null"] else [np.nan if v is None else v for v in g["mean_normalised"]]
                        for g in groups], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * values.shape[1] + 3), 0.45 * len(labels) + 1.6))
+    fig = Figure(figsize=(max(5, 0.35 * values.shape[1] + 3), 0.45 * len(labels) + 1.6))
+    ax = fig.subplots()
     image = ax.imshow(values, aspect="auto", cmap="Purples", vmin=min(0.0, np.nanmin(values)) if np.isfinite(values).any() else 0)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("layer")
@@ -80,7 +77,8 @@ def heatmap(document: dict, groups: list[dict], path: Path, corrupted: str) -> P
 
 
 def curve_plot(document: dict, groups: list[dict], path: Path, what: str) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.subplots()
     for g in groups:
         if g["null"]:  # never a curve from too few affected questions
             ax.plot([], [], color=KIND_COLOURS.get(g["kind"]), label=f"{g['kind']}: null (n affected={g['n_affected']})")
@@ -112,8 +110,8 @@ def plot_examples(document: dict, rows: list[dict], out: Path, limit: int = 3) -
         for corrupted in sorted({r["corrupted"] for r in mine}):
             cells = [r for r in mine if r["corrupted"] == corrupted]
             kinds = list(dict.fromkeys(r["kind"] for r in cells))
-            fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 0.28 * len(cells) / len(kinds) + 1.8),
-                                     squeeze=False, layout="constrained")
+            fig = Figure(figsize=(4.6 * len(kinds), 0.28 * len(cells) / len(kinds) + 1.8), layout="constrained")
+            axes = fig.subplots(1, len(kinds), squeeze=False)
             for ax, kind in zip(axes[0], kinds):
                 ordered = sorted((r for r in cells if r["kind"] == kind), key=lambda r: r["target_positions"][0])
                 values = np.array([r["p_restored"] for r in ordered])

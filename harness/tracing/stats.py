@@ -13,7 +13,6 @@ effect above a stated threshold) and the peak layer; all null below
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 
 from harness.bootstrap import bootstrap_interval
 from harness.outputs import read_complete, require_complete
+from vqa_constraints.files import atomic_path, load_schema, write_text_atomic
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "trace_stats.schema.json"
@@ -164,9 +164,7 @@ def peak_of_groups(groups: list[dict], corrupted: str = PEAK_GROUP[0], target: s
 
 
 def write_json(path: Path, document: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -201,13 +199,12 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     }
     schema = pa.schema(list(columns.items()))
     table = pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in rows], schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def validate(document: dict) -> None:
     """Raise jsonschema.ValidationError when ``document`` breaks the shipped trace_stats schema."""
     import jsonschema
 
-    jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()))
+    jsonschema.validate(document, load_schema("harness.tracing", "schemas", "trace_stats.schema.json"))

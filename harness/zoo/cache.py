@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -13,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock, Timeout
 
 from harness.outputs import check_output_folder, replace_folder, staging_folder
 
@@ -41,13 +42,17 @@ def _one_build_at_a_time(folder: Path):
     folder.parent.mkdir(parents=True, exist_ok=True)
     locks = cache_root() / "locks"  # beside the zoo folder, which holds only models
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{folder.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process that is building %s", folder.name)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    # filelock rather than fcntl: the same lock on Windows as on Unix.
+    lock = FileLock(locks / f"{folder.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process that is building %s", folder.name)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def cached_build(name: str, recipe, build: Callable[[Path], None], out: Path | None = None,
