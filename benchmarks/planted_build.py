@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from harness.zoo import planted
-from harness.zoo.planted_check import mlp_restoration_effects
+from harness.zoo.planted.check import mlp_restoration_effects
 from vqa_constraints.sources.planted import records
 
 

@@ -63,7 +63,7 @@ def lmms_command(args, out: Path) -> list[str]:
 
 def compare(ours_dir: Path, lmms_dir: Path) -> tuple[int, int, int]:
     """(questions both scored, same correctness, same answer text); the lmms-eval answers rescored by the harness."""
-    from harness.lmms_eval_samples import read_logged, samples_files
+    from harness.leaderboard.from_lmms_eval import read_logged, samples_files
     from harness.scoring import answer_correct, clean_generation
 
     ours = {s["id"]: s for s in map(json.loads, (ours_dir / "samples.jsonl").read_text().splitlines())}

@@ -16,6 +16,7 @@ import re
 import torch
 
 from editing.methods.base import _to_model
+from harness.scoring import Prompt, answer_logprobs
 
 
 @torch.no_grad()
@@ -50,7 +51,6 @@ def entity_prefix(adapter, question: str, image, current: str, target: str) -> s
         return ""
     # First tokens of different forms ("K" vs " Kabul") are not comparable: the best mid-answer cut and the bare
     # answer are compared on the whole target's log-probability instead.
-    from harness.scoring import Prompt, answer_logprobs
 
     prompt = Prompt(question, image)
     bare, with_prefix, prefix_only = answer_logprobs(

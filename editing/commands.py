@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness import distributed
+from harness.cli import distributed
+from harness.cli.args import options_from_args
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints.cli import non_negative_int, output_folder, positive_int
@@ -119,31 +120,8 @@ def _edit(args: argparse.Namespace) -> int:
     if not methods or unknown:
         raise UserError(f"--method {args.method}: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
     method_options = load_method_config(args.method_config) if args.method_config else {}
-    options = EditOptions(
-        methods=methods,
-        track=args.track,
-        layers=args.layers,
-        key_position=args.key_position,
-        limit=args.limit,
-        batch_edits=args.batch_edits,
-        sweep_layers=args.sweep_layers,
-        seed=args.seed,
-        split=args.split,
-        specificity_size=args.specificity_size,
-        preserve_size=args.preserve,
-        trace_stats=args.trace_stats,
-        trace_limit=args.trace_limit,
-        max_new_tokens=args.max_new_tokens,
-        key_stats_size=args.key_stats_size,
-        method_options=method_options,
-        method_config=args.method_config,
-        covariance_source=args.covariance_source,
-        corpus_keys=args.corpus_keys,
-        per_subject=args.per_subject or None,
-        neighbours=args.neighbours,
-        validation_size=args.validation_size,
-        augment_views=args.augment_views,
-    )
+    options = options_from_args(EditOptions, args, methods=methods, preserve_size=args.preserve,
+                                method_options=method_options, per_subject=args.per_subject or None)
     if args.save is not None:
         check_save_target(args.model, args.save, args.overwrite)  # before loading the model
     adapter = load_model(args.model, **model_options(args))  # --dtype --device --device-map --max-pixels ...

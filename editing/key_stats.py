@@ -20,6 +20,7 @@ import torch
 
 from harness.hooks import record_inputs, stop_after
 from harness.scoring import Prompt, as_prompt
+from harness.zoo.cache import cache_root
 from vqa_constraints.files import atomic_path
 
 FORMAT = 1
@@ -63,8 +64,6 @@ def upstream_hash(adapter, layer: int) -> str:
 
 
 def cache_dir() -> Path:
-    from harness.zoo.cache import cache_root
-
     return cache_root() / "key-stats"
 
 

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from editing.methods import METHODS
 from vqa_constraints.errors import UserError
 
 
 def load_method_config(path: str | Path) -> dict[str, dict]:
-    from editing.methods import METHODS
-
     path = Path(path)
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))

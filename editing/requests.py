@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
+from harness.zoo.flag_llava.augment import flags_tensor, random_views, to_pil
 from vqa_constraints.records import Record
 
 TRACKS = ("correction", "insertion")
@@ -169,7 +170,6 @@ def with_augmented_views(request: EditRequest, count: int, seed: int) -> EditReq
         return request
     import torch
 
-    from harness.zoo.flag_llava_augment import flags_tensor, random_views, to_pil
 
     width, height = request.image.size
     flags = flags_tensor([request.image], height=height, width=width)

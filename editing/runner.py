@@ -28,13 +28,30 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from editing import metrics
-from editing.methods import EditMethod, SkipEdit, make_method, weights_hash
+from editing import key_distinctness, metrics, report
+from editing.answer_format import entity_prefix
+from editing.key_stats import GenericCorpus
+from editing.methods import BASELINES, MULTEDIT_VARIANTS, EditMethod, SkipEdit, make_method, weights_hash
 from editing.methods.base import check_inputs, check_layers, request_prompts
-from editing.requests import TRACK_CONFIG, TRACKS, EditRequest, Skipped, build_requests
+from editing.requests import (
+    TRACK_CONFIG,
+    TRACKS,
+    EditRequest,
+    Skipped,
+    build_requests,
+    distinct_subject_batches,
+    per_subject,
+    request_from_record,
+    shared_keys,
+    with_augmented_views,
+)
 from harness.outputs import check_output_folder, interrupted, replace_folder, staging_folder
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, as_prompt, generate_answers
+from harness.tracing.causal_trace import TraceOptions, run_trace
+from harness.tracing.stats import peak_mlp_layer
+from harness.zoo.cache import cache_root
+from vqa_constraints import __version__
 from vqa_constraints.errors import UserError
 from vqa_constraints.files import load_schema
 from vqa_constraints.loading import load_split
@@ -101,7 +118,6 @@ def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tup
     ``trace_limit`` questions) into ``out/trace``. A model config's
     ``planted_layer`` is the fallback when the trace finds no causal layer.
     """
-    from harness.tracing.stats import peak_mlp_layer
 
     path = options.trace_stats
     if path:
@@ -109,8 +125,6 @@ def default_layers(adapter, data: str, out: Path, options: "EditOptions") -> tup
             raise UserError(f"--trace-stats {path}: no such file")
         source = f"peak MLP layer of {path}"
     else:
-        from harness.tracing.causal_trace import TraceOptions, run_trace
-
         trace_out = Path(out) / "trace"
         run_trace(TraceOptions(model=str(adapter.name_or_path), data=str(data), config=SPECIFICITY_CONFIG,
                                out=trace_out, split=options.validation_split, corruption="image-noise",
@@ -139,7 +153,6 @@ def make_requests(adapter, data: str, options: EditOptions, split_name: str | No
                   limit: int | None = None) -> tuple[list[EditRequest], list[Skipped], dict]:
     """Edit requests for the track from ``split_name`` (default: the reported split), at most ``per_subject`` per
     subject and ``limit`` in all, the skipped records, and where they came from."""
-    from editing.requests import per_subject, with_augmented_views
 
     if options.track not in TRACKS:
         raise UserError(f"unknown track {options.track!r}; choose from {', '.join(TRACKS)}")
@@ -174,7 +187,6 @@ def with_prefix(adapter, request: EditRequest) -> EditRequest:
     """The request with its answer prefix: the model's own answer up to its answer entity."""
     from dataclasses import replace
 
-    from editing.answer_format import entity_prefix
 
     return replace(request, prefix=entity_prefix(adapter, request.question, request.image, request.current,
                                                   request.target))
@@ -222,7 +234,6 @@ def specificity_sample(data: str, options: EditOptions, split_name: str | None =
 def preservation_requests(data: str, options: EditOptions, requests: Sequence[EditRequest]) -> list[EditRequest]:
     """A seeded sample of single-constraint *validation* questions (never the test questions that
     specificity is measured on), about subjects no request edits."""
-    from editing.requests import request_from_record
 
     if options.preserve_size <= 0:
         return []
@@ -258,7 +269,6 @@ class Context:
 def build_context(adapter, data: str, options: EditOptions, requests: Sequence[EditRequest],
                   split_name: str, batchings: Sequence[int]) -> Context:
     """Pre-edit answers for every question the edits of ``requests`` (grouped as ``batchings``) are scored on."""
-    from editing.answer_format import entity_prefix
 
     size = options.batch_size
     unrelated = specificity_sample(data, options, split_name)
@@ -311,8 +321,6 @@ def neighbours_for(ctx: Context, request: EditRequest, group: Sequence[EditReque
 
 
 def plan_batches(requests: Sequence[EditRequest], batch: int, options: EditOptions) -> list[list[EditRequest]]:
-    from editing.requests import distinct_subject_batches
-
     if batch > 1 and options.distinct_batches:
         return distinct_subject_batches(requests, batch)
     return [list(requests[i : i + batch]) for i in range(0, len(requests), batch)]
@@ -331,7 +339,6 @@ def run_method(ctx: Context, method: EditMethod, requests: Sequence[EditRequest]
                batch: int, lines: list[str] | None, sweep: bool = False) -> tuple[dict, list[dict]]:
     """Edit ``requests`` in groups of ``batch`` with ``method`` at ``layers``; per-edit rows into ``lines``.
     Returns the summary and the per-edit metric rows (with id and subject)."""
-    from editing.requests import shared_keys
 
     adapter, options = ctx.adapter, ctx.options
     edited = check_layers(adapter, layers)
@@ -505,7 +512,6 @@ def choose_settings(adapter, data: str, options: EditOptions, layers: Sequence[i
     Nothing here sees the reported split: the function is given the validation split's requests and questions
     only (tests/test_editing_validation.py changes the reported requests and checks the choice stays put).
     """
-    from editing import key_distinctness
 
     options = validation_options(options)
     record: dict = {"split": options.validation_split, "requests": 0, "key_position": None, "parameters": {}}
@@ -571,8 +577,6 @@ def prepare_method(adapter, data: str, options: EditOptions, method, layers) -> 
     if getattr(method, "form", "lambda") == "lambda":
         return None
     if options.covariance_source == "corpus":
-        from editing.key_stats import GenericCorpus
-
         method.generic_corpus(GenericCorpus(n_keys=options.corpus_keys, seed=options.seed))
         source = {"source": "corpus", "corpus": "the model's own sampled text (editing/key_stats.py GenericCorpus)"}
     else:
@@ -597,8 +601,6 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     ``save``: also write the edited model there (see ``save_edited``; ``overwrite`` as there).
     An interrupt (Ctrl-C) writes the methods finished so far with ``complete: false`` and re-raises.
     """
-    from editing import report
-    from editing.methods import BASELINES, MULTEDIT_VARIANTS
 
     out = Path(out)
     if options.batch_edits < 1:
@@ -762,7 +764,6 @@ SAVE_COMMAND = "vqa-constraints edit --save"
 
 def check_save_target(model: str | Path, target: str | Path, overwrite: bool = False) -> Path:
     """``target`` checked as ``--save`` for the model at ``model`` (a folder, or a Hub id with no folder to protect)."""
-    from harness.zoo.cache import cache_root
 
     source = Path(str(model))
     protected = [(source, "the model's own folder")] if source.exists() else []
@@ -788,7 +789,6 @@ def _versions() -> dict:
     import datasets
     import transformers
 
-    from vqa_constraints import __version__
 
     return {"vqa_constraints": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "datasets": datasets.__version__, "python": platform.python_version()}

@@ -19,16 +19,26 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from harness import scoring
+from harness.models.loading import load_model, local_revision
+from harness.outputs import check_out
+from harness.results import compute_metrics
+from harness.runs import (
+    RUN_FILE,
+    RUN_FORMAT_VERSION,
+    SAMPLES_FILE,
+    RunFolder,
+    check_run_folder,
+    schema_errors,
+    write_json_atomic,
+)
+from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+from harness.shards import parse_shard
+from harness.vllm_backend import VLLMBackend, vllm_dtype
 from vqa_constraints import CONFIGS, __version__
 from vqa_constraints.errors import UserError
 from vqa_constraints.loading import LoadedSplit, load_split
 from vqa_constraints.records import Record, sha256_hex
-
-from harness import scoring
-from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
-from harness.results import compute_metrics
-from harness.runs import RUN_FILE, RUN_FORMAT_VERSION, SAMPLES_FILE, RunFolder, check_run_folder, write_json_atomic
-from harness.shards import parse_shard
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +154,6 @@ def check_rows(data: str, splits: dict[str, LoadedSplit], tasks: list[Task]) -> 
 
 def model_fingerprint(model: str) -> str | None:
     """For a local folder, the same sha256 revision ``load_model`` records (config + weights); None for Hub ids."""
-    from harness.models.loading import local_revision
 
     path = Path(model).expanduser()
     return local_revision(path) if path.is_dir() else None
@@ -182,8 +191,6 @@ def library_versions() -> dict:
 
 
 def load_adapter(options: EvalOptions):
-    from harness.models.loading import load_model
-
     adapter = load_model(
         options.model,
         dtype=options.dtype,
@@ -259,8 +266,6 @@ def score_batch(backend, adapter, records: list[Record], tasks: list[Task], opti
 
 def check_sample_lines(samples: list[dict], path: Path) -> None:
     """Every line written to samples.jsonl matches samples.schema.json (the contract `leaderboard validate` reads)."""
-    from harness.leaderboard import schema_errors
-
     for sample in samples:
         errors = schema_errors("samples", sample, f"{path} question {sample.get('id')}")
         if errors:
@@ -269,8 +274,6 @@ def check_sample_lines(samples: list[dict], path: Path) -> None:
 
 def make_backend(options: EvalOptions, adapter):
     if options.backend == "vllm":
-        from harness.vllm_backend import VLLMBackend
-
         return VLLMBackend.from_options(options)
     return scoring.HFBackend(adapter, max_new_tokens=options.max_new_tokens)
 
@@ -282,7 +285,6 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
     otherwise the model is loaded from ``options.model``.
     """
     check_options(options)
-    from harness.outputs import check_out
 
     check_out(options.out, "evaluate", options.model, options.data)  # the one --out rule, before any work
     shard = parse_shard(options.shard)
@@ -452,8 +454,6 @@ def dtype_used(options: EvalOptions, adapter) -> str:
     if adapter is not None:
         return str(adapter.dtype).replace("torch.", "")
     if options.backend == "vllm":
-        from harness.vllm_backend import vllm_dtype
-
         return vllm_dtype(options.dtype)
     return options.dtype
 

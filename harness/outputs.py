@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from harness.runs import read_json, write_json_atomic
 from vqa_constraints.errors import UserError
 
 MARKER = ".vqa-constraints-output"
@@ -45,8 +46,6 @@ def require_complete(document: dict, path: str | Path) -> dict:
 
 def read_complete(path: str | Path) -> dict:
     """Read a JSON output document and require it to be complete."""
-    from harness.runs import read_json
-
     return require_complete(read_json(Path(path)), path)
 
 
@@ -91,8 +90,6 @@ def check_output_folder(target: str | Path, option: str, command: str, overwrite
     one. An earlier output is marked with ``MARKER`` or holds ``document``; leftover temporary files
     of a killed run do not make a folder non-empty.
     """
-    from harness.zoo.cache import cache_root
-
     target = Path(target)
     resolved = target.resolve()
     for path, what in protected:
@@ -155,8 +152,6 @@ class StaleDocuments:
             return False
         if self._stamp() != self.before:  # the command wrote its own (partial) document
             return False
-        from harness.runs import write_json_atomic
-
         try:
             document = json.loads(self.path.read_text("utf-8"))
         except (OSError, ValueError):
@@ -189,3 +184,16 @@ def replace_folder(staging: Path, target: Path, command: str) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return target
+
+
+# --- the project's cache (zoo models, key statistics): protected from every --out ----------
+
+CACHE_ENV = "VQA_CONSTRAINTS_CACHE"
+
+
+def cache_root() -> Path:
+    """``$VQA_CONSTRAINTS_CACHE``, else ``$XDG_CACHE_HOME/vqa-constraints``, else ``~/.cache/vqa-constraints``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vqa-constraints"

@@ -16,11 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
 from vqa_constraints.errors import UserError
 from vqa_constraints.files import atomic_path, write_text_atomic
+from vqa_constraints.files import load_schema as load_package_schema
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +235,31 @@ def check_same_identity(where: Path, stored: dict, wanted: dict) -> None:
             f"{where}: this run folder was made by a different evaluation ({'; '.join(differences)}); "
             "rerun with the original options or use another --out"
         )
+
+
+# --- the JSON Schemas of run files and submissions (harness/schemas) ----------------
+
+SCHEMA_NAMES = ("samples", "results", "submission")
+
+
+def load_schema(name: str) -> dict:
+    """One of the JSON Schemas shipped in ``harness/schemas``."""
+    return load_package_schema("harness", "schemas", f"{name}.schema.json")
+
+
+@lru_cache(maxsize=None)
+def validator(name: str):
+    registry = Registry().with_resources(
+        (load_schema(n)["$id"], Resource.from_contents(load_schema(n))) for n in SCHEMA_NAMES
+    )
+    return Draft202012Validator(load_schema(name), registry=registry)
+
+
+def schema_errors(name: str, instance, where: str) -> list[str]:
+    """Readable schema violations: ``where at path.to.field: message``."""
+    errors = sorted(validator(name).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    out = []
+    for error in errors:
+        path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        out.append(f"{where} at {path}: {error.message}")
+    return out

@@ -21,11 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from vqa_constraints.errors import UserError
-
+from harness.models import registry
 from harness.models.encoding import adds_special_tokens, positions_overlapping, tokenize_with_spans
+from harness.models.loading import _load_processor, cap_image_pixels, resolve_dtype
 from harness.models.prompting import answer_separator
-from harness.scoring import Generation, Loglikelihood, LoglikelihoodRequest, Prompt, clean_generation
+from harness.scoring import Generation, Loglikelihood, LoglikelihoodRequest, Prompt, clean_generation, stop_token_ids
+from vqa_constraints.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,6 @@ def vllm_dtype(dtype: str) -> str:
     """``--dtype`` for vLLM through the transformers back-end's resolver (vLLM always runs on CUDA)."""
     import torch
 
-    from harness.models.loading import resolve_dtype
 
     return str(resolve_dtype(dtype, torch.device("cuda"))).replace("torch.", "")
 
@@ -226,8 +226,6 @@ def weightless_adapter(options):
     """The checkpoint's adapter with its processor (image budget capped) but no weights: prompts only."""
     from transformers import AutoConfig
 
-    from harness.models import registry
-    from harness.models.loading import _load_processor, cap_image_pixels
 
     common = {"revision": options.revision, "trust_remote_code": options.trust_remote_code}
     try:
@@ -256,7 +254,6 @@ def checkpoint_stop_ids(options, tokenizer) -> list[int]:
     """The stop ids the HF back-end uses: the tokenizer's EOS plus the checkpoint's listed ones."""
     from transformers import GenerationConfig
 
-    from harness.scoring import stop_token_ids
 
     try:
         config = GenerationConfig.from_pretrained(options.model, revision=options.revision)

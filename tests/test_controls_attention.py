@@ -1,4 +1,4 @@
-"""Ground-truth controls for the attention study (harness/zoo/planted_controls.py)."""
+"""Ground-truth controls for the attention study (harness/zoo/planted/routed.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from harness.hooks import edit_kwargs, record_outputs
 from harness.tracing.attention import eager_attention
 from harness.zoo import planted
-from harness.zoo.planted_controls import QUICK_ROUTED, RoutedRecipe, RouteMask, phrase_ids
+from harness.zoo.planted.routed import QUICK_ROUTED, RoutedRecipe, RouteMask, phrase_ids
 from harness.zoo.cache import recipe_hash
-from harness.zoo.planted_data import BatchMaker, fact_examples
-from harness.zoo.planted_processor import build_tokenizer
+from harness.zoo.planted.data import BatchMaker, fact_examples
+from harness.zoo.planted.processor import build_tokenizer
 
 
 def test_route_mask_leaves_the_image_to_the_constraint_tokens_in_early_layers():

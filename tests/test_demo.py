@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from harness.report import fmt, fmt_ci
+from harness.study.report import fmt, fmt_ci
 from vqa_constraints.cli import run
 
 

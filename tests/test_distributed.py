@@ -1,6 +1,6 @@
 """`evaluate`, `trace` and `attention` under torchrun (gloo, CPU): each rank takes its `--shard` slice, rank 0
 merges, and the files equal a one-process run's; a rerun after a rank died redoes only that rank's missing part.
-Also the rank/GPU arithmetic of harness/distributed.py and what a launched command refuses."""
+Also the rank/GPU arithmetic of harness/cli/distributed.py and what a launched command refuses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from harness.distributed import Launch, launch_from_env, rank_placement
+from harness.cli.distributed import Launch, launch_from_env, rank_placement
 from vqa_constraints.cli import run
 from vqa_constraints.errors import UserError
 
@@ -88,10 +88,10 @@ def test_a_launcher_and_shard_together_or_edit_are_refused(monkeypatch, tmp_path
 
 
 def torchrun(argv: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N -m harness.distributed ARGV` on the CPU, one thread per rank."""
+    """`torchrun --nproc-per-node N -m harness.cli.distributed ARGV` on the CPU, one thread per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-               "--standalone", "-m", "harness.distributed", *map(str, argv)]
+               "--standalone", "-m", "harness.cli.distributed", *map(str, argv)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -16,7 +16,7 @@ import pytest
 from harness_support import LIMIT, planted_adapter, run_options, small_run  # noqa: F401  (session fixtures)
 
 from harness.evaluate import evaluate
-from harness.leaderboard import schema_errors
+from harness.runs import schema_errors
 from harness.results import compute_metrics
 from vqa_constraints import CONFIGS
 from vqa_constraints.errors import UserError

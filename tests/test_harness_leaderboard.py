@@ -11,13 +11,11 @@ import pytest
 from harness_support import flags_data_dir, flags_validation_run, planted_adapter, small_run, validation_run  # noqa: F401
 from jsonschema import Draft202012Validator
 
-from harness.leaderboard import (
-    build_leaderboard,
-    load_schema,
-    prepare_submission,
-    validate_submission,
-)
-from harness.leaderboard_release import DEFAULT_RELEASE, load_release, release_from_data
+from harness.leaderboard.checks import validate_submission
+from harness.leaderboard.release import DEFAULT_RELEASE, load_release, release_from_data
+from harness.leaderboard.render import build_leaderboard
+from harness.leaderboard.submission import prepare_submission
+from harness.runs import load_schema
 from vqa_constraints import cli
 from vqa_constraints.errors import UserError
 

@@ -9,7 +9,8 @@ import pytest
 from harness_support import planted_adapter, run_options, small_run  # noqa: F401  (session fixtures)
 
 from harness.evaluate import evaluate
-from harness.shards import Shard, check_tiling, merge_runs, parse_shard
+from harness.run_merge import merge_runs
+from harness.shards import Shard, check_tiling, parse_shard
 from vqa_constraints.errors import UserError
 
 

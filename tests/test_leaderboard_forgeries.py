@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from harness_support import flags_data_dir, flags_validation_run, planted_adapter  # noqa: F401  (session fixtures)
 
-from harness.leaderboard import prepare_submission, rerun_sample, validate_submission
-from harness.leaderboard_release import release_from_data, write_release
+from harness.leaderboard.checks import rerun_sample, validate_submission
+from harness.leaderboard.release import release_from_data, write_release
+from harness.leaderboard.submission import prepare_submission
 from harness.results import compute_metrics
 from harness.scoring import answer_correct, exact_match
 from vqa_constraints import cli
@@ -351,7 +352,7 @@ def test_each_forgery_is_refused_naming_the_field(name, honest, release_file, fl
 
 def test_rewritten_predictions_pass_the_data_checks(honest, release_file):
     """What the docs say: a rewritten prediction cannot be caught by data checks alone."""
-    from harness.leaderboard_release import load_release
+    from harness.leaderboard.release import load_release
 
     predictions_rewritten_to_gold(honest)
     assert validate_submission(honest.path, load_release(release_file)) == []

@@ -23,9 +23,9 @@ import yaml
 from harness_support import flags_data_dir, planted_adapter, small_run  # noqa: F401
 
 from harness import scoring
-from harness.leaderboard import validate_submission
+from harness.leaderboard.checks import validate_submission
 from harness.models.prompting import ANSWER_INSTRUCTION
-from harness.leaderboard_release import release_from_data
+from harness.leaderboard.release import release_from_data
 from harness.runs import read_json
 from vqa_constraints import CONFIGS, cli
 from vqa_constraints.records import sha256_hex

@@ -18,8 +18,8 @@ import pytest
 
 from editing.methods import weights_hash
 from editing.runner import EditOptions, run_editing, validate_results
-from harness import report
-from harness.demo import Step, step_done
+from harness.study import report
+from harness.study.demo import Step, step_done
 from harness.tracing import stats
 from harness.tracing.attention_study import StudyOptions, run_attention_study, validate_stats
 from harness.tracing.causal_trace import TraceOptions, run_trace

@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from harness import report
+from harness.study import report
 from harness.tracing import stats
 from harness.tracing.causal_trace import TraceOptions, peak_mlp_layer, run_trace
 from harness.tracing.targets import answer_start
@@ -126,7 +126,7 @@ def test_zero_affected_questions_give_null_and_affected_only_means():
     [group] = [g for g in stats.summarise(weak, 0.1, 50, 0, min_affected=2) if g["num_constraints"] == "all"]
     assert (group["null"], group["peak_layer"], group["causal_layers"]) == (False, 0, [])
     assert stats.peak_of_groups([group], corrupted="visual", target="last") is None
-    from harness.findings import UNSURE, describe_peak, has_causal_layer
+    from harness.study.findings import UNSURE, describe_peak, has_causal_layer
 
     assert not has_causal_layer(group) and describe_peak("MLLM", group).startswith("MLLM: no causal MLP layer")
     assert UNSURE == "inconclusive"

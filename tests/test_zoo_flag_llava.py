@@ -24,8 +24,9 @@ pytest.importorskip("gguf")
 import torch  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
-from harness.zoo import flag_llava, flag_llava_vqa, smollm2  # noqa: E402
-from harness.zoo.flag_llava_eval import chat_prompt, generate, normalise  # noqa: E402
+from harness.zoo import flag_llava, smollm2  # noqa: E402
+from harness.zoo.flag_llava import vqa as flag_llava_vqa  # noqa: E402
+from harness.zoo.flag_llava.evaluation import chat_prompt, generate, normalise  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from harness.zoo import planted
-from harness.zoo.planted_check import mlp_restoration_effects
-from harness.zoo.planted_eval import generate_answers
+from harness.zoo.planted.check import mlp_restoration_effects
+from harness.zoo.planted.evaluation import generate_answers
 from vqa_constraints.cli import run
 from vqa_constraints.sources.planted import records
 

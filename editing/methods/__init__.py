@@ -6,6 +6,7 @@ from editing.methods.base import EditHandle, EditMethod, SkipEdit, weights_hash
 from editing.methods.ft import FineTune
 from editing.methods.ft_l import ConstrainedFineTune
 from editing.methods.multedit import MemitLeastSquares, MultEdit, MultEditCovariance
+from vqa_constraints.errors import UserError
 
 METHODS: dict[str, type[EditMethod]] = {
     "multedit": MultEdit,
@@ -21,7 +22,6 @@ BASELINES = ("ft", "ft-l", "memit-ls")
 
 def make_method(name: str, **options) -> EditMethod:
     """A method by its CLI name; ``options`` that the method does not take are ignored."""
-    from vqa_constraints.errors import UserError
 
     if name not in METHODS:
         raise UserError(f"unknown edit method {name!r}; choose from {', '.join(METHODS)}")

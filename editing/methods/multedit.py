@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from editing.key_stats import corpus_covariances, key_covariances
 from editing.methods.base import (
     EditHandle,
     EditMethod,
@@ -47,6 +48,7 @@ from editing.methods.base import (
 from editing.prefix_cache import TOLERANCE, PrefixCachedForward, logits_to_keep
 from editing.requests import EditRequest
 from harness.hooks import edit_outputs, record_inputs
+from vqa_constraints.errors import UserError
 
 FORMS = ("lambda", "covariance", "least-squares")
 
@@ -116,8 +118,6 @@ class MultEdit(EditMethod):
     name = "multedit"
 
     def __post_init__(self):
-        from vqa_constraints.errors import UserError
-
         if self.form not in FORMS:
             raise UserError(f"unknown MultEdit form {self.form!r}; choose from {', '.join(FORMS)}")
         self._key_corpus: tuple[list, str] | None = None
@@ -150,8 +150,6 @@ class MultEdit(EditMethod):
 
     def covariance(self, adapter, layer: int):
         """C for ``layer`` (computed once per method instance, from the original weights; cached on disk)."""
-        from editing.key_stats import corpus_covariances, key_covariances
-        from vqa_constraints.errors import UserError
 
         if layer not in self._cov and self._generic is not None:
             self._cov.update(corpus_covariances(adapter, [layer], self._generic, self.cov_ridge))

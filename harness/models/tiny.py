@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from harness.models.multimodal import ImageTextParts
+
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "text")
 IMAGE_SIZE = 32
 PATCH = 8
@@ -163,8 +165,12 @@ def build_llava_next(out: Path) -> None:
     """LLaVA-NeXT: the image is tiled by ``image_grid_pinpoints`` (anyres), and after the projector the model
     unpads the tiles and appends a newline row to each: the token count depends on the image size."""
     from transformers import (
-        CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil, LlavaNextProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
     )
 
     pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
@@ -245,7 +251,11 @@ def build_idefics3(out: Path) -> None:
     global view), and the chat template writes ``<|begin_of_text|>`` although the tokenizer adds it too.
     """
     from transformers import (
-        Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor, LlamaConfig,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        LlamaConfig,
     )
 
     tokenizer = bpe_tokenizer(IDEFICS3_SPECIALS, bos=LLAMA3_BOS)
@@ -271,8 +281,6 @@ def _qwen2_vl_processor(image_processor, tokenizer):
     """The real processor where torchvision exists; else image processor + tokenizer saved side by side."""
     from transformers import Qwen2VLProcessor
     from transformers.utils import is_torchvision_available
-
-    from .multimodal import ImageTextParts
 
     if is_torchvision_available():
         return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
@@ -341,8 +349,14 @@ def build_llava15_shaped(out: Path, vision: dict, text: dict, vocab_size: int | 
                          image_size: int = 336, patch: int = 14) -> Path:
     """A random LLaVA-1.5-shaped checkpoint (576 image tokens at 336 px / 14 px patches) for the benchmarks:
     real prompt lengths with small or chosen layer shapes. ``vocab_size`` defaults to the tokenizer's."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     torch.manual_seed(0)
     tokenizer = bpe_tokenizer(["<image>"])

@@ -6,8 +6,8 @@
     OUT/image_to_constraint.png  heatmap: layer x image token -> visual-constraint tokens
     OUT/constraint_to_last.png   line plot: constraint tokens -> last token per layer
 
-``run_attention_study(adapter, split, out)`` is the Python API; the CLI in
-``attention_cli.py`` only parses arguments and prints the summary.
+``run_attention_study(adapter, split, out)`` is the Python API; the command in
+``harness/cli/attention.py`` only parses arguments and prints the summary.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from harness.bootstrap import keyed_rng
 from harness.outputs import interrupted
 from harness.results import mean_with_ci
 from harness.runs import write_json_atomic
-from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, generate, normalize_answer
+from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, answer_correct, generate, normalize_answer
+from harness.shards import aligned_window, parse_shard
 from harness.tracing.attention import question_contributions
+from harness.tracing.attention_plots import plot_constraint_to_last, plot_image_to_constraint
 from harness.tracing.failure_prediction import failure_prediction, locate_entity, prefix_pattern
 from harness.tracing.knockout import knockout, layer_bands
 from harness.tracing.targets import choose_target
@@ -550,8 +552,6 @@ def shard_questions(adapter, records: list, shard: str | None,
     Generations come from batches fixed by position in the whole list, so a shard gets exactly the
     answers an unsharded run would and ``merge`` reproduces it.
     """
-    from harness.scoring import DEFAULT_BATCH_SIZE
-    from harness.shards import aligned_window, parse_shard
 
     parsed = parse_shard(shard)
     start, end = parsed.bounds(len(records)) if parsed else (0, len(records))
@@ -602,7 +602,6 @@ def run_attention_study(adapter, split, out: Path, options: StudyOptions = Study
     if not complete:
         write_json_atomic(out / STATS_FILE, stats)
         raise interrupted(out / STATS_FILE)
-    from harness.tracing.attention_plots import plot_constraint_to_last, plot_image_to_constraint
 
     title = f"{Path(str(adapter.name_or_path)).name} · {split.config}/{split.split}"
     plot_image_to_constraint(rows, out / "image_to_constraint.png", title)

@@ -30,18 +30,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import vqa_constraints
 from harness.hooks import record_outputs
-from harness.outputs import interrupted
-from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.models.base import Encoded, ModelAdapter
-from vqa_constraints.errors import UserError
-
-from .engine_fast import FastEngine
-from .engine_reference import ReferenceEngine
-from .targets import SOURCES, TARGETS
-from .patching import (
-    KINDS, Corruption, Prepared, RestoreSet, answer_probability, module_for, recording_language_model_inputs,
+from harness.models.loading import load_model
+from harness.outputs import interrupted
+from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, answer_correct, generate_answers
+from harness.shards import aligned_window, parse_shard
+from harness.tracing import plots, stats
+from harness.tracing.engine_fast import FastEngine
+from harness.tracing.engine_reference import ReferenceEngine
+from harness.tracing.patching import (
+    KINDS,
+    Corruption,
+    Prepared,
+    RestoreSet,
+    answer_probability,
+    module_for,
+    recording_language_model_inputs,
 )
+from harness.tracing.targets import SOURCES, TARGETS, choose_target
+from vqa_constraints.errors import UserError
+from vqa_constraints.loading import load_split
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +323,6 @@ class TraceOptions:
             raise UserError(f"--noise-samples {self.noise_samples}: must be at least 1")
         if self.text_only and self.corruption == "image-noise":
             raise UserError("--corruption image-noise corrupts the image: it cannot be combined with --text-only")
-        from harness.shards import parse_shard
 
         parse_shard(self.shard)  # a malformed --shard fails before the model loads
 
@@ -420,7 +429,6 @@ def parse_window(text) -> int | str | dict:
 def trace_record(adapter, record, engine, options: TraceOptions, bar=None, prediction: str | None = None) -> list[dict]:
     """All trace rows of one record (``prediction``: the model's greedy answer, where the target is found,
     see ``targets.py``); each row names the engine that computed it and describes the target."""
-    from .targets import choose_target
 
     question = record.text_only_question if options.text_only else record.question
     image = None if options.text_only else record.image
@@ -481,8 +489,6 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
 
 
 def load_adapter(options: TraceOptions) -> ModelAdapter:
-    from harness.models.loading import load_model
-
     adapter = load_model(options.model, dtype=options.dtype, device=options.device,
                          trust_remote_code=options.trust_remote_code, revision=options.revision,
                          device_map=options.device_map, max_pixels=options.max_pixels)
@@ -498,10 +504,7 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     """
     from tqdm.auto import tqdm
 
-    from harness.scoring import answer_correct
-    from vqa_constraints.loading import load_split
 
-    from . import plots, stats
 
     options.check()
     adapter = adapter if adapter is not None else load_adapter(options)
@@ -555,8 +558,6 @@ def shard_records(adapter, records: list, shard: str | None,
     Answers are generated in batches fixed by position in the whole list (as ``evaluate`` does), so a
     shard sees exactly the answers an unsharded run would, and ``merge`` reproduces it.
     """
-    from harness.scoring import DEFAULT_BATCH_SIZE, generate_answers
-    from harness.shards import aligned_window, parse_shard
 
     parsed = parse_shard(shard)
     start, end = parsed.bounds(len(records)) if parsed else (0, len(records))
@@ -590,9 +591,7 @@ def replacement_record(options, adapter: ModelAdapter) -> dict | None:
 def stats_document(options, adapter, split, rows, total, traced, skips, complete: bool = True) -> dict:
     import transformers
 
-    import vqa_constraints
 
-    from . import stats
 
     groups = stats.summarise(rows, options.threshold, options.bootstrap, options.seed, options.min_affected)
     document = {
@@ -637,6 +636,4 @@ def target_sources(rows: list[dict]) -> dict[str, int]:
 
 def peak_mlp_layer(trace_stats: dict | str | Path, corrupted: str = "visual", target: str = "last") -> int | None:
     """The peak causal MLP layer of one named group of a finished trace (see ``stats.peak_mlp_layer``)."""
-    from .stats import peak_mlp_layer as peak
-
-    return peak(trace_stats, corrupted=corrupted, target=target)
+    return stats.peak_mlp_layer(trace_stats, corrupted=corrupted, target=target)

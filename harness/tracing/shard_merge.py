@@ -18,18 +18,28 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from vqa_constraints.errors import UserError, one_line
-
+from harness.runs import read_json, write_json_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.shards import check_shard_ids, check_shard_set, parse_shard
+from harness.tracing import plots, stats
+from harness.tracing.attention_plots import plot_constraint_to_last, plot_image_to_constraint
+from harness.tracing.attention_study import (
+    RESULT_KEYS,
+    StudyOptions,
+    locate_entities,
+    summarize,
+    validate_stats,
+    write_examples,
+)
+from harness.tracing.causal_trace import target_hops, target_sources
+from vqa_constraints.errors import UserError, one_line
+from vqa_constraints.loading import load_split
 
 TRACE_STATS, TRACE_ROWS = "trace_stats.json", "traces.parquet"
 ATTENTION_STATS, ATTENTION_ROWS = "attention_stats.json", "attention_examples.parquet"
 
 
 def _read(folder: Path, stats_file: str, rows_file: str) -> tuple[dict, list[dict]]:
-    from harness.runs import read_json
-
     for name in (stats_file, rows_file):
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name}; not a finished shard of this kind")
@@ -82,7 +92,6 @@ def _check_rows(shards: list, total: int, rows_file: str, stats_file: str, data:
     ``data``: where the shards read their questions (data, config, split, fingerprint, limit): the ordered
     question list is read back from it, so rows copied from another shard, dropped or swapped are refused.
     """
-    from vqa_constraints.loading import load_split
 
     split = load_split(data["data"], data["config"], data["split"])
     if split.fingerprint != data["fingerprint"]:
@@ -159,7 +168,6 @@ def _publish(staging: Path, out: Path) -> Path:
 
 def merge_traces(folders: list[Path], out: Path) -> Path:
     """One trace output from all N ``trace --shard I/N`` outputs; equal to an unsharded trace."""
-    from . import plots, stats
 
     shards = [(Path(f), *_read(Path(f), TRACE_STATS, TRACE_ROWS)) for f in folders]
     shards, total = _order_shards(shards, lambda f, d: _count(f, d, TRACE_STATS, "records"))
@@ -180,8 +188,6 @@ def merge_traces(folders: list[Path], out: Path) -> Path:
     summarise = inspect.signature(stats.summarise).parameters
     document["groups"] = stats.summarise(rows, **{k: options[k] for k in summarise if k != "rows" and k in options})
     if "target" in document:
-        from .causal_trace import target_hops, target_sources
-
         document["target"]["sources"] = target_sources(rows)
         if "hops" in document["target"]:
             document["target"]["hops"] = target_hops(rows)
@@ -200,10 +206,7 @@ def merge_traces(folders: list[Path], out: Path) -> Path:
 
 def merge_attention(folders: list[Path], out: Path) -> Path:
     """One attention output from all N ``attention --shard I/N`` outputs; equal to an unsharded run."""
-    from harness.runs import write_json_atomic
 
-    from .attention_plots import plot_constraint_to_last, plot_image_to_constraint
-    from .attention_study import RESULT_KEYS, StudyOptions, locate_entities, summarize, validate_stats, write_examples
 
     shards = [(Path(f), *_read(Path(f), ATTENTION_STATS, ATTENTION_ROWS)) for f in folders]
     shards, total = _order_shards(shards, lambda f, d: _count(f, d, ATTENTION_STATS, "questions"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -15,19 +14,10 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from harness.outputs import check_output_folder, replace_folder, staging_folder
+# cache_root lives with the output rules, which protect the cache; imported here too, where the zoo keeps models.
+from harness.outputs import CACHE_ENV, cache_root, check_output_folder, replace_folder, staging_folder  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-CACHE_ENV = "VQA_CONSTRAINTS_CACHE"
-
-
-def cache_root() -> Path:
-    """``$VQA_CONSTRAINTS_CACHE``, else ``$XDG_CACHE_HOME/vqa-constraints``, else ``~/.cache/vqa-constraints``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vqa-constraints"
 
 
 def recipe_hash(recipe) -> str:

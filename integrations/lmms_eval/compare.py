@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness.lmms_eval_samples import read_logged, samples_files, samples_from_logged
+from harness.leaderboard.from_lmms_eval import read_logged, samples_files, samples_from_logged
 from vqa_constraints.errors import UserError
 
 

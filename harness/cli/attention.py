@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from harness import distributed
-from harness.commands import shard
+from harness.cli import distributed
+from harness.cli.args import options_from_args, shard
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints import CONFIGS
@@ -65,18 +64,16 @@ def _run_attention(args: argparse.Namespace) -> int:
     from harness.models.loading import load_model, model_options
     from harness.shards import parse_shard
     from harness.tracing.attention_study import StudyOptions, run_attention_study
+    from harness.tracing.summaries import print_attention_summary
     from vqa_constraints.loading import load_split
 
     parse_shard(args.shard)  # a malformed --shard fails before the model loads
     split = load_split(args.data, args.config, args.split, revision=args.data_revision)
     adapter = load_model(args.model, **model_options(args))  # --dtype --device --device-map --max-pixels ...
     check_sizes(adapter, split, max(args.top_k, *args.band_ks), args.n_layers)
-    options = StudyOptions(top_k=args.top_k, draws=args.draws, seed=args.seed, n_layers=args.n_layers,
-                           limit=args.limit, knockout_layers=args.knockout_layers, progress=not args.no_progress,
-                           shard=args.shard, max_new_tokens=args.max_new_tokens, target=args.target,
-                           band_ks=args.band_ks, bands=args.bands)
+    options = options_from_args(StudyOptions, args, progress=not args.no_progress)
     stats = run_attention_study(adapter, split, args.out, options, dtype=args.dtype)
-    print_summary(stats, args.out)
+    print_attention_summary(stats, args.out)
     return 0
 
 
@@ -117,71 +114,3 @@ def layer_list(text: str) -> tuple[int, ...]:
     if not layers:
         raise argparse.ArgumentTypeError(f"{text!r} names no layer")
     return layers
-
-
-def _fmt(cell: dict | None) -> str:
-    if not cell or cell.get("value") is None:
-        return "–"
-    return f"{cell['value']:.3g} [{cell['ci_low']:.3g}, {cell['ci_high']:.3g}]"
-
-
-def _mean(cell: dict | None) -> str:
-    return "–" if not cell or cell.get("value") is None else f"{cell['value']:.3f}"
-
-
-def print_summary(stats: dict, out: Path) -> None:
-    """Rich tables: per-layer contributions, knockout, AUROCs."""
-    from rich.console import Console
-    from rich.table import Table
-
-    import sys
-
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    counts = stats["counts"]
-    console.print(
-        f"[bold]{stats['model']}[/] on {stats['config']}/{stats['split']}: {counts['analysed']} of "
-        f"{counts['questions']} questions analysed, {counts['correct']} answered correctly"
-        + (f", skipped {counts['skipped']}" if counts["skipped"] else "")
-    )
-    layers = Table(title="mean contribution per layer (95% CI), all analysed questions; 'last' = where the model "
-                   "predicts its answer entity, 'target' = where the knockout's token is predicted")
-    layers.add_column("layer", justify="right")
-    names = [name for name in stats["per_layer"] if not name.endswith("_share")]
-    for name in names:
-        layers.add_column(name.replace("_", " "))
-    columns = [stats["per_layer"][name]["all"] for name in names]
-    for layer in range(stats["num_layers"]):
-        layers.add_row(str(layer), *(_fmt(col[layer]) if layer < len(col) else "–" for col in columns))
-    console.print(layers)
-    knock = Table(title=f"knockout of k={stats['options']['top_k']} image tokens: mean p(answer), correct answers "
-                  "(95% CIs in attention_stats.json)")
-    for column in ("target", "n", "clean", "top-k cut", "random-k cut", "drop top-k", "drop random-k", "top ≥ random"):
-        knock.add_column(column, no_wrap=True)
-    for target, result in stats["knockout"].items():
-        share = result["share_top_hurts_at_least_as_much"]
-        knock.add_row(target, str(result["n"]), _mean(result["p_clean"]), _mean(result["p_top"]),
-                      _mean(result["p_random"]), _mean(result["drop_top"]), _mean(result["drop_random"]),
-                      "–" if share is None else f"{share:.0%}")
-    console.print(knock)
-    f2 = stats["finding_2"]
-    bands = Table(title=f"image -> constraint cut per layer band, target {f2['target']}: paired drop(top-k) - "
-                  f"drop(random-k) per question, mean [95% CI]")
-    for column in ("layers", "k", "n", "drop top-k", "drop random-k", "difference"):
-        bands.add_column(column, no_wrap=True)
-    for cell in f2["bands"]:
-        diff = "–" if cell["difference"] is None else (f"{cell['difference']:.3g} "
-                                                       f"[{cell['ci_low']:.3g}, {cell['ci_high']:.3g}]")
-        bands.add_row(f"{cell['band'][0]}-{cell['band'][1]}", str(cell["k"]), str(cell["n"]),
-                      "–" if cell["drop_top"] is None else f"{cell['drop_top']:.3f}",
-                      "–" if cell["drop_random"] is None else f"{cell['drop_random']:.3f}", diff)
-    console.print(bands)
-    console.print(f"finding 2 rule (k={f2['k']}): {f2['verdict']} ({f2['reason']})")
-    fp = stats["failure_prediction"]
-    if fp:
-        show = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        console.print(
-            f"failure prediction on {fp['evaluation_n']} held-out questions ({fp['evaluation_n_correct']} correct): "
-            f"AUROC constraint→answer entity (layers {fp['selected_layers']}) {show(fp['auroc_contribution'])}, "
-            f"confidence {show(fp['auroc_confidence'])}" + (f" ({fp['note']})" if fp["note"] else "")
-        )
-    console.print(f"wrote {out}/attention_stats.json, attention_examples.parquet and PNG plots")

@@ -5,18 +5,20 @@ language model's input embeddings of a short text naming the country.
 The stage-1 recipe's optional "stage 2" is a caption loss through the frozen
 language model, with logits only at the answer positions (``logits_to_keep``);
 LLaVA-style visual instruction tuning, which trains the language model too,
-is ``flag_llava_stage2``.
+is ``stage2``.
 """
 
 from __future__ import annotations
 
 import math
+import resource
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harness.zoo.flag_llava_augment import flags_tensor, normalise, random_views
+from harness.zoo.flag_llava.augment import flags_tensor, normalise, random_views
+from harness.zoo.flag_llava.recipe import num_image_tokens, num_image_tokens_from_processor
 
 RECOGNITION_QUESTIONS = (
     "What country's flag is this?",
@@ -37,8 +39,6 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def target_embeddings(model, tokenizer, countries, recipe) -> torch.Tensor:
     """(countries, image tokens, hidden): embeddings of ``recipe.target_text``, right-aligned behind spaces."""
-    from harness.zoo.flag_llava import num_image_tokens
-
     slots = num_image_tokens(recipe)
     filler = tokenizer(" ", add_special_tokens=False).input_ids[-1]
     rows = []
@@ -130,8 +130,6 @@ def chat_batch(processor, items):
     only the last ``keep`` positions (the longest answer and its ``<|im_end|>``),
     marking the answer tokens, so the loss needs logits there only.
     """
-    from harness.zoo.flag_llava import num_image_tokens_from_processor
-
     tokenizer = processor.tokenizer
     image_run = processor.image_token * num_image_tokens_from_processor(processor)
     sequences, answer_lengths = [], []
@@ -212,3 +210,8 @@ def feature_match_accuracy(model, processor, flags, targets, recipe) -> float:
     centre = targets.mean(0, keepdim=True)
     similarity = F.normalize((features - centre).flatten(1), dim=-1) @ F.normalize((targets - centre).flatten(1), dim=-1).T
     return round(float((similarity.argmax(-1) == index).float().mean()), 4)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

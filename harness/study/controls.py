@@ -1,8 +1,8 @@
 """Ground-truth controls: the study's rules run where the right verdict is known.
 
 A readout is trusted only after it returns the known answer on a positive control and refuses on a null one.
-Each control here is a pair of runs on planted models (harness/zoo/planted.py), whose facts sit in one known MLP
-layer K, judged by the same rule function ``harness.findings`` applies to the models under study:
+Each control here is a pair of runs on planted models (harness/zoo/planted/), whose facts sit in one known MLP
+layer K, judged by the same rule function ``harness.study.findings`` applies to the models under study:
 
 - finding 1 (retrieved earlier on one side than the other): ``retrieval_layers_rule`` on two planted models'
   traces, facts at K = 2 and at K = 4 of 6 layers (positive: earlier on the first side), and at K = 2 under two
@@ -19,8 +19,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from harness.findings import FAILS, HOLDS, UNSURE, UNTESTED, retrieval_layers_rule
 from harness.outputs import is_complete
+from harness.study.findings import FAILS, HOLDS, UNSURE, UNTESTED, retrieval_layers_rule
+from harness.tracing.causal_trace import TraceOptions, run_trace
+from harness.zoo.planted import DEFAULT_RECIPE, build
+from vqa_constraints.builder import build as build_dataset
+from vqa_constraints.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 CONTROLS_FILE = "controls.json"
@@ -31,8 +35,6 @@ EXPECTED = {"positive": (HOLDS,), "null": (FAILS, UNSURE)}
 def planted_recipes(quick: bool = False) -> dict[str, object]:
     """name -> PlantedRecipe of every planted model the finding-1 control traces (world seed kept at 0, so the
     planted dataset's questions are the ones each model was taught)."""
-    from harness.zoo.planted import DEFAULT_RECIPE
-
     base = DEFAULT_RECIPE
     if quick:  # fewer steps: planted well enough for the verdict, about half the build time
         base = replace(base, phase1_steps=450, phase2_steps=200)
@@ -44,8 +46,6 @@ F1_PAIRS = {"positive": ("k2", "k4"), "null": ("k2", "k2-seed1")}
 
 def trace_planted(model_dir: Path, data: Path, out: Path, limit: int, seed: int = 0) -> Path:
     """The finding-1 control's trace of one planted model (reused when complete)."""
-    from harness.tracing.causal_trace import TraceOptions, run_trace
-
     if is_complete(out / "trace_stats.json"):
         return out
     options = TraceOptions(model=str(model_dir), data=str(data), config="single_constraint", out=out,
@@ -56,8 +56,6 @@ def trace_planted(model_dir: Path, data: Path, out: Path, limit: int, seed: int 
 
 def finding1_control(out: Path, data: Path, limit: int = 40, quick: bool = False) -> dict:
     """Build the planted models, trace each, and judge both pairs with finding 1's rule."""
-    from harness.zoo.planted import build
-
     traces = {}
     for name, recipe in planted_recipes(quick).items():
         traces[name] = trace_planted(Path(build(recipe, progress=False)), data, out / f"f1-{name}", limit)
@@ -76,8 +74,6 @@ CONTROLS = {"1": finding1_control}
 
 def run_controls(out: Path, quick: bool = False, limit: int = 40, seed: int = 0) -> Path:
     """Run every control into ``out`` and write ``out/controls.json``."""
-    from vqa_constraints.builder import build as build_dataset
-
     out = Path(out)
     data = out / "data" / "planted"
     if not (data / "README.md").exists():
@@ -86,9 +82,7 @@ def run_controls(out: Path, quick: bool = False, limit: int = 40, seed: int = 0)
     document = {"schema_version": SCHEMA_VERSION, "complete": True, "quick": quick, "limit": limit,
                 "controls": results}
     path = out / CONTROLS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -2,7 +2,7 @@
 
 The projector and every language-model layer are trained (embeddings, LM head
 and vision tower stay frozen) on short VQA about the training countries
-(``flag_llava_vqa.plan``), loss on the answer tokens only. The held-out
+(``vqa.plan``), loss on the answer tokens only. The held-out
 countries are scored before and after tuning, from the flag and with the
 country named, and written to ``zoo_accuracy.json``; their names go into the
 checkpoint's ``config.json`` (``vqa_constraints.heldout_countries``).
@@ -18,41 +18,43 @@ from pathlib import Path
 import torch
 
 from harness.zoo import cache
-from harness.zoo import flag_llava_vqa as vqa
+from harness.zoo.flag_llava import evaluation, vqa
+from harness.zoo.flag_llava.augment import flags_tensor
+from harness.zoo.flag_llava.evaluation import chat_prompt, generate
+from harness.zoo.flag_llava.recipe import ACCURACY_FILE, NAME, load_countries
+from harness.zoo.flag_llava.train import answer_loss, chat_batch, cpu_seconds, pixels, schedule
 
 
 def build_into(recipe, stage1_folder: Path, folder: Path) -> None:
     import transformers
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from harness.zoo import flag_llava, flag_llava_eval
-
-    wall0, cpu0 = time.perf_counter(), flag_llava.cpu_seconds()
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
     torch.manual_seed(recipe.seed)
     model = LlavaForConditionalGeneration.from_pretrained(stage1_folder, use_safetensors=True).eval()
     processor = AutoProcessor.from_pretrained(stage1_folder)
-    countries = flag_llava.load_countries(recipe.stage1)
+    countries = load_countries(recipe.stage1)
     training, heldout = vqa.split(len(countries), recipe.train_fraction, recipe.seed)
     held = [countries[i] for i in heldout]
     timings = {"load_seconds": round(time.perf_counter() - wall0, 1)}
 
     eval0 = time.perf_counter()
     # Before tuning: what SmolLM2 knows (country named), and the capital from the image for context.
-    before = flag_llava_eval.heldout_accuracy(model, processor, held, recipe.stage1, recipe.eval_max_new_tokens,
+    before = evaluation.heldout_accuracy(model, processor, held, recipe.stage1, recipe.eval_max_new_tokens,
                                               image=("capital",), recognition=False)
     batches = vqa.plan(countries, recipe)
     if recipe.replay:
         batches = _replay_targets(model, processor, batches, recipe.eval_max_new_tokens)
     timings["eval_before_wall_seconds"] = round(time.perf_counter() - eval0, 1)
 
-    train0, train_cpu0 = time.perf_counter(), flag_llava.cpu_seconds()
+    train0, train_cpu0 = time.perf_counter(), cpu_seconds()
     training_log = train(model, processor, countries, batches, recipe)
     timings["train_wall_seconds"] = round(time.perf_counter() - train0, 1)
-    timings["train_cpu_seconds"] = round(flag_llava.cpu_seconds() - train_cpu0, 1)
+    timings["train_cpu_seconds"] = round(cpu_seconds() - train_cpu0, 1)
 
     model.eval()
     stage1_config = json.loads((stage1_folder / "config.json").read_text())
-    model.config.zoo_name = flag_llava.NAME
+    model.config.zoo_name = NAME
     model.config.zoo_recipe = asdict(recipe)
     model.config.zoo_recipe_hash = cache.recipe_hash(recipe)
     model.config.zoo_stage1_recipe_hash = stage1_config["zoo_recipe_hash"]
@@ -67,18 +69,18 @@ def build_into(recipe, stage1_folder: Path, folder: Path) -> None:
     processor.save_pretrained(folder)
 
     eval0 = time.perf_counter()
-    after = flag_llava_eval.heldout_accuracy(model, processor, held, recipe.stage1, recipe.eval_max_new_tokens)
+    after = evaluation.heldout_accuracy(model, processor, held, recipe.stage1, recipe.eval_max_new_tokens)
     trained = [countries[i] for i in training]
     # Capital from the image on the training countries: how much stage 2 taught them outright.
-    seen = flag_llava_eval.heldout_accuracy(model, processor, trained, recipe.stage1, recipe.eval_max_new_tokens,
+    seen = evaluation.heldout_accuracy(model, processor, trained, recipe.stage1, recipe.eval_max_new_tokens,
                                             image=("capital",), named=(), recognition=False)
     timings["eval_after_wall_seconds"] = round(time.perf_counter() - eval0, 1)
     timings["total_wall_seconds"] = round(time.perf_counter() - wall0, 1)
-    timings["total_cpu_seconds"] = round(flag_llava.cpu_seconds() - cpu0, 1)
+    timings["total_cpu_seconds"] = round(cpu_seconds() - cpu0, 1)
     timings["torch_threads"] = torch.get_num_threads()
-    stage1_report = json.loads((stage1_folder / flag_llava.ACCURACY_FILE).read_text())
+    stage1_report = json.loads((stage1_folder / ACCURACY_FILE).read_text())
     report = {
-        "model": flag_llava.NAME,
+        "model": NAME,
         "recipe": asdict(recipe),
         "recipe_hash": cache.recipe_hash(recipe),
         "stage1_recipe_hash": stage1_config["zoo_recipe_hash"],
@@ -86,20 +88,18 @@ def build_into(recipe, stage1_folder: Path, folder: Path) -> None:
         "num_training_countries": len(training),
         "num_heldout_countries": len(heldout),
         "training": training_log,
-        "heldout": flag_llava_eval.compare(before, after),
+        "heldout": evaluation.compare(before, after),
         "training_countries_after": {"capital_from_image": seen["capital"]["image"]},
         "timings": timings,
         "stage1_timings": stage1_report.get("timings", {}),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-    (folder / flag_llava.ACCURACY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (folder / ACCURACY_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _replay_targets(model, processor, batches, max_new_tokens):
     """Fill replayed text examples with the untuned model's own greedy answers (knowledge-preserving)."""
     from dataclasses import replace
-
-    from harness.zoo.flag_llava_eval import chat_prompt, generate
 
     open_items = sorted({e.question for batch in batches for e in batch if not e.target})
     outputs = generate(model, processor, [chat_prompt(processor, q, False) for q in open_items], None, max_new_tokens)
@@ -119,9 +119,6 @@ def trainable_parameters(model, recipe) -> list[dict]:
 
 
 def train(model, processor, countries, batches, recipe) -> dict:
-    from harness.zoo.flag_llava_augment import flags_tensor
-    from harness.zoo.flag_llava_train import answer_loss, chat_batch, pixels, schedule
-
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     flags = flags_tensor([c.flag for c in countries])

@@ -9,7 +9,7 @@ Reads the demo's run folders (trace, attention, edit outputs; complete ones only
   corrupted run the subject, two sides measured differently), with the reason.
 
 Every rule is a function of run folders, so the same rule is applied to the ground-truth controls
-(``harness/controls.py``), where the right verdict is known, and to the models under study.
+(``harness/study/controls.py``), where the right verdict is known, and to the models under study.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from harness.bootstrap import bootstrap_interval, keyed_rng
 from harness.outputs import is_complete, read_complete
@@ -26,7 +27,7 @@ HOLDS, FAILS, UNSURE, UNTESTED = "holds", "does not hold", "inconclusive", "not 
 MIN_CLASS = 5  # fewer right (or wrong) answers than this in the AUROC's evaluation half: not tested
 MIN_QUESTIONS = 5  # fewer questions with a measured effect than this on a side: not tested
 # "Earlier" means by at least half a layer: a difference of centres of mass surely below that is no difference
-# in where a fact is stored (two seeds of one planted model differ by less; see harness/controls.py).
+# in where a fact is stored (two seeds of one planted model differ by less; see harness/study/controls.py).
 MIN_LAYER_GAP = 0.5
 RESAMPLES = 2000
 
@@ -148,8 +149,6 @@ def centre_of_mass(row: dict) -> float | None:
 
 def question_centres(folder: Path, kind: str, corrupted: str, target: str) -> dict[str, float]:
     """question id -> centre of mass of the named group's effect, over affected questions (traces.parquet)."""
-    import pyarrow.parquet as pq
-
     accepted, name = group_names(corrupted, target)
     centres = {}
     for row in pq.read_table(folder / "traces.parquet").to_pylist():

@@ -17,13 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from vqa_constraints import CONFIGS, __version__
-from vqa_constraints.errors import UserError
-from vqa_constraints.records import sha256_hex
-
+from harness.evaluate import RESULTS_FORMAT_VERSION, default_configs, git_commit, library_versions, model_fingerprint
+from harness.leaderboard.submission import prepare_submission
+from harness.models.loading import hub_revision
 from harness.results import compute_metrics
 from harness.runs import RESULTS_FILE, SAMPLES_FILE, dumps_line, write_json_atomic, write_lines_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, clean_generation, exact_match
+from vqa_constraints import CONFIGS, __version__
+from vqa_constraints.errors import UserError
+from vqa_constraints.loading import load_split
+from vqa_constraints.records import sha256_hex
 
 ROW_COLUMNS = ["id", "source", "question", "answers", "constraint_types", "constraints", "relation", "image_id"]
 
@@ -100,9 +103,6 @@ def _prompt_text(logged: dict) -> str:
 
 def samples_from_logged(logged: list, data: str, split: str) -> tuple[list[dict], dict]:
     """Sample lines (the harness's samples.jsonl shape) in build order, and the loaded splits they came from."""
-    from harness.evaluate import default_configs
-    from vqa_constraints.loading import load_split
-
     splits, rows = {}, {}
     for config in default_configs(data):
         loaded = load_split(data, config, split)
@@ -150,8 +150,6 @@ def samples_from_logged(logged: list, data: str, split: str) -> tuple[list[dict]
 
 def results_of(samples: list[dict], splits: dict, model: str, data: str, split: str, started: float) -> dict:
     """A results.json for the converted samples (scoring "generate", full run, seed 0)."""
-    from harness.evaluate import RESULTS_FORMAT_VERSION, git_commit, library_versions, model_fingerprint
-
     configs = [c for c in CONFIGS if c in splits]
     finished = time.time()
     return {
@@ -184,8 +182,6 @@ def results_of(samples: list[dict], splits: dict, model: str, data: str, split: 
 
 def check_model(model: str) -> None:
     """``--model`` must be a local model folder or a Hub model this machine can pin to a commit."""
-    from harness.models.loading import hub_revision
-
     path = Path(model)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -203,8 +199,6 @@ def lmms_eval_command(model: str) -> str:
 def prepare_from_lmms_eval(paths, data: str, model: str, out_dir: Path, model_name: str, submitted_by: str,
                            split: str = "test", command: str = "", **extra) -> Path:
     """Convert the logged samples, then write the submission exactly as ``prepare`` does for a run folder."""
-    from harness.leaderboard import prepare_submission
-
     started = time.time()
     samples, splits = samples_from_logged(read_logged(samples_files(paths)), data, split)
     check_model(model)

@@ -235,7 +235,7 @@ def _merge(kind: str, launch: Launch, out: Path) -> None:
     staging = out / SHARDS_FOLDER / MERGED_FOLDER
     shutil.rmtree(staging, ignore_errors=True)
     if kind == "evaluate":
-        from harness.shards import merge_runs
+        from harness.run_merge import merge_runs
 
         merge_runs(shards, staging)
     elif kind == "trace":
@@ -257,17 +257,17 @@ def _merge(kind: str, launch: Launch, out: Path) -> None:
 
         print_table(document)
     elif kind == "trace":
-        from harness.tracing.commands import print_summary
+        from harness.tracing.summaries import print_trace_summary
 
-        print_summary(document)
+        print_trace_summary(document)
     else:
-        from harness.tracing.attention_cli import print_summary
+        from harness.tracing.summaries import print_attention_summary
 
-        print_summary(document, out)
+        print_attention_summary(document, out)
     print(f"merged {launch.world_size} ranks' shards ({out / SHARDS_FOLDER}) into {out / main}")
 
 
-if __name__ == "__main__":  # `torchrun -m harness.distributed evaluate ...` where the console script is not on PATH
+if __name__ == "__main__":  # `torchrun -m harness.cli.distributed evaluate ...` where the console script is not on PATH
     from vqa_constraints.cli import main
 
     main()

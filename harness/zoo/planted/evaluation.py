@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from harness.models.prompting import fallback_prompt
+from vqa_constraints.sources.planted import records
 from vqa_constraints.sources.planted_world import (
     NAME_TEMPLATE,
     RELATIONS,
@@ -40,10 +41,6 @@ class Question:
 
 def dataset_questions(world: PlantedWorld) -> tuple[list[Question], str]:
     """The test-split questions of each planted config, and where they came from."""
-    try:
-        from vqa_constraints.sources.planted import records
-    except ImportError:
-        return _questions_from_world(world), "planted_world"
     questions = [
         Question(r.config, r.subject, r.question, list(r.answers), r.image, list(r.paraphrases),
                  r.text_only_question, list(r.other_views))
@@ -51,25 +48,6 @@ def dataset_questions(world: PlantedWorld) -> tuple[list[Question], str]:
         if r.split == "test"
     ]
     return questions, "vqa_constraints.sources.planted"
-
-
-def _questions_from_world(world: PlantedWorld) -> list[Question]:
-    questions = []
-    for role, config in (("known", "single_constraint"), ("longtail", "encyclopedic")):
-        for entity in world.by_role(role):
-            image = world.view(entity, 0)
-            others = [world.view(entity, v) for v in OTHER_VIEWS]
-            for relation, (_, templates) in RELATIONS.items():
-                questions.append(Question(
-                    config, entity.name, question_for(templates[0], VISUAL_PHRASE), [entity.facts[relation]], image,
-                    [question_for(t, VISUAL_PHRASE) for t in templates[1:]],
-                    question_for(templates[0], entity.name), others,
-                ))
-    for entity in world.by_role("known"):
-        question, _, answers = world.visited_question(entity)
-        questions.append(Question("multi_constraint", entity.name, question, answers, world.view(entity, 0),
-                                  text_only_question=question.replace(VISUAL_PHRASE, entity.name)))
-    return questions
 
 
 @torch.no_grad()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from harness.controls import CONTROLS_FILE, control_verdicts
-from harness.findings import findings_section
 from harness.outputs import read_complete
-from vqa_constraints.files import atomic_path
+from harness.study.controls import CONTROLS_FILE, control_verdicts
+from harness.study.findings import findings_section
+from vqa_constraints.files import atomic_path, write_text_atomic
 
 REPORT_NAME = "report.md"
 FIGURES = "figures"
@@ -361,7 +361,5 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
             lines.append(f"| {step.name} | `vqa-constraints {' '.join(step.argv[:1])} …` | {when} |")
         lines.append("")
     path = out / REPORT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -18,16 +18,18 @@ import json
 import re
 from pathlib import Path
 
+from harness.evaluate import default_configs
+from harness.runs import read_json
 # Synthetic sources: facts exist only in the planted model, so a real model scores 0 on them by construction.
 from vqa_constraints.card import SYNTHETIC_SOURCES
 from vqa_constraints.errors import UserError
-
-from harness.runs import read_json
+from vqa_constraints.files import write_text_atomic
+from vqa_constraints.loading import load_split
 
 RELEASE_FORMAT_VERSION = 2
 # The shipped release, found next to the package (not the working directory) so `validate` checks the same
 # thing from any folder.
-DEFAULT_RELEASE = Path(__file__).resolve().parent.parent / "leaderboard" / "release.json"
+DEFAULT_RELEASE = Path(__file__).resolve().parents[2] / "leaderboard" / "release.json"
 HASH_FIELDS = ("question", "answers", "labels")
 LABEL_FIELDS = ("config", "source", "relation", "constraint_types", "num_constraints")
 
@@ -70,9 +72,6 @@ def synthetic_problem(sources) -> str | None:
 
 def release_from_data(data: str, split: str = "test", configs=None) -> dict:
     """The release of a build (folder or Hub id): per config its fingerprint, size and question hashes."""
-    from harness.evaluate import default_configs
-    from vqa_constraints.loading import load_split
-
     out = {"format_version": RELEASE_FORMAT_VERSION, "split": split, "sources": {}, "configs": {}}
     for config in configs or default_configs(data):
         loaded = load_split(data, config, split)
@@ -115,7 +114,4 @@ def write_release(path: Path, release: dict) -> None:
     """Indented JSON with each question's hashes on one line (a reviewable diff), written atomically."""
     text = json.dumps(release, indent=2, sort_keys=True, ensure_ascii=False)
     text = re.sub(r"\[\s+((?:\"[0-9a-f]+\",?\s+)+)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(Path(path), text + "\n")

@@ -13,10 +13,11 @@ import unicodedata
 
 import torch
 
-from harness.zoo.flag_llava_augment import flags_tensor, to_pil
-from harness.zoo.flag_llava_train import heldout_views
+from harness.zoo.flag_llava import vqa
+from harness.zoo.flag_llava.augment import flags_tensor, to_pil
+from harness.zoo.flag_llava.recipe import SUFFIX
+from harness.zoo.flag_llava.train import heldout_views
 
-SUFFIX = " Answer in a few words."
 RECOGNITION_QUESTION = "What country's flag is this?" + SUFFIX
 CAPITAL_IMAGE_QUESTION = "What is the capital of the country whose flag is in this image?" + SUFFIX
 CAPITAL_TEXT_QUESTION = "What is the capital of {name}?" + SUFFIX
@@ -117,8 +118,6 @@ def heldout_accuracy(model, processor, countries, stage1_recipe, max_new_tokens:
     """``{relation: {"image": score, "named": score}}``: asked about the plain flag, or with the
     country named, for the relations listed; with ``recognition``, naming the plain flags
     ("image") and held-out augmented views ("views")."""
-    from harness.zoo import flag_llava_vqa as vqa
-
     report = {}
     for relation in dict.fromkeys((*image, *named)):
         asked = [c for c in countries if vqa.answers(c, relation)]

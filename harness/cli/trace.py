@@ -6,18 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from harness import distributed
-from harness.commands import shard
+from harness.cli import distributed
+from harness.cli.args import options_from_args, shard
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
-from vqa_constraints import CONFIGS
-from vqa_constraints.cli import choice_list, finite_float, output_folder, positive_int
-from .causal_trace import (
+from harness.tracing.causal_trace import (
     CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, PREFIX_SUBJECT, TRACED, TraceOptions, parse_window,
     run_trace,
 )
-from .engine_fast import parse_bytes
-from .targets import TARGETS
+from harness.tracing.engine_fast import parse_bytes
+from harness.tracing.summaries import print_trace_summary
+from harness.tracing.targets import TARGETS
+from vqa_constraints import CONFIGS
+from vqa_constraints.cli import choice_list, finite_float, output_folder, positive_int
+from vqa_constraints.errors import UserError
 
 
 def add_trace(subparsers) -> None:
@@ -74,8 +76,6 @@ def add_trace(subparsers) -> None:
 
 
 def _window(text: str):
-    from vqa_constraints.errors import UserError
-
     try:
         return parse_window(text)
     except UserError as error:
@@ -99,46 +99,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    options = TraceOptions(
-        model=args.model, data=args.data, config=args.config, out=Path(args.out), split=args.split,
-        corruption=args.corruption, replace_token=args.replace_token,
-        kinds=args.kinds, window=args.window, prefix_subject=args.prefix_subject,
-        positions=args.positions, answer=args.answer, target=args.target, min_affected=args.min_affected, limit=args.limit, traced=args.traced, text_only=args.text_only, engine=args.engine, seed=args.seed,
-        noise_samples=args.noise_samples, dtype=args.dtype, device=args.device, revision=args.revision,
-        device_map=args.device_map, max_pixels=args.max_pixels, shard=args.shard,
-        trust_remote_code=args.trust_remote_code, threshold=args.threshold, max_batch=args.max_batch,
-        cache_budget=args.cache_budget, progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
-    )
+    options = options_from_args(TraceOptions, args, out=Path(args.out), progress=not args.no_progress)
     out = run_trace(options)
-    print_summary(json.loads((out / "trace_stats.json").read_text()))
+    print_trace_summary(json.loads((out / "trace_stats.json").read_text()))
     print(f"wrote {out / 'trace_stats.json'}, {out / 'traces.parquet'} and plots")
     return 0
-
-
-def print_summary(document: dict) -> None:
-    """One table row per (corrupted, target, kind) over all constraint counts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    counts = document["counts"]
-    skipped = counts["skipped"]
-    table = Table(title=(f"{document['model']['name']} · {document['data']['config']} · "
-                         f"traced {counts['traced']}/{counts['records']} "
-                         f"(wrong answer {skipped['wrong_answer']}, constraint not found {skipped['constraint_not_found']})"))
-    for column in ("corrupted", "target", "kind", "n", "affected", "p clean", "p corrupt", "peak layer", "peak effect", "causal layers"):
-        table.add_column(column)
-    for g in document["groups"]:
-        if g["num_constraints"] != "all" or g["target"] == "position":
-            continue
-        if g["null"]:  # too few affected questions: no curve, no peak
-            table.add_row(g["corrupted"], g["target"], g["kind"], str(g["n"]), str(g["n_affected"]),
-                          f"{g['mean_p_clean']:.3f}", f"{g['mean_p_corrupt']:.3f}", "null", "null", "null")
-            continue
-        peak = g["mean_normalised"][g["peak_layer"]]
-        self_restoring = " (restores the corrupted token itself)" if g["peak_layer"] in g["restores_corrupted_layers"] else ""
-        table.add_row(g["corrupted"], g["target"], g["kind"], str(g["n"]), str(g["n_affected"]),
-                      f"{g['mean_p_clean']:.3f}", f"{g['mean_p_corrupt']:.3f}", f"{g['peak_layer']}{self_restoring}",
-                      "-" if peak is None else f"{peak:.3f}", ",".join(map(str, g["causal_layers"])) or "-")
-    Console().print(table)
-    if document.get("peak_mlp_layer") is not None:
-        Console().print(f"peak causal MLP layer: {document['peak_mlp_layer']}")

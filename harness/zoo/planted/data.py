@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from harness.models.prompting import IMAGE_PLACEHOLDER, fallback_prompt
-from harness.zoo.planted_processor import IMAGE_MEAN, IMAGE_STD
+from harness.zoo.planted.processor import IMAGE_MEAN, IMAGE_STD
 from vqa_constraints.sources.planted_world import (
     NAME_TEMPLATE,
     RELATIONS,

@@ -29,11 +29,13 @@ from transformers import GenerationConfig
 from harness.hooks import edit_kwargs
 from harness.tracing.attention import eager_attention
 from harness.tracing.knockout import _additive_mask
-from harness.zoo import planted
+from harness.zoo.planted import model as planted_model
+from harness.zoo.planted import recipe as planted
+from harness.zoo.planted import train as planted_train
 from harness.zoo.cache import cached_build
-from harness.zoo.planted_data import BatchMaker, fact_examples, naming_examples
-from harness.zoo.planted_eval import evaluate
-from harness.zoo.planted_processor import build_processor, build_tokenizer
+from harness.zoo.planted.data import BatchMaker, fact_examples, naming_examples
+from harness.zoo.planted.evaluation import evaluate
+from harness.zoo.planted.processor import build_processor, build_tokenizer
 from vqa_constraints.sources.planted_world import VISUAL_PHRASE
 
 ROUTED = "planted-routed"
@@ -92,12 +94,12 @@ def phrase_ids(tokenizer) -> list[int]:
 
 
 def train_routed(recipe: RoutedRecipe, world, tokenizer, progress: bool = True):
-    """``planted.train``'s phases 0-2 with the route mask on every language-model forward."""
+    """``planted.train.train``'s phases 0-2 with the route mask on every language-model forward."""
     base = recipe.base
     torch.manual_seed(base.seed)
-    model = planted.make_model(base, tokenizer)
+    model = planted_model.make_model(base, tokenizer)
     if base.silent_mlps_after_planted:
-        planted.silence_mlps_after(model, base.planted_layer)
+        planted_model.silence_mlps_after(model, base.planted_layer)
     maker = BatchMaker(world, tokenizer, planted.image_token_count(base))
     route = RouteMask(model.config.image_token_id, phrase_ids(tokenizer),
                       base.planted_layer if recipe.open_layers is None else recipe.open_layers)
@@ -106,7 +108,7 @@ def train_routed(recipe: RoutedRecipe, world, tokenizer, progress: bool = True):
     scaffold_facts = fact_examples(world, scaffold, base.text_only)
     naming = naming_examples(world.entities)
     phase2 = fact_examples(world, world.by_role("known"), base.text_only)
-    sampler = planted._sampler
+    sampler = planted_train._sampler
 
     def masked_loss(draw):
         def loss_at(rng):
@@ -115,19 +117,19 @@ def train_routed(recipe: RoutedRecipe, world, tokenizer, progress: bool = True):
             return model(**batch).loss
         return loss_at
 
-    with planted.skipping_silent_mlps(model, base.planted_layer, base.silent_mlps_after_planted):
-        loss0 = planted.align_vision(model, world, maker, tokenizer, base, progress)
+    with planted_model.skipping_silent_mlps(model, base.planted_layer, base.silent_mlps_after_planted):
+        loss0 = planted_train.align_vision(model, world, maker, tokenizer, base, progress)
         n_naming = int(round(base.batch * base.naming_fraction))
         facts_1, naming_1 = sampler(scaffold_facts, base.batch - n_naming), sampler(naming, n_naming)
         with eager_attention(model), edit_kwargs({b: route.editor(l) for l, b in enumerate(blocks)}):
             model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
-            loss1 = planted.optimise(trainable, masked_loss(lambda rng: facts_1(rng) + naming_1(rng)),
+            loss1 = planted_train.optimise(trainable, masked_loss(lambda rng: facts_1(rng) + naming_1(rng)),
                                      base.phase1_steps, base.phase1_lr, base.seed * 2 + 1,
                                      "routed phase 1 (all weights)", progress)
             for param in model.parameters():
                 param.requires_grad_(False)
-            mlp_params = list(planted.planted_mlp(model, base.planted_layer).parameters())
+            mlp_params = list(planted_model.planted_mlp(model, base.planted_layer).parameters())
             for param in mlp_params:
                 param.requires_grad_(True)
             n_replay = int(round(base.batch * base.replay_fraction))
@@ -135,7 +137,7 @@ def train_routed(recipe: RoutedRecipe, world, tokenizer, progress: bool = True):
             new = sampler(phase2, base.batch - n_replay)
             replay_facts = sampler(scaffold_facts, n_replay - n_replay_naming)
             replay_naming = sampler(naming, n_replay_naming)
-            loss2 = planted.optimise(mlp_params, masked_loss(lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng)),
+            loss2 = planted_train.optimise(mlp_params, masked_loss(lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng)),
                                      base.phase2_steps, base.phase2_lr, base.seed * 2 + 2,
                                      f"routed phase 2 (MLP {base.planted_layer} only)", progress)
             model.eval()

@@ -10,7 +10,7 @@ from vqa_constraints.cli import output_folder
 # zoo name -> module with ``build_cli(args) -> Path`` and ``add_arguments(parser)``
 ZOO = {
     "planted": "harness.zoo.planted",
-    "planted-routed": "harness.zoo.planted_controls",  # attention controls (finding 2 positive)
+    "planted-routed": "harness.zoo.planted.routed",  # attention controls (finding 2 positive)
     "flag-llava": "harness.zoo.flag_llava",  # stage 1 + visual instruction tuning (the default)
     "flag-llava-stage1": "harness.zoo.flag_llava",  # the earlier recipe: stage 1 only
     "flag-llava-direct": "harness.zoo.flag_llava",  # stage 2 with bare answers + replay

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.zoo.flag_llava_eval import SUFFIX  # keeps the untuned model's answers short enough to score
-from harness.zoo.flag_llava_train import CAPTION, RECOGNITION_QUESTIONS
+from harness.zoo.flag_llava.recipe import SUFFIX
+from harness.zoo.flag_llava.train import CAPTION, RECOGNITION_QUESTIONS
 from vqa_constraints.sources.flag_questions import SINGLE_RELATIONS, VISUAL_PHRASE
 
 RECOGNITION = "recognition"

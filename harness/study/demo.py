@@ -5,7 +5,8 @@ traces them (with the image and as a text-only LLM), measures attention
 contributions, runs the editing track and writes ``report.md``.
 
 Every step is an ordinary subcommand run through the same CLI a user types
-(the printed command lines can be copied), writing into its own run folder
+(the printed command lines can be copied; the command hands ``run_demo`` the
+dispatcher's ``run``), writing into its own run folder
 under ``DIR/runs``. A step whose output is finished is reused, so an
 interrupted demo continues where it stopped: trace, attention and edit
 outputs count only when marked ``"complete": true`` (an interrupted one is
@@ -15,19 +16,24 @@ when finished.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 
 from harness.outputs import is_complete
-from vqa_constraints.cli import output_folder
+from harness.study.controls import run_controls
+from harness.study.report import write_report
+from harness.zoo import flag_llava, planted
 from vqa_constraints.errors import UserError
+
+# Runs one command line (without the program name) and returns its exit code: the CLI's dispatcher.
+RunCommand = Callable[[list[str]], int]
 
 console = Console(stderr=True)
 
@@ -90,47 +96,6 @@ class Step:
     seconds: float | None = None
     reused: bool = False
     notes: dict = field(default_factory=dict)
-
-
-def add_demo(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="run the whole study and write DIR/report.md")
-    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
-    parser.add_argument("--quick", action="store_true", help="planted model only, small limits (a few minutes on 2 cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run_demo_cli)
-
-
-def add_controls(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "controls", help="run the study's rules on ground-truth planted models (known verdicts); writes DIR/controls.json")
-    parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
-    parser.add_argument("--quick", action="store_true", help="shorter planted builds (enough for the verdicts)")
-    parser.add_argument("--limit", type=int, default=40, help="questions traced per planted model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run_controls_cli)
-
-
-def run_controls_cli(args: argparse.Namespace) -> int:
-    from harness.controls import run_controls
-
-    path = run_controls(args.out, quick=args.quick, limit=args.limit, seed=args.seed)
-    document = json.loads(path.read_text())
-    table = Table(title="ground-truth controls")
-    for column in ("finding", "side", "verdict", "passes", "evidence"):
-        table.add_column(column)
-    for number, entry in sorted(document["controls"].items()):
-        for side in ("positive", "null"):
-            table.add_row(number, side, entry[side]["verdict"], "yes" if entry[side]["passes"] else "NO",
-                          entry[side]["evidence"])
-    console.print(table)
-    print(path)
-    return 0
-
-
-def run_demo_cli(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, quick=args.quick, seed=args.seed)
-    print(report)
-    return 0
 
 
 def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: DemoSize, seed: int) -> list[Step]:
@@ -235,10 +200,8 @@ def step_done(step: Step, folder: Path) -> bool:
     return path.exists()
 
 
-def run_step(step: Step, folder: Path) -> None:
-    """Run one subcommand through the CLI, unless ``folder`` already holds its finished output."""
-    from vqa_constraints.cli import run
-
+def run_step(step: Step, folder: Path, run: RunCommand) -> None:
+    """Run one subcommand through ``run`` (the CLI), unless ``folder`` already holds its finished output."""
     if step_done(step, folder):
         step.reused = True
         console.print(f"[dim]reusing {folder}[/dim]")
@@ -257,12 +220,8 @@ def run_step(step: Step, folder: Path) -> None:
 
 def build_zoo_model(name: str, quick: bool) -> Path:
     if name == "planted":
-        from harness.zoo.planted import DEFAULT_RECIPE, build
-
-        return Path(build(DEFAULT_RECIPE))
-    from harness.zoo.flag_llava import DEFAULT_RECIPE, build
-
-    return Path(build(DEFAULT_RECIPE))
+        return Path(planted.build(planted.DEFAULT_RECIPE))
+    return Path(flag_llava.build(flag_llava.DEFAULT_RECIPE))
 
 
 def heldout_subjects(model_dir: Path) -> list[str]:
@@ -271,9 +230,7 @@ def heldout_subjects(model_dir: Path) -> list[str]:
     return list(config.get("vqa_constraints", {}).get("heldout_countries", []))
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
-    from harness.report import write_report
-
+def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0) -> Path:
     size = QUICK if quick else FULL
     out = Path(out)
     runs = out / "runs"
@@ -300,16 +257,14 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> Path:
             build_argv = ["build", "--out", str(data), "--sources", source, "--seed", str(seed),
                           "--subjects", str(subjects_file)]
         build_step = Step(f"dataset-{data.name}", build_argv, "README.md")
-        run_step(build_step, data)
+        run_step(build_step, data, run)
         all_steps.append(build_step)
         for step in model_steps(name, models[name], data, runs, size, seed):
-            run_step(step, runs / step.name)
+            run_step(step, runs / step.name, run)
             all_steps.append(step)
 
     if not quick:
-        # The controls' verdicts stand beside the models' in the findings table (harness/controls.py).
-        from harness.controls import run_controls
-
+        # The controls' verdicts stand beside the models' in the findings table (harness/study/controls.py).
         console.rule("[bold]ground-truth controls")
         started = time.perf_counter()
         run_controls(out / "controls", seed=seed)
