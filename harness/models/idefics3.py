@@ -16,6 +16,8 @@ from .multimodal import VisionLanguageAdapter
 
 class Idefics3Adapter(VisionLanguageAdapter):
     family = "idefics3"
+    architectures = ("Idefics3ForConditionalGeneration",)
+    model_types = ("idefics3",)
 
     def image_features_module(self) -> nn.Module | None:
         return getattr(getattr(self.model, "model", self.model), "connector", None)

@@ -13,3 +13,4 @@ from .multimodal import VisionLanguageAdapter
 class LlavaAdapter(VisionLanguageAdapter):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)

@@ -14,3 +14,5 @@ from .multimodal import VisionLanguageAdapter
 
 class LlavaNextAdapter(VisionLanguageAdapter):
     family = "llava_next"
+    architectures = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)

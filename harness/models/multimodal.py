@@ -39,6 +39,10 @@ class ImageTextParts:
 class VisionLanguageAdapter(ModelAdapter):
     family = "vision-language"
     is_multimodal = True
+    # What harness/models/registry.py serves with this adapter: transformers model class names (a checkpoint's
+    # ``config.architectures[0]``) and the ``model_type`` of a config saved without ``architectures``.
+    architectures: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
 
     @classmethod
     def load_processor(cls, name: str, **options):

@@ -24,6 +24,8 @@ TEXT, IMAGE = 0, 1  # mm_token_type_ids values (transformers' convention)
 
 class Qwen2VLAdapter(VisionLanguageAdapter):
     family = "qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    model_types = ("qwen2_vl",)
 
     @classmethod
     def load_processor(cls, name: str, **options):

@@ -1,8 +1,10 @@
-"""Which adapter serves which model class.
+"""Which adapter serves which model class: the registry of model families.
 
-A checkpoint's ``config.architectures[0]`` names its class; multimodal
-classes are listed explicitly, and any ``*ForCausalLM`` without a vision
-config is served as a text-only LM. Everything else is refused by name.
+A checkpoint's ``config.architectures[0]`` names its class; a multimodal class is
+served by the adapter registered for it (``register_family``, from the adapter's
+own ``architectures`` and ``model_types``), and any ``*ForCausalLM`` without a
+vision config is served as a text-only LM. Everything else is refused by name.
+A new family: docs/extending.md.
 """
 
 from __future__ import annotations
@@ -11,28 +13,37 @@ import transformers
 
 from vqa_constraints.errors import UserError
 
-from .base import ModelAdapter
-from .idefics3 import Idefics3Adapter
-from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
-from .qwen2_vl import Qwen2VLAdapter
-from .text_lm import TextLMAdapter
+from harness.models.base import ModelAdapter
+from harness.models.idefics3 import Idefics3Adapter
+from harness.models.llava import LlavaAdapter
+from harness.models.llava_next import LlavaNextAdapter
+from harness.models.multimodal import VisionLanguageAdapter
+from harness.models.qwen2_vl import Qwen2VLAdapter
+from harness.models.text_lm import TextLMAdapter
 
-MULTIMODAL: dict[str, type[ModelAdapter]] = {
-    "LlavaForConditionalGeneration": LlavaAdapter,
-    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
-    "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
-    "Idefics3ForConditionalGeneration": Idefics3Adapter,
-}
+# Model class name -> adapter, and config.model_type -> model class name (for configs saved without
+# ``architectures``): both filled by ``register_family`` from the adapter classes' own attributes.
+MULTIMODAL: dict[str, type[ModelAdapter]] = {}
+MODEL_TYPES: dict[str, str] = {}
 
 
-# For configs saved without ``architectures``: the class each multimodal model_type loads as.
-MODEL_TYPES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "idefics3": "Idefics3ForConditionalGeneration",
-}
+def register_family(adapter: type[VisionLanguageAdapter]) -> type[VisionLanguageAdapter]:
+    """Serve ``adapter.architectures`` with ``adapter`` (usable as a class decorator); its ``model_types`` name
+    the first of them. A class already served by another adapter is refused: one class, one adapter."""
+    if not adapter.architectures:
+        raise ValueError(f"{adapter.__name__}: set architectures, the transformers model classes it serves")
+    for name in adapter.architectures:
+        if MULTIMODAL.get(name, adapter) is not adapter:
+            raise ValueError(f"{name} is already served by {MULTIMODAL[name].__name__}")
+    for name in adapter.architectures:
+        MULTIMODAL[name] = adapter
+    for model_type in adapter.model_types:
+        MODEL_TYPES[model_type] = adapter.architectures[0]
+    return adapter
+
+
+for _adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Idefics3Adapter):
+    register_family(_adapter)
 
 
 def model_class_name(config) -> str:
