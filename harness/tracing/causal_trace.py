@@ -38,6 +38,9 @@ from harness.outputs import interrupted
 from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, answer_correct, generate_answers
 from harness.shards import aligned_window, parse_shard
 from harness.tracing import plots, stats
+from harness.tracing.corruptions import (  # noqa: F401 (names the tests and the CLI read from here)
+    CORRUPTIONS, DEFAULT_REPLACE_TOKEN, NOISE_SCALE, corruption_kind, embedding_std, replacement_token,
+)
 from harness.tracing.engine_fast import FastEngine
 from harness.tracing.engine_reference import ReferenceEngine
 from harness.tracing.patching import (
@@ -55,16 +58,11 @@ from vqa_constraints.loading import load_split
 
 log = logging.getLogger(__name__)
 
-CORRUPTIONS = ("replace", "noise", "image-noise")
 ANSWER_SCORES = ("first-token", "full")
 POSITIONS = ("constraint", "last", "all")
 TRACED = ("correct", "all")
 PREFIX_SUBJECT = ("corrupt", "keep")
 ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
-# ROME's factor of 3; ROME multiplies the std of its subjects' token embeddings, here the whole embedding matrix's
-# (or the image features') is used, which needs no list of subjects.
-NOISE_SCALE = 3.0
-DEFAULT_REPLACE_TOKEN = " Paris"
 
 
 # --- 1. clean run -------------------------------------------------------------
@@ -98,53 +96,6 @@ def clean_run(
 # --- 2. corrupted run ---------------------------------------------------------
 
 
-def replacement_token(tokenizer, replace_token: str) -> tuple[int, str]:
-    """The token id (and its decoded text) that ``replace_token`` gets inside a sentence, after a space.
-
-    A word is tokenized in context ("a Paris"), not alone: Llama-2's
-    SentencePiece tokenizer turns " Paris" alone into a bare ``▁`` followed by
-    ``▁Paris``, and the first of those would replace every constraint token
-    with a space. A word of several tokens is represented by its first.
-    """
-    word = replace_token.strip()
-    if not word:
-        raise UserError(f"--replace-token {replace_token!r} is blank: give a word such as 'Paris'")
-    context = f"a {word}"
-    encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
-    start = len(context) - len(word)
-    ids = [i for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if b > start and b > a]
-    if not ids:
-        raise UserError(f"--replace-token {replace_token!r} tokenizes to nothing")
-    text = tokenizer.decode([ids[0]])
-    if not text.strip():
-        raise UserError(
-            f"--replace-token {replace_token!r}: its first token in context (id {ids[0]}) is whitespace only; "
-            "choose another word"
-        )
-    return int(ids[0]), text
-
-
-def embedding_std(adapter: ModelAdapter) -> float:
-    """Std of the token embedding matrix, computed once per loaded model (and weight version) in row chunks:
-    a float copy of a 7B model's bf16 embedding matrix is 0.5 GB, too much to make per question.
-    Kept on the adapter, not in a module-level table, so another model loaded at the same address
-    can never read this one's value."""
-    weight = adapter.embed_tokens().weight
-    cached = getattr(adapter, "_embedding_std", None)
-    if cached is not None and cached[0] is weight and cached[1] == weight._version:
-        return cached[2]
-    total = squares = 0.0
-    with torch.no_grad():
-        for rows in weight.detach().split(1024):
-            rows = rows.double()
-            total += float(rows.sum())
-            squares += float((rows * rows).sum())
-    count = weight.numel()
-    std = ((squares - total * total / count) / (count - 1)) ** 0.5
-    adapter._embedding_std = (weight, weight._version, std)
-    return std
-
-
 def make_corruption(
     adapter: ModelAdapter,
     mode: str,
@@ -156,35 +107,17 @@ def make_corruption(
     replace_token: str = DEFAULT_REPLACE_TOKEN,
     bridge_positions: list[int] = (),
 ) -> Corruption:
-    """The corruption of one example, applied to the language model's input embeddings ``clean_embeds``;
-    noise is drawn from a generator seeded per example.
+    """The corruption ``mode`` (a name in ``CORRUPTIONS``, corruptions.py) of one example, applied to the language
+    model's input embeddings ``clean_embeds``; noise is drawn from a generator seeded per example.
 
     ``bridge_positions`` (the forced prefix's tokens naming the subject, ``targets.py``) are corrupted as
     text in every mode: replaced by the same token under ``replace``, Gaussian noise of the token-embedding
     scale otherwise (also under ``image-noise``, whose own scale is the image features')."""
     generator = torch.Generator().manual_seed(seed)
-    hidden = clean_embeds.shape[-1]
+    kind = corruption_kind(mode)
     bridge_positions = [q for q in bridge_positions if q not in constraint_positions]
-    if mode == "replace":
-        token_id, text = replacement_token(adapter.tokenizer, replace_token)
-        replacement = adapter.embed_tokens().weight[token_id].detach()
-        return Corruption(mode, list(constraint_positions) + bridge_positions, replacement=replacement,
-                          replacement_id=token_id, replacement_text=text)
-    if mode == "noise":
-        positions = list(constraint_positions)
-        scales = [NOISE_SCALE * embedding_std(adapter)] * len(positions)
-    elif mode == "image-noise":
-        if not encoded.image_positions:
-            raise UserError("--corruption image-noise needs an image: not available with --text-only or a text model")
-        positions = list(encoded.image_positions)
-        scales = [NOISE_SCALE * clean_embeds[0, positions].float().std().item()] * len(positions)
-    else:
-        raise UserError(f"--corruption {mode!r}: choose from {', '.join(CORRUPTIONS)}")
-    if bridge_positions:
-        positions += bridge_positions
-        scales += [NOISE_SCALE * embedding_std(adapter)] * len(bridge_positions)
-    noise = torch.randn(samples, len(positions), hidden, generator=generator) * torch.tensor(scales).view(1, -1, 1)
-    return Corruption(mode, positions, noise=noise.to(clean_embeds.device))
+    return kind.corrupt(adapter, encoded, clean_embeds, list(constraint_positions), bridge_positions, generator,
+                        samples, replace_token)
 
 
 def prepare(
@@ -321,8 +254,8 @@ class TraceOptions:
             raise UserError(f"--prefix-subject {self.prefix_subject!r}: choose from {', '.join(PREFIX_SUBJECT)}")
         if self.noise_samples < 1:
             raise UserError(f"--noise-samples {self.noise_samples}: must be at least 1")
-        if self.text_only and self.corruption == "image-noise":
-            raise UserError("--corruption image-noise corrupts the image: it cannot be combined with --text-only")
+        if self.text_only and CORRUPTIONS[self.corruption].corrupts_image:
+            raise UserError(f"--corruption {self.corruption} corrupts the image: it cannot be combined with --text-only")
 
         parse_shard(self.shard)  # a malformed --shard fails before the model loads
 
@@ -440,7 +373,8 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         located = locate_constraints(record, encoded, options.text_only)
     except UserError as error:
         raise ConstraintNotFound(str(error)) from None
-    if options.corruption == "image-noise":
+    kind = CORRUPTIONS[options.corruption]
+    if kind.corrupts_image:
         units = [("image", 0, [])]
     else:
         units = [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
@@ -456,7 +390,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         prepared = prepare(
             adapter, encoded, engine, options.corruption, corrupt_positions,
             seed=example_seed(options.seed, record.id, corrupted_index),
-            samples=1 if options.corruption == "replace" else options.noise_samples,
+            samples=options.noise_samples if kind.random else 1,
             replace_token=options.replace_token, bridge_positions=bridges,
         )
         if bar is not None:
@@ -465,7 +399,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         named = {f"{t}#{i}": pos for t, i, pos in targets}
         restored = trace_example(prepared, engine, named, list(options.kinds), windows,
                                  progress=bar.update if bar is not None else None)
-        corrupted_all = set(prepared.corruption.positions) if options.corruption != "image-noise" else set(bridges)
+        corrupted_all = set(bridges) if kind.corrupts_image else set(prepared.corruption.positions)
         for (target, index, pos), p in zip(targets, restored.values()):
             for k, kind in enumerate(options.kinds):
                 effect, normalised = indirect_effects(p[k], prepared.p_clean, prepared.p_corrupt)
@@ -503,7 +437,6 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     nothing is written.
     """
     from tqdm.auto import tqdm
-
 
 
     options.check()
@@ -582,15 +515,11 @@ def engine_counts(rows: list[dict]) -> dict[str, int]:
 
 def replacement_record(options, adapter: ModelAdapter) -> dict | None:
     """The token every constraint token is replaced by (``replace`` corruption), as traced."""
-    if options.corruption != "replace":
-        return None
-    token_id, text = replacement_token(adapter.tokenizer, options.replace_token)
-    return {"replace_token": options.replace_token, "token_id": token_id, "text": text}
+    return CORRUPTIONS[options.corruption].replacement(adapter, options.replace_token)
 
 
 def stats_document(options, adapter, split, rows, total, traced, skips, complete: bool = True) -> dict:
     import transformers
-
 
 
     groups = stats.summarise(rows, options.threshold, options.bootstrap, options.seed, options.min_affected)

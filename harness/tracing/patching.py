@@ -28,10 +28,10 @@ RestoreSet = frozenset  # of Cell
 class Corruption:
     """How the corrupted run differs from the clean one, at the language model's input embeddings.
 
-    ``mode`` is "replace" (embedding rows overwritten by ``replacement``, the
-    embedding of token ``replacement_id``), "noise" (``noise[s]`` added to the
-    constraint tokens' embeddings) or "image-noise" (``noise[s]`` added to the
-    image features, which sit at ``positions`` = the image token positions).
+    ``mode`` names the corruption (corruptions.py). Either the rows at ``positions``
+    are overwritten by ``replacement`` (``replace``: the embedding of token
+    ``replacement_id``), or ``noise[s]`` is added to them (``noise``: the
+    constraint tokens; ``image-noise``: the image features at the image positions).
     Every mode acts on what the language model really receives, after any
     family-specific image processing (LLaVA-NeXT's newline rows, ...).
     """
@@ -55,7 +55,7 @@ class Corruption:
         """Corrupt a [samples, T, H] batch of input embeddings (a new tensor)."""
         out = embeds.clone()
         index = torch.tensor(self.positions, device=out.device)
-        if self.mode == "replace":
+        if self.replacement is not None:  # every sample sees the same rows
             out[:, index] = self.replacement.to(out.dtype)
         else:
             out[:, index] = out[:, index] + self.noise.to(out.device, out.dtype)
