@@ -12,7 +12,6 @@ next to DIR and renamed into place only when complete.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -30,20 +29,11 @@ from vqa_constraints import CONFIGS, __version__
 from vqa_constraints.card import render_card
 from vqa_constraints.errors import UserError
 from vqa_constraints.records import FEATURES, Record
+from vqa_constraints.sources import SOURCES, records_builder
 from vqa_constraints.validation import row_problems
 
 log = logging.getLogger(__name__)
 
-# name -> module with `build_records(context)`; bundled sources need no files.
-SOURCES = {
-    "flags": "vqa_constraints.sources.flag_questions",
-    "planted": "vqa_constraints.sources.planted",
-    "mllminterpret-known": "vqa_constraints.sources.mllminterpret_known",
-    "mllminterpret-movies": "vqa_constraints.sources.mllminterpret_movies",
-    "okvqa": "vqa_constraints.sources.okvqa",
-    "encyclopedic-vqa": "vqa_constraints.sources.encyclopedic_vqa",
-}
-BUNDLED = ("flags", "planted")
 # The default build is real-world only; the synthetic planted world is built on its own (--sources planted)
 # so that it never ends up in a leaderboard release.
 DEFAULT_SOURCES = ("flags",)
@@ -148,8 +138,7 @@ def build(
     rows_by_source: dict[str, int] = {}
     for name in names:
         context = SourceContext(name, seed, paths.get(name, {}), skip_invalid)
-        module = importlib.import_module(SOURCES[name])
-        accepted = _accept(module.build_records(context), context)
+        accepted = _accept(records_builder(name)(context), context)
         records.extend(accepted)
         skipped.extend(context.skipped)
         rows_by_source[name] = len(accepted)
