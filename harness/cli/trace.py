@@ -10,12 +10,9 @@ from harness.cli import distributed
 from harness.cli.args import options_from_args, shard
 from harness.models.loading import add_model_arguments
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
-from harness.tracing.causal_trace import (
-    CORRUPTIONS, DEFAULT_REPLACE_TOKEN, ENGINES, KINDS, POSITIONS, PREFIX_SUBJECT, TRACED, TraceOptions, parse_window,
-    run_trace,
-)
-from harness.tracing.engine_fast import parse_bytes
-from harness.tracing.summaries import print_trace_summary
+from harness.tracing.corruptions import CORRUPTIONS, DEFAULT_REPLACE_TOKEN
+from harness.tracing.options import ENGINE_NAMES, POSITIONS, PREFIX_SUBJECT, TRACED, TraceOptions, parse_window
+from harness.tracing.patching import KINDS
 from harness.tracing.targets import TARGETS
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import choice_list, finite_float, output_folder, positive_int
@@ -60,7 +57,7 @@ def add_trace(subparsers) -> None:
     parser.add_argument("--shard", default=None, type=shard, metavar="I/N",
                         help="trace slice I of N (0-based) of the questions; combine the outputs with `merge`")
     parser.add_argument("--text-only", action="store_true", help="trace the language model alone on text_only_question")
-    parser.add_argument("--engine", default="fast", choices=sorted(ENGINES))
+    parser.add_argument("--engine", default="fast", choices=sorted(ENGINE_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-samples", type=positive_int, default=5, help="noise draws averaged per example (noise corruptions)")
     parser.add_argument("--threshold", type=finite_float, default=0.1, help="mean normalised effect above which a layer is causal")
@@ -83,6 +80,8 @@ def _window(text: str):
 
 
 def _cache_budget(text: str) -> int:
+    from harness.tracing.engine_fast import parse_bytes  # the engines load only when a trace runs
+
     try:
         return parse_bytes(text)
     except ValueError as error:
@@ -99,6 +98,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
+    # The engines and everything a trace writes load when the command runs, not when the parser is built.
+    from harness.tracing.causal_trace import run_trace
+    from harness.tracing.summaries import print_trace_summary
+
     options = options_from_args(TraceOptions, args, out=Path(args.out), progress=not args.no_progress)
     out = run_trace(options)
     print_trace_summary(json.loads((out / "trace_stats.json").read_text()))
