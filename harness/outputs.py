@@ -28,6 +28,10 @@ MARKER = ".vqa-constraints-output"
 # The document each command writes into its --out: a folder holding it is an earlier output of that command.
 OUTPUT_DOCUMENTS = {"evaluate": "run.json", "trace": "trace_stats.json", "attention": "attention_stats.json",
                     "edit": "editing_results.json"}
+# Files a command writes before its document: a run killed between the two (SIGKILL) left a folder that is
+# still its own, and the rerun must be allowed to redo it.
+EARLIER_FILES = {"evaluate": ("samples.jsonl",), "trace": ("traces.parquet",),
+                 "attention": ("attention_examples.parquet",)}
 
 
 # --- complete / partial documents ---------------------------------------------------
@@ -80,14 +84,16 @@ def is_leftover(name: str) -> bool:
 
 
 def check_output_folder(target: str | Path, option: str, command: str, overwrite: bool = False,
-                        protected: Iterable[tuple[str | Path, str]] = (), document: str | None = None) -> Path:
+                        protected: Iterable[tuple[str | Path, str]] = (), document: str | None = None,
+                        earlier_files: Iterable[str] = ()) -> Path:
     """Refuse ``target`` (given as ``option``) when writing ``command``'s output there could lose files.
 
     ``protected`` is (path, what) pairs, e.g. (model folder, "the model's folder"): the target may
     not be one of them, hold one, or lie inside one. The working directory and the home folder are
     always protected this way (inside them is fine), and so is the zoo cache (inside it too). ``overwrite``
     allows replacing a non-empty folder that is not an earlier output of ``command``, never a protected
-    one. An earlier output is marked with ``MARKER`` or holds ``document``; leftover temporary files
+    one. An earlier output is marked with ``MARKER`` or holds ``document`` (or one of ``earlier_files``, which
+    the command writes just before it); leftover temporary files
     of a killed run do not make a folder non-empty.
     """
     target = Path(target)
@@ -104,7 +110,8 @@ def check_output_folder(target: str | Path, option: str, command: str, overwrite
         raise UserError(f"{option} {target}: is, holds or lies inside the zoo cache ({cache}); choose another folder")
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise UserError(f"{option} {target}: exists and is not a folder; choose another")
-    own = marked_command(target) == command or (document is not None and (target / document).is_file())
+    own = marked_command(target) == command or any(
+        (target / name).is_file() for name in ([document] if document else []) + list(earlier_files))
     if target.exists() and any(not is_leftover(p.name) for p in target.iterdir()) and not own and not overwrite:
         raise UserError(f"{option} {target}: folder is not empty and was not written by `{command}`; "
                         "choose another folder or pass --overwrite to replace it")
@@ -121,7 +128,8 @@ def check_out(target: str | Path, command: str, model: str | Path | None = None,
     """
     protected = [(path, what) for path, what in ((model, "the model's folder"), (data, "the data build"))
                  if path is not None and Path(str(path)).exists()]
-    target = check_output_folder(target, "--out", command, False, [*protected, *also], OUTPUT_DOCUMENTS.get(command))
+    target = check_output_folder(target, "--out", command, False, [*protected, *also], OUTPUT_DOCUMENTS.get(command),
+                                  EARLIER_FILES.get(command, ()))
     if target.is_dir():
         for leftover in target.iterdir():
             if is_leftover(leftover.name) and leftover.is_file():

@@ -37,9 +37,11 @@ def test_cli_writes_valid_outputs(planted_attention, planted_model_dir):
     assert stats["num_layers"] == layers
     assert stats["counts"]["questions"] == LIMIT
     assert stats["counts"]["analysed"] + sum(stats["counts"]["skipped"].values()) == LIMIT
-    for measure in stats["per_layer"].values():
+    for name, measure in stats["per_layer"].items():
         assert [c["layer"] for c in measure["all"]] == list(range(layers))
-        assert all(c["n"] == stats["counts"]["analysed"] for c in measure["all"])
+        # constraint_to_target exists only where a target was traced (targets.modes); the rest on every question
+        expected = sum(stats["targets"]["modes"].values()) if name == "constraint_to_target" else stats["counts"]["analysed"]
+        assert all(c["n"] == expected for c in measure["all"]), name
         assert all(c["ci_low"] <= c["value"] <= c["ci_high"] for c in measure["all"])
     rows = pq.read_table(planted_attention / "attention_examples.parquet").to_pylist()
     assert len(rows) == stats["counts"]["analysed"]

@@ -106,6 +106,11 @@ def test_build_validates_sorts_and_escapes(submission, release, tmp_path):
     data["submission"]["submitted_by"] = "=HYPERLINK(\"http://x\")"
     hostile = submission.parent / "hostile.json"
     hostile.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="model_name.*line break"):  # a line break would start a table row
+        build_leaderboard(submission.parent, tmp_path / "board", release)
+    assert not (tmp_path / "board").exists()
+    data["submission"]["model_name"] = "<script>alert(1)</script> | 0 | *fake* [link](http://x) |"
+    hostile.write_text(json.dumps(data))
     md, csv_path = build_leaderboard(submission.parent, tmp_path / "board", release)
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["model"] for r in rows] == ["<script>alert(1)</script> | 0 | *fake* [link](http://x) |", "planted llava"]

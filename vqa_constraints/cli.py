@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             add_command = entry.load()
         except (ImportError, AttributeError) as error:
+            if _SIGINT_RECEIVED.is_set():
+                # Ctrl-C mid-import can surface as an ImportError of a half-initialised module (transformers'
+                # lazy modules): it is the interrupt, not a broken plugin.
+                raise KeyboardInterrupt from error
             # A broken or half-installed plugin must not take the other commands down.
             print(f"warning: command {entry.name!r} unavailable: {error}", file=sys.stderr)
             continue
@@ -99,10 +103,14 @@ def run(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+_SIGINT_RECEIVED = threading.Event()
+
+
 def _on_sigint(signum, frame) -> None:
     """Python's Ctrl-C, except inside a finalizer (``__del__``, e.g. of a ``datasets`` table while the model
     loads): an exception there is printed with a traceback and then dropped, so the interrupt is delivered
     again a moment later, outside it."""
+    _SIGINT_RECEIVED.set()
     while frame is not None:
         if frame.f_code.co_name == "__del__":
             threading.Timer(0.05, _thread.interrupt_main).start()

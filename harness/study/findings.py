@@ -107,11 +107,17 @@ def _groups(stats: dict, kind: str, corrupted: str, target: str) -> list[dict]:
 
 
 def shared_group(documents: list[dict], kind: str, preferences) -> tuple[str, str] | None:
-    """The first (corrupted, target) preference measured (not null) in EVERY document: both sides of a comparison
-    are read at the same group, never the best-looking one of each."""
-    for corrupted, target in preferences:
-        if all(any(not g["null"] for g in _groups(doc, kind, corrupted, target)) for doc in documents):
-            return corrupted, target
+    """The first (corrupted, target) preference with a causal layer in EVERY document, else the first measured (not
+    null) in every document: both sides of a comparison are read at the same group, never the best-looking one of
+    each, and a group where some side restores nothing is passed over for one where both sides do."""
+    def measured(doc, corrupted, target):
+        return [g for g in _groups(doc, kind, corrupted, target) if not g["null"]]
+
+    for needs_causal in (True, False):
+        for corrupted, target in preferences:
+            groups = [measured(doc, corrupted, target) for doc in documents]
+            if all(groups) and (not needs_causal or all(has_causal_layer(g[0]) for g in groups)):
+                return corrupted, target
     return None
 
 
@@ -204,6 +210,11 @@ def retrieval_layers_rule(early_folder: Path, late_folder: Path, labels=("MLLM",
     if chosen is None:
         counts = "; ".join(describe_peak(label, find_group(s, "mlp", preferences)) for label, s in zip(labels, (early, late)))
         return UNTESTED, f"no route: no restored group has enough affected questions on both sides ({counts})"
+    measured = [next(g for g in _groups(s, "mlp", *chosen) if not g["null"]) for s in (early, late)]
+    if not all(has_causal_layer(g) for g in measured):
+        # A centre of mass of effects that never cross the threshold is the centre of noise.
+        counts = "; ".join(describe_peak(label, g) for label, g in zip(labels, measured))
+        return UNTESTED, f"no causal MLP layer to locate on both sides at MLP window {windows_of(early).get('mlp', windows_of(early).get('window'))} ({counts})"
     a = question_centres(early_folder, "mlp", *chosen)
     b = question_centres(late_folder, "mlp", *chosen)
     group = f"{chosen[0]} → {group_names(*chosen)[1]}"

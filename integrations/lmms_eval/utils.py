@@ -54,9 +54,18 @@ def answer_correct(prediction: str, answers) -> bool:
     padded = f" {normalize_answer(prediction)} "
     for answer in answers:
         gold = normalize_answer(answer)
-        if gold and f" {gold} " in padded:
+        if gold and f" {gold} " in padded and _leading_mark_kept(prediction, answer):
             return True
     return False
+
+
+def _leading_mark_kept(prediction: str, answer: str) -> bool:
+    """A gold answer that starts with a mark (".ki", "+686") needs that mark in the prediction: normalising drops
+    punctuation, and the bare word ("ki") is another answer."""
+    head = re.match(r"\s*([^\w\s]+\w+)", answer)
+    if head is None:
+        return True
+    return re.search(r"(?<![\w])" + re.escape(head.group(1).lower()) + r"(?!\w)", prediction.lower()) is not None
 
 
 def exact_match(prediction: str, answers) -> bool:
