@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import traceback
+import weakref
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -108,11 +109,11 @@ _SIGINT_RECEIVED = threading.Event()
 
 def _on_sigint(signum, frame) -> None:
     """Python's Ctrl-C, except inside a finalizer (``__del__``, e.g. of a ``datasets`` table while the model
-    loads): an exception there is printed with a traceback and then dropped, so the interrupt is delivered
-    again a moment later, outside it."""
+    loads, or a weak reference's callback): an exception there is printed with a traceback and then dropped, so
+    the interrupt is delivered again a moment later, outside it."""
     _SIGINT_RECEIVED.set()
     while frame is not None:
-        if frame.f_code.co_name == "__del__":
+        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename == weakref.__file__:
             threading.Timer(0.05, _thread.interrupt_main).start()
             return
         frame = frame.f_back
@@ -140,7 +141,12 @@ def _interrupted(interrupt: KeyboardInterrupt) -> int:
 def _run(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
+    _SIGINT_RECEIVED.clear()  # this run's Ctrl-C only, not one an earlier in-process run already reported
     parser = build_parser()
+    if _SIGINT_RECEIVED.is_set():
+        # A Ctrl-C while the commands were imported that a library swallowed (it can leave a half-initialised
+        # module behind, which fails later as a bug) is still the interrupt: stop before any command runs.
+        raise KeyboardInterrupt
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help and --version
