@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from harness.cli import distributed
-from harness.cli.args import options_from_args
-from harness.models.loading import add_model_arguments
+from harness.cli.args import add_model_arguments, model_options, options_from_args
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints.cli import non_negative_int, output_folder, positive_int
 from vqa_constraints.errors import UserError
@@ -111,7 +110,7 @@ def _run_edit(args: argparse.Namespace) -> int:
 def _edit(args: argparse.Namespace) -> int:
     from editing.methods import METHODS
     from editing.runner import EditOptions, check_save_target, run_editing
-    from harness.models.loading import load_model, model_options
+    from harness.models.loading import load_model
 
     from editing.method_config import load_method_config
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
 
 from harness.hooks import record_inputs, stop_after
 from harness.scoring import Prompt, as_prompt
@@ -123,7 +126,6 @@ def _finish(layer, second: torch.Tensor, n_keys: int, n_questions: int, ridge: f
 def _load(path: Path):
     if not path.exists():
         return None
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -131,8 +133,6 @@ def _load(path: Path):
 
 
 def _save(path: Path, second: torch.Tensor, n_keys: int, n_questions: int) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({"second_moment": second.contiguous()}, str(tmp),
@@ -172,15 +172,12 @@ def model_hash(adapter) -> str:
 @torch.no_grad()
 def sample_corpus(adapter, corpus: GenericCorpus) -> torch.Tensor:
     """(sequences, length) token ids sampled from the model, cached on disk by the model's weights and ``corpus``."""
-    from transformers import GenerationConfig
 
     content = {"format": CORPUS_FORMAT, "weights": model_hash(adapter), "corpus": vars(corpus),
                "dtype": str(adapter.dtype)}
     key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / f"corpus-{key}.safetensors"
     if path.exists():
-        from safetensors.torch import load_file
-
         return load_file(str(path))["ids"]
     tokenizer = adapter.tokenizer
     special = set(tokenizer.all_special_ids)
@@ -202,7 +199,6 @@ def sample_corpus(adapter, corpus: GenericCorpus) -> torch.Tensor:
                                          generation_config=config)
             rows.append(out[:, : corpus.length].cpu())
     ids = torch.cat(rows)
-    from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -17,6 +17,8 @@ the caller uses full forwards, and says so.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from harness.hooks import record_inputs
@@ -89,7 +91,6 @@ class PrefixCachedForward:
 
 def logits_to_keep(adapter, count: int) -> int:
     """``count`` when the model's forward can skip the other positions' logits, else 0 (all)."""
-    import inspect
 
     return count if "logits_to_keep" in inspect.signature(adapter.model.forward).parameters else 0
 

@@ -13,9 +13,10 @@ same entity), so methods never look at records.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
+import torch
 from PIL import Image
 
 from harness.zoo.flag_llava.augment import flags_tensor, random_views, to_pil
@@ -164,11 +165,9 @@ def shared_keys(group: Sequence[EditRequest], key_position: str) -> list[tuple[s
 def with_augmented_views(request: EditRequest, count: int, seed: int) -> EditRequest:
     """The request with ``count`` augmented views of its image (crop, rotation, colour jitter, noise) when the
     record has no other views: generalization then tests the key, not only the question's text."""
-    from dataclasses import replace
 
     if count <= 0 or request.other_views or request.image is None:
         return request
-    import torch
 
 
     width, height = request.image.size

@@ -21,12 +21,15 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+import datasets
+import jsonschema
 import numpy as np
 import torch
+import transformers
 
 from editing import key_distinctness, metrics, report
 from editing.answer_format import entity_prefix
@@ -185,7 +188,6 @@ def make_requests(adapter, data: str, options: EditOptions, split_name: str | No
 
 def with_prefix(adapter, request: EditRequest) -> EditRequest:
     """The request with its answer prefix: the model's own answer up to its answer entity."""
-    from dataclasses import replace
 
 
     return replace(request, prefix=entity_prefix(adapter, request.question, request.image, request.current,
@@ -486,7 +488,6 @@ def validation_data(adapter, data: str, options: EditOptions) -> Validation | No
 def validation_options(options: EditOptions) -> EditOptions:
     """The options validation runs use: sizes from ``validation_size`` only, so nothing about the reported run
     (its limit, specificity sample, batches or sweep) reaches a choice."""
-    from dataclasses import replace
 
     return replace(options, specificity_size=2 * options.validation_size, limit=None, batch_edits=1,
                    sweep_layers=False)
@@ -730,7 +731,6 @@ def results_schema() -> dict:
 
 def validate_results(document: dict) -> None:
     """Check a results document against the shipped schema (a failure here is a bug, not bad input)."""
-    import jsonschema
 
     jsonschema.validate(document, results_schema())
 
@@ -786,9 +786,5 @@ def _seed(seed: int) -> None:
 
 
 def _versions() -> dict:
-    import datasets
-    import transformers
-
-
     return {"vqa_constraints": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "datasets": datasets.__version__, "python": platform.python_version()}

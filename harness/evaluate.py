@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import datasets
+import numpy
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
 from harness import scoring
 from harness.models.loading import load_model, local_revision
 from harness.outputs import check_out
@@ -175,11 +183,6 @@ def git_commit() -> str | None:
 
 
 def library_versions() -> dict:
-    import datasets
-    import numpy
-    import torch
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -323,7 +326,6 @@ def evaluate(options: EvalOptions, adapter=None) -> Path:
         adapter = load_adapter(options)
     elif adapter is not None:
         check_takes_images(adapter, options.model)
-    import torch
 
     torch.manual_seed(options.seed)
     new_folder = not Path(options.out).exists()
@@ -376,8 +378,6 @@ def aligned_batches(all_tasks: list[Task], pending_ids: set[str], batch_size: in
 
 
 def _score_pending(run, backend, adapter, splits, all_tasks, pending: list[Task], size: int, options: EvalOptions) -> int:
-    from tqdm.auto import tqdm
-
     bar = tqdm(
         total=size,
         initial=size - len(pending),
@@ -473,8 +473,6 @@ def _fmt(cell: dict | None, metric: str) -> str:
 
 def print_table(results: dict) -> None:
     """The per-config summary as a rich table (accuracy with its 95% interval)."""
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"{results['model']['name']} on VQA-Constraints ({results['dataset']['split']})")
     for column in ("config", "n", "acc %", "95% CI", "exact %", "visual", "vis+text", "log-prob", "conf"):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from vqa_constraints.records import Record
 
@@ -153,7 +154,6 @@ def stop_token_ids(adapter_or_tokenizer, generation_config=None) -> list[int]:
 
 def greedy_config(max_new_tokens: int, pad_token_id: int, eos_token_ids: list[int]):
     """The one decoding configuration: greedy, one beam, no penalties, no sampling settings."""
-    from transformers import GenerationConfig
 
     return GenerationConfig(
         do_sample=False, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
@@ -171,7 +171,6 @@ def _without_checkpoint_defaults(model):
     (suppress_tokens, bad_words_ids, sequence_bias, forced ids, ... have no neutral non-None value),
     so a blank one stands in for it while generating.
     """
-    from transformers import GenerationConfig
 
     saved = model.generation_config
     model.generation_config = GenerationConfig()

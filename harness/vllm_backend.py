@@ -21,6 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import torch
+from transformers import AutoConfig, GenerationConfig
+
 from harness.models import registry
 from harness.models.encoding import adds_special_tokens, positions_overlapping, tokenize_with_spans
 from harness.models.loading import _load_processor, cap_image_pixels, resolve_dtype
@@ -39,7 +42,6 @@ class AnswerSpan:
 
 def vllm_dtype(dtype: str) -> str:
     """``--dtype`` for vLLM through the transformers back-end's resolver (vLLM always runs on CUDA)."""
-    import torch
 
 
     return str(resolve_dtype(dtype, torch.device("cuda"))).replace("torch.", "")
@@ -189,7 +191,7 @@ class VLLMBackend:
     @classmethod
     def from_options(cls, options) -> "VLLMBackend":
         try:
-            import vllm
+            import vllm  # optional extra (CUDA only): imported only when the vllm back-end is chosen
         except ImportError:
             raise UserError(
                 "--backend vllm: vLLM is not installed (pip install 'vqa-constraints[vllm]' on a CUDA machine)"
@@ -203,7 +205,7 @@ class VLLMBackend:
         return self._prompt_text(prompt.question)
 
     def _run(self, requests: list[dict], **kwargs):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional extra, present once from_options has built the engine
 
         return self.llm.generate(requests, SamplingParams(**kwargs), use_tqdm=False)
 
@@ -224,7 +226,6 @@ class VLLMBackend:
 
 def weightless_adapter(options):
     """The checkpoint's adapter with its processor (image budget capped) but no weights: prompts only."""
-    from transformers import AutoConfig
 
 
     common = {"revision": options.revision, "trust_remote_code": options.trust_remote_code}
@@ -252,7 +253,6 @@ def prompt_builder(options) -> Callable[[str], str]:
 
 def checkpoint_stop_ids(options, tokenizer) -> list[int]:
     """The stop ids the HF back-end uses: the tokenizer's EOS plus the checkpoint's listed ones."""
-    from transformers import GenerationConfig
 
 
     try:

@@ -24,7 +24,7 @@ def tiny_llava(tiny_model_dirs):
 def test_text_lm_loads_as_text_only_adapter(tiny_model_dirs):
     import argparse
 
-    from harness.models.loading import add_model_arguments, load_from_args
+    from harness.cli.args import add_model_arguments, load_from_args
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)

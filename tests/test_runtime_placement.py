@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.cli.args import add_model_arguments, load_from_args
 from harness.models.loading import (
-    DEFAULT_MAX_PIXELS, add_model_arguments, cap_image_pixels, load_from_args, load_model, resolve_dtype,
+    DEFAULT_MAX_PIXELS, cap_image_pixels, load_model, resolve_dtype,
 )
 from harness.vllm_backend import engine_kwargs, vllm_dtype
 from vqa_constraints.cli import run

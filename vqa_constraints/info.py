@@ -10,6 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from rich.table import Table
 
 from vqa_constraints.errors import UserError, one_line
 from vqa_constraints.validation import card_shards, read_card_configs
@@ -37,8 +40,6 @@ def local_folder(data: str, revision: str | None = None) -> Path:
         return path
     if "/" not in data or data.count("/") > 1:
         raise UserError(f"{data}: no such folder (and not a Hub repo id like ORG/NAME)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     try:
         return Path(
@@ -90,8 +91,6 @@ def summarise(folder: Path) -> tuple[list[SplitSummary], dict]:
 
 
 def render_table(summaries: list[SplitSummary], title: str):
-    from rich.table import Table
-
     table = Table(title=title)
     for name, justify in (("config", "left"), ("split", "left"), ("rows", "right"), ("sources", "left"),
                           ("constraint types", "left"), ("relations", "right")):

@@ -10,10 +10,12 @@ import json
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
 from vqa_constraints.builder import file_sha256
 from vqa_constraints.errors import UserError
 from vqa_constraints.validation import validate_folder
-
 
 INFO_FILE = "build_info.json"
 
@@ -77,8 +79,6 @@ def check_publishable(folder: str | Path) -> list[str]:
 def publish(folder: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
             commit_message: str | None = None):
     """Create the dataset repo if needed and upload the build; return the CommitInfo."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     files = check_publishable(folder)
     if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from harness.cli import distributed
-from harness.cli.args import options_from_args, shard
-from harness.models.loading import add_model_arguments
+from harness.cli.args import add_model_arguments, model_options, options_from_args, shard
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import output_folder, positive_int
@@ -61,7 +60,7 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def _run_attention(args: argparse.Namespace) -> int:
-    from harness.models.loading import load_model, model_options
+    from harness.models.loading import load_model
     from harness.shards import parse_shard
     from harness.tracing.attention_study import StudyOptions, run_attention_study
     from harness.tracing.summaries import print_attention_summary

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from harness.cli import distributed
-from harness.cli.args import options_from_args, shard
-from harness.models.loading import add_model_arguments
+from harness.cli.args import add_model_arguments, options_from_args, shard
 from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from vqa_constraints import CONFIGS
 from vqa_constraints.cli import output_folder

@@ -13,17 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.leaderboard.checks import (
-    RERUN_SEED_BITS, new_rerun_seed, rerun_check, rerun_sample, samples_path_of, validate_submission,
-)
-from harness.leaderboard.release import (
-    DEFAULT_RELEASE, default_release, load_release, release_from_data, write_release,
-)
-from harness.leaderboard.render import build_leaderboard
-from harness.leaderboard.submission import prepare_submission
-from harness.runs import read_json
+from harness.leaderboard import DEFAULT_RELEASE
 from vqa_constraints.cli import output_file, output_folder
 from vqa_constraints.errors import UserError
+
+# The library (harness/leaderboard/) loads inside each run function, when the command runs, so that building
+# every command's parser stays light.
 
 
 def _add_release_options(parser) -> None:
@@ -33,6 +28,8 @@ def _add_release_options(parser) -> None:
 
 
 def _release_of(args: argparse.Namespace) -> dict:
+    from harness.leaderboard.release import default_release, load_release, release_from_data
+
     if args.data:
         return release_from_data(args.data)
     return load_release(args.release) if args.release else default_release()
@@ -85,6 +82,10 @@ def add_leaderboard(subparsers) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
+    from harness.leaderboard.checks import (
+        RERUN_SEED_BITS, new_rerun_seed, rerun_check, rerun_sample, validate_submission,
+    )
+
     if args.rerun < 0:
         raise UserError(f"--rerun {args.rerun}: expected a number of questions >= 0")
     if args.rerun_seed is not None and not 0 <= args.rerun_seed < 2 ** RERUN_SEED_BITS:
@@ -120,11 +121,16 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 def _sample_lines(path: Path) -> list[dict]:
     """The sample lines of a submission that passed ``validate_submission`` (so they parse)."""
+    from harness.leaderboard.checks import samples_path_of
+    from harness.runs import read_json
+
     samples_path, _ = samples_path_of(Path(path), read_json(Path(path)))
     return [json.loads(line) for line in samples_path.read_text(encoding="utf-8").splitlines()]
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    from harness.leaderboard.render import build_leaderboard
+
     md_path, csv_path = build_leaderboard(args.submissions_dir, args.out, _release_of(args))
     print(md_path)
     print(csv_path)
@@ -132,6 +138,8 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
+    from harness.leaderboard.submission import prepare_submission
+
     if args.from_lmms_eval:
         from harness.leaderboard.from_lmms_eval import prepare_from_lmms_eval
 
@@ -149,6 +157,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _run_release(args: argparse.Namespace) -> int:
+    from harness.leaderboard.release import release_from_data, write_release
+
     write_release(args.out, release_from_data(args.data, args.split))
     print(args.out)
     return 0

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from harness.cli import distributed
-from harness.cli.args import options_from_args, shard
-from harness.models.loading import add_model_arguments
+from harness.cli.args import add_model_arguments, options_from_args, shard
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.tracing.corruptions import CORRUPTIONS, DEFAULT_REPLACE_TOKEN
 from harness.tracing.options import ENGINE_NAMES, POSITIONS, PREFIX_SUBJECT, TRACED, TraceOptions, parse_window

@@ -10,3 +10,9 @@
 
 The command (`vqa-constraints leaderboard prepare|validate|build|release`) is ``harness/cli/leaderboard.py``.
 """
+
+from pathlib import Path
+
+# The shipped release, found next to the package (not the working directory) so `validate` checks the same
+# thing from any folder.
+DEFAULT_RELEASE = Path(__file__).resolve().parents[2] / "leaderboard" / "release.json"

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from harness.evaluate import default_configs
+from harness.leaderboard import DEFAULT_RELEASE
 from harness.runs import read_json
 # Synthetic sources: facts exist only in the planted model, so a real model scores 0 on them by construction.
 from vqa_constraints.card import SYNTHETIC_SOURCES
@@ -27,9 +28,6 @@ from vqa_constraints.files import write_text_atomic
 from vqa_constraints.loading import load_split
 
 RELEASE_FORMAT_VERSION = 2
-# The shipped release, found next to the package (not the working directory) so `validate` checks the same
-# thing from any folder.
-DEFAULT_RELEASE = Path(__file__).resolve().parents[2] / "leaderboard" / "release.json"
 HASH_FIELDS = ("question", "answers", "labels")
 LABEL_FIELDS = ("config", "source", "relation", "constraint_types", "num_constraints")
 

@@ -18,21 +18,20 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import cached_file
 
 from vqa_constraints.errors import UserError
 
 from . import registry
 from .base import ModelAdapter
+from .options import DEFAULT_MAX_PIXELS, DEVICE_MAPS
 from .text_lm import TextLMAdapter
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
-# Qwen2-VL's own default: at most 1280 visual tokens (28x28 pixels each after the 2x2 merge). Hub checkpoints
-# ship 12845056 (16384 tokens), which on a large photo means tens of thousands of image tokens per question.
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -65,7 +64,7 @@ def resolve_placement(device: str = "auto", device_map: str | None = None) -> tu
     if device != "auto":  # an explicit --device cuda without CUDA is refused, never run on the CPU silently
         resolve_device(device)
     try:
-        import accelerate  # noqa: F401  (transformers needs it for any device_map)
+        import accelerate  # noqa: F401  (optional: only --device-map needs it, and transformers asks for it then)
     except ImportError:
         raise UserError("--device-map needs accelerate (pip install accelerate)") from None
     # Half precision by default whenever a GPU takes part, as with --device auto.
@@ -138,7 +137,6 @@ def local_revision(folder: Path) -> str:
 
 def hub_revision(repo_id: str, revision: str | None = None) -> str | None:
     """The commit hash of the cached snapshot ``repo_id`` was loaded from (None when unknown)."""
-    from transformers.utils import cached_file
 
     try:
         path = cached_file(repo_id, "config.json", revision=revision)
@@ -163,7 +161,6 @@ def load_model(
     for models that do not fit one device; ``max_pixels`` caps a dynamic-resolution image processor
     (default ``DEFAULT_MAX_PIXELS``). Both are recorded on the adapter (``device_map``, ``max_pixels``).
     """
-    from transformers import AutoConfig
 
     name = str(name_or_path)
     folder = Path(name).expanduser()
@@ -214,8 +211,6 @@ def load_model(
 
 
 def _load_processor(name: str, adapter_class, common: dict):
-    from transformers import AutoTokenizer
-
     try:
         if issubclass(adapter_class, TextLMAdapter):
             tokenizer = AutoTokenizer.from_pretrained(name, **common)
@@ -235,30 +230,3 @@ def _load_processor(name: str, adapter_class, common: dict):
 def _one_line(exc: Exception) -> str:
     text = " ".join(str(exc).split())
     return text[:300]
-
-
-def add_model_arguments(parser, required: bool = True) -> None:
-    """The model options every command shares: --model --dtype --device --device-map --max-pixels --revision
-    --trust-remote-code."""
-    parser.add_argument("--model", required=required, help="local model folder or Hub id")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
-                        help="spread a model that does not fit one GPU over all visible GPUs (accelerate); overrides --device")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help=f"pixel budget per image for dynamic-resolution models (Qwen2-VL; default {DEFAULT_MAX_PIXELS} "
-                        "= 1280 image tokens, or the checkpoint's own budget when smaller)")
-    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code (off by default)")
-
-
-def model_options(args) -> dict:
-    """The ``load_model`` keyword arguments from the options ``add_model_arguments`` defined."""
-    return {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
-            "revision": args.revision, "device_map": getattr(args, "device_map", None),
-            "max_pixels": getattr(args, "max_pixels", None)}
-
-
-def load_from_args(args) -> ModelAdapter:
-    """``load_model`` with the options ``add_model_arguments`` defined."""
-    return load_model(args.model, **model_options(args))

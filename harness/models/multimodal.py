@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AutoProcessor
 
 from vqa_constraints.errors import UserError
 
@@ -47,7 +48,6 @@ class VisionLanguageAdapter(ModelAdapter):
     @classmethod
     def load_processor(cls, name: str, **options):
         """The family's processor for checkpoint ``name`` (``AutoProcessor`` unless a family says otherwise)."""
-        from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(name, **options)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.utils import is_torchvision_available
 
 from .encoding import adds_special_tokens
 from .multimodal import ImageTextParts, VisionLanguageAdapter
@@ -29,9 +31,6 @@ class Qwen2VLAdapter(VisionLanguageAdapter):
 
     @classmethod
     def load_processor(cls, name: str, **options):
-        from transformers import AutoImageProcessor, AutoTokenizer
-        from transformers.utils import is_torchvision_available
-
         if is_torchvision_available():
             processor = super().load_processor(name, **options)
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):

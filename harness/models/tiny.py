@@ -11,8 +11,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+from transformers.utils import is_torchvision_available
 
 from harness.models.multimodal import ImageTextParts
 
@@ -133,8 +156,6 @@ def _vision_kwargs() -> dict:
 
 
 def _clip_image_processor(cls_name: str = "CLIPImageProcessorPil", **extra):
-    import transformers
-
     cls = getattr(transformers, cls_name)
     return cls(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
                image_mean=[0.5] * 3, image_std=[0.5] * 3, **extra)
@@ -143,7 +164,6 @@ def _clip_image_processor(cls_name: str = "CLIPImageProcessorPil", **extra):
 def build_llava(out: Path, chat_template: bool = True, word_level: bool = False) -> None:
     """LLaVA-1.5 in miniature (Llama-2 SentencePiece-style tokenizer, ``USER: <image>\\n... ASSISTANT:``);
     ``word_level`` + no chat template mirrors the planted zoo model."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = word_level_tokenizer(["<image>"]) if word_level else sentencepiece_tokenizer(["<image>"])
     processor = LlavaProcessor(
@@ -163,14 +183,6 @@ def build_llava(out: Path, chat_template: bool = True, word_level: bool = False)
 def build_llava_next(out: Path) -> None:
     """LLaVA-NeXT: the image is tiled by ``image_grid_pinpoints`` (anyres), and after the projector the model
     unpads the tiles and appends a newline row to each: the token count depends on the image size."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
 
     pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
     tokenizer = sentencepiece_tokenizer(["<image>"])  # llava-v1.6 ships Llama-2/Mistral SentencePiece tokenizers
@@ -206,7 +218,6 @@ QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end
 
 def build_qwen2_vl(out: Path) -> None:
     """Qwen2-VL: native-resolution patches merged 2x2, multimodal RoPE; the token count follows the image size."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     tokenizer = bpe_tokenizer(QWEN_SPECIALS, add_bos=False)
     patch, merge = 4, 2
@@ -249,13 +260,6 @@ def build_idefics3(out: Path) -> None:
     As in Idefics3-8B-Llama3: the image is split into tiles (one ``<row_i_col_j>`` block each, plus the
     global view), and the chat template writes ``<|begin_of_text|>`` although the tokenizer adds it too.
     """
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-        LlamaConfig,
-    )
 
     tokenizer = bpe_tokenizer(IDEFICS3_SPECIALS, bos=LLAMA3_BOS)
     scale = 2
@@ -278,8 +282,6 @@ def build_idefics3(out: Path) -> None:
 
 def _qwen2_vl_processor(image_processor, tokenizer):
     """The real processor where torchvision exists; else image processor + tokenizer saved side by side."""
-    from transformers import Qwen2VLProcessor
-    from transformers.utils import is_torchvision_available
 
     if is_torchvision_available():
         return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
@@ -316,7 +318,6 @@ TEXT_TEMPLATES = {
 def build_text(out: Path, chat_template: str | bool = "llama3") -> None:
     """A Llama causal LM; ``chat_template``: "llama3" (default: a template that writes the BOS the tokenizer
     also adds), True (ChatML, SmolLM2's kind) or False (none: the fallback prompt)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     template, specials, bos = TEXT_TEMPLATES[chat_template]
     tokenizer = bpe_tokenizer(specials, bos=bos)
@@ -350,14 +351,6 @@ def build_llava15_shaped(out: Path, vision: dict, text: dict, vocab_size: int | 
                          image_size: int = 336, patch: int = 14) -> Path:
     """A random LLaVA-1.5-shaped checkpoint (576 image tokens at 336 px / 14 px patches) for the benchmarks:
     real prompt lengths with small or chosen layer shapes. ``vocab_size`` defaults to the tokenizer's."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
 
     torch.manual_seed(0)
     tokenizer = bpe_tokenizer(["<image>"])

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
+from tqdm.auto import tqdm
 
 import vqa_constraints
 from harness.hooks import record_outputs
@@ -38,14 +40,26 @@ from harness.outputs import interrupted
 from harness.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, answer_correct, generate_answers
 from harness.shards import aligned_window, parse_shard
 from harness.tracing import plots, stats
-from harness.tracing.options import (  # noqa: F401 (the names callers import from here)
-    ANSWER_SCORES, ENGINE_NAMES, POSITIONS, PREFIX_SUBJECT, TRACED, TraceOptions, parse_window, windows_by_kind,
-)
 from harness.tracing.corruptions import (  # noqa: F401 (names the tests and the CLI read from here)
-    CORRUPTIONS, DEFAULT_REPLACE_TOKEN, NOISE_SCALE, corruption_kind, embedding_std, replacement_token,
+    CORRUPTIONS,
+    DEFAULT_REPLACE_TOKEN,
+    NOISE_SCALE,
+    corruption_kind,
+    embedding_std,
+    replacement_token,
 )
 from harness.tracing.engine_fast import FastEngine
 from harness.tracing.engine_reference import ReferenceEngine
+from harness.tracing.options import (  # noqa: F401 (the names callers import from here)
+    ANSWER_SCORES,
+    ENGINE_NAMES,
+    POSITIONS,
+    PREFIX_SUBJECT,
+    TRACED,
+    TraceOptions,
+    parse_window,
+    windows_by_kind,
+)
 from harness.tracing.patching import (
     KINDS,
     Corruption,
@@ -335,7 +349,6 @@ def run_trace(options: TraceOptions, adapter: ModelAdapter | None = None) -> Pat
     ``"complete": false`` (which every reader refuses) and the interrupt is re-raised; on an error
     nothing is written.
     """
-    from tqdm.auto import tqdm
 
 
     options.check()
@@ -418,9 +431,6 @@ def replacement_record(options, adapter: ModelAdapter) -> dict | None:
 
 
 def stats_document(options, adapter, split, rows, total, traced, skips, complete: bool = True) -> dict:
-    import transformers
-
-
     groups = stats.summarise(rows, options.threshold, options.bootstrap, options.seed, options.min_affected)
     document = {
         "schema_version": stats.SCHEMA_VERSION,

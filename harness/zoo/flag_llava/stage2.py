@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from harness.zoo import cache
 from harness.zoo.flag_llava import evaluation, vqa
@@ -26,9 +28,6 @@ from harness.zoo.flag_llava.train import answer_loss, chat_batch, cpu_seconds, p
 
 
 def build_into(recipe, stage1_folder: Path, folder: Path) -> None:
-    import transformers
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     torch.manual_seed(recipe.seed)
     model = LlavaForConditionalGeneration.from_pretrained(stage1_folder, use_safetensors=True).eval()
@@ -99,7 +98,6 @@ def build_into(recipe, stage1_folder: Path, folder: Path) -> None:
 
 def _replay_targets(model, processor, batches, max_new_tokens):
     """Fill replayed text examples with the untuned model's own greedy answers (knowledge-preserving)."""
-    from dataclasses import replace
 
     open_items = sorted({e.question for batch in batches for e in batch if not e.target})
     outputs = generate(model, processor, [chat_prompt(processor, q, False) for q in open_items], None, max_new_tokens)
