@@ -52,3 +52,19 @@ def test_wrong_answers_are_skipped_counted_and_written(tiny_llava_dir, planted_d
     assert stats["counts"]["skipped"]["wrong_answer"] == stats["counts"]["records"] == 3
     assert stats["counts"]["traced"] == 0 and stats["groups"] == []
     assert (tmp_path / "out" / "traces.parquet").exists()
+
+
+@pytest.mark.parametrize("corruption", ["replace", "noise"])
+def test_every_constraint_of_a_multi_constraint_question_is_traced(tiny_llava_dir, planted_data_dir, tmp_path,
+                                                                   corruption):
+    """A question with a visual and a textual constraint is traced once per constraint, each corrupted in turn."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    assert run(["trace", "--model", str(tiny_llava_dir), "--data", str(planted_data_dir), "--config",
+                "multi_constraint", "--corruption", corruption, "--traced", "all", "--limit", "2", "--kinds", "mlp",
+                "--noise-samples", "2", "--out", str(out), "--no-progress", "--dtype", "float32", "--device",
+                "cpu"]) == 0
+    rows = pq.read_table(out / "traces.parquet").to_pylist()
+    units = {(row["id"], row["corrupted"]) for row in rows}
+    assert len(units) == 2 * len({row["id"] for row in rows}) == 4
