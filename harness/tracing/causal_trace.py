@@ -286,8 +286,8 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         located = locate_constraints(record, encoded, options.text_only)
     except UserError as error:
         raise ConstraintNotFound(str(error)) from None
-    kind = CORRUPTIONS[options.corruption]
-    if kind.corrupts_image:
+    corruption = CORRUPTIONS[options.corruption]  # (`kind` below is the restored kind: hidden, mlp, attn)
+    if corruption.corrupts_image:
         units = [("image", 0, [])]
     else:
         units = [(f"{kind} constraint", i, pos) for i, (kind, pos) in enumerate(located)]
@@ -303,7 +303,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         prepared = prepare(
             adapter, encoded, engine, options.corruption, corrupt_positions,
             seed=example_seed(options.seed, record.id, corrupted_index),
-            samples=options.noise_samples if kind.random else 1,
+            samples=options.noise_samples if corruption.random else 1,
             replace_token=options.replace_token, bridge_positions=bridges,
         )
         if bar is not None:
@@ -312,7 +312,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         named = {f"{t}#{i}": pos for t, i, pos in targets}
         restored = trace_example(prepared, engine, named, list(options.kinds), windows,
                                  progress=bar.update if bar is not None else None)
-        corrupted_all = set(bridges) if kind.corrupts_image else set(prepared.corruption.positions)
+        corrupted_all = set(bridges) if corruption.corrupts_image else set(prepared.corruption.positions)
         for (target, index, pos), p in zip(targets, restored.values()):
             for k, kind in enumerate(options.kinds):
                 effect, normalised = indirect_effects(p[k], prepared.p_clean, prepared.p_corrupt)
