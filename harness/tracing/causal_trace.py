@@ -286,7 +286,7 @@ def trace_record(adapter, record, engine, options: TraceOptions, bar=None, predi
         located = locate_constraints(record, encoded, options.text_only)
     except UserError as error:
         raise ConstraintNotFound(str(error)) from None
-    corruption = CORRUPTIONS[options.corruption]
+    corruption = CORRUPTIONS[options.corruption]  # (`kind` below is the restored kind: hidden, mlp, attn)
     if corruption.corrupts_image:
         units = [("image", 0, [])]
     else:
