@@ -309,3 +309,52 @@ def test_scaling_recipes_run_on_cpu_with_a_stand_in(planted_model_dir, planted_d
     first = (evaluations[0] / "samples.jsonl").read_bytes()
     assert first and all((e / "samples.jsonl").read_bytes() == first for e in evaluations), evaluations
     assert (tmp_path / "runs" / "llava-trace" / "trace_stats.json").exists()
+
+
+# --- docs/demo.md: the llava-1.5-7b sequence, run on the CPU with the planted stand-in --------------------------------
+
+DEMO = ROOT / "docs" / "demo.md"
+GPU_MODEL = "llava-hf/llava-1.5-7b-hf"
+
+
+def gpu_section() -> str:
+    """docs/demo.md's "On a real checkpoint" section (up to the next heading of its level)."""
+    return DEMO.read_text("utf-8").split("## On a real checkpoint", 1)[1].split("\n## ", 1)[0]
+
+
+def test_gpu_sequence_runs_on_a_stand_in_with_the_same_folders(planted_model_dir, planted_data_dir, tmp_path,
+                                                               monkeypatch):
+    """The page's GPU sequence as written, in a fresh folder, with only the model swapped for the planted stand-in
+    and small limits: every folder a command reads is one the page's build line or an earlier command wrote."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    section = gpu_section()
+    assert "--out data/flags" in section  # the page's build line names the folder its commands read
+    shutil.copytree(planted_data_dir, tmp_path / "data" / "flags")  # that build, from the planted source for speed
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
+        exec(compile(block, f"{DEMO}:python", "exec"), {})  # datasets.load_dataset("data/flags", ...) as shown
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+             for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.startswith("vqa-constraints ")]
+    ran = []
+    for line in lines:
+        argv = DocCommand("docs/demo.md", line).argv()
+        if tuple(argv[:2]) == ("leaderboard", "prepare"):
+            continue  # NOT_RUN: it takes a full evaluation of the release build only
+        if "--model" in argv:
+            assert argv[argv.index("--model") + 1] == GPU_MODEL, line
+        argv = [str(planted_model_dir) if word == GPU_MODEL else word for word in argv]
+        for name, value in LIMITS.get(argv[0], {}).items():
+            if name in argv:
+                argv[argv.index(name) + 1] = value
+            else:
+                argv += [name, value]
+        if argv[0] in ("evaluate", "trace", "attention"):
+            argv.append("--no-progress")
+        assert run(argv) == 0, f"docs/demo.md: `{line}` ran as {argv}"
+        ran.append(argv[0])
+    assert {"evaluate", "trace", "edit", "publish"} <= set(ran), ran
+    for folder, document in (("runs/llava-7b", "run.json"), ("runs/llava-7b-trace", "trace_stats.json"),
+                             ("runs/llava-7b-trace-text", "trace_stats.json"),
+                             ("runs/llava-7b-edit", "editing_results.json")):
+        assert (tmp_path / folder / document).is_file(), folder
