@@ -35,7 +35,7 @@ def test_shards_tile_every_list(total, count):
 
 
 def test_check_tiling_names_overlaps_and_gaps():
-    with pytest.raises(UserError, match="overlap|repeated \[0\]"):
+    with pytest.raises(UserError, match=r"overlap|repeated \[0\]"):
         check_tiling([("a", 0, 5), ("b", 4, 10)], 10)
     with pytest.raises(UserError, match="gap: questions 5..5"):
         check_tiling([("a", 0, 5), ("b", 6, 10)], 10)
@@ -66,9 +66,9 @@ def test_shards_merge_into_the_unsharded_run(shard_runs, small_run, tmp_path):
 
 
 def test_merge_refuses_overlaps_gaps_and_unfinished_shards(shard_runs, tmp_path):
-    with pytest.raises(UserError, match="overlap|repeated \[0\]"):
+    with pytest.raises(UserError, match=r"overlap|repeated \[0\]"):
         merge_runs([shard_runs[0], shard_runs[0], shard_runs[1], shard_runs[2]], tmp_path / "a")
-    with pytest.raises(UserError, match="gap|missing \[1\]"):
+    with pytest.raises(UserError, match=r"gap|missing \[1\]"):
         merge_runs([shard_runs[0], shard_runs[2]], tmp_path / "b")
     unfinished = tmp_path / "unfinished"
     shutil.copytree(shard_runs[1], unfinished)
