@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.outputs import StaleDocuments
+from vqa_constraints.errors import UserError
 from vqa_constraints.cli import run
 
 LAUNCH = "import sys; from vqa_constraints.cli import main; sys.argv[0] = 'vqa-constraints'; main()"
@@ -143,3 +144,24 @@ def test_an_empty_shard_slice_is_an_empty_mergeable_shard(command, tiny_model_di
         name = "samples.jsonl" if command == "evaluate" else "trace_stats.json"
         assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
         assert (tmp_path / "merged" / document[command]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("raised, prefix, code", [(KeyboardInterrupt("stopped"), "interrupted:", 130),
+                                                  (UserError("data.parquet row 3: bad field"), "error:", 1),
+                                                  (ValueError("a bug"), "error:", 70)])
+def test_the_one_line_starts_its_own_line_after_a_half_drawn_progress_bar(raised, prefix, code, capsys):
+    """An interrupt or error leaves a hand-updated tqdm bar (as transformers' "Loading weights") open mid-line; the
+    message must not trail it."""
+    from tqdm.auto import tqdm
+
+    from vqa_constraints.cli import dispatch
+
+    def command(args):
+        bar = tqdm(total=10, desc="Loading weights")
+        bar.update(3)
+        raise raised
+
+    assert dispatch(command, None) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if prefix in line]
+    assert len(lines) == 1 and lines[0].startswith(prefix), err

@@ -130,10 +130,23 @@ def _install_sigint_handler() -> bool:
     return True
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an exception left open (their loop never finished), so the one line that follows
+    starts a line of its own instead of trailing a half-drawn bar ("Loading weights:   0%|  |interrupted: ...")."""
+    tqdm_class = getattr(sys.modules.get("tqdm.std"), "tqdm", None)  # only if something drew a bar
+    for bar in list(getattr(tqdm_class, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar broken by the interrupt must not hide the message
+            pass
+    sys.stderr.flush()
+
+
 def _interrupted(interrupt: KeyboardInterrupt) -> int:
     # A command that wrote partial results says where in the interrupt's message (harness/outputs.py).
     detail = str(interrupt) or "evaluate keeps what it scored and resumes when rerun; other commands start over"
     sys.stdout.flush()
+    _end_progress_bars()
     print(f"interrupted: {one_line(detail)}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
@@ -176,6 +189,7 @@ def dispatch(func, args: argparse.Namespace, debug: bool = False) -> int:
 def report(error: BaseException, debug: bool) -> int:
     """Print ``error`` as one ``error:`` line (after its traceback with ``--debug``); return the exit code."""
     sys.stdout.flush()
+    _end_progress_bars()
     if debug:
         traceback.print_exception(error, file=sys.stderr)
     if isinstance(error, UserError):
