@@ -13,8 +13,13 @@ command removed from the docs disappears from here and a command added is checke
   * `build` without `--sources` builds only `planted`; a `zoo build` of another model than planted gets `--quick`
     (planted `--quick` is the recipe tests/test_zoo_planted.py builds too); an absolute `--out` lands in the
     temporary folder.
-- Not run (parsed only): Hub models or placeholders, uploads without `--dry-run`, the paper's files, shell globs,
-  zoo builds of another seed, and the commands in NOT_RUN (each with its reason).
+  * a GPU-sized or slow model (a Hub id such as `llava-hf/llava-1.5-7b-hf`, a placeholder such as `MODEL`, a
+    zoo folder or a model another page builds) -> the planted model as a stand-in; a placeholder `--data`
+    (`DIR`, `DIR_OR_REPO_ID`) -> the planted build;
+  * a SLURM array line (`--shard ${SLURM_ARRAY_TASK_ID}/N`) runs once per task, then the page's `merge` with its
+    glob expanded, in one folder (test_shard_arrays_and_merge_run_on_a_stand_in).
+- Not run (parsed only): uploads without `--dry-run`, the paper's files, zoo builds of another seed, and the
+  commands in NOT_RUN (each with its reason).
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ NOT_RUN = {
     ("demo",): "the quick demo is tests/test_demo.py; the full one takes over 20 minutes",
     ("leaderboard", "prepare"): "needs a full evaluation of the release build",
     ("leaderboard", "validate"): "needs a submission made from a full evaluation of the release build",
-    ("merge",): "merges the shards of a Hub-model evaluation",
 }
+SHARD_ARRAY = re.compile(r"\$\{?SLURM_ARRAY_TASK_ID\}?")
+SHARD_REASON = "a SLURM array or its merge: test_shard_arrays_and_merge_run_on_a_stand_in runs the page's sequence"
 ZOO_SEED_REASON = "a zoo build of another seed trains a new model (minutes, even with --quick)"
 
 
@@ -57,10 +63,12 @@ class DocCommand:
     where: str  # "docs/tracing.md:39"
     text: str   # the command as shown, continuation lines joined
 
-    def argv(self, planted_model: str = PLANTED_MODEL) -> list[str]:
-        """The arguments after `vqa-constraints`, as a shell would pass them (env assignments dropped)."""
-        text = self.text.replace(PLANTED_MODEL_SUBST, planted_model)
-        text = re.sub(r"\$\{?SLURM_ARRAY_TASK_ID\}?", "0", text)
+    def argv(self, planted_model: str = PLANTED_MODEL, task: int = 0) -> list[str]:
+        """The arguments after `vqa-constraints`, as a shell would pass them (env assignments dropped), as SLURM
+        array task ``task``."""
+        # `$(vqa-constraints zoo build flag-llava)` and the like: the planted stand-in (see the module docstring).
+        text = re.sub(r"\$\(vqa-constraints zoo build [\w-]+\)", planted_model, self.text)
+        text = SHARD_ARRAY.sub(str(task), text)
         words = shlex.split(text, comments=True)
         while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
             words.pop(0)
@@ -103,24 +111,21 @@ def option(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv[:-1] else None
 
 
-def why_not_run(argv: list[str]) -> str | None:
+def why_not_run(argv: list[str], text: str = "") -> str | None:
+    """Why the command (its arguments, and its text as shown) is only parsed here; None when it runs."""
+    if argv[0] == "merge" or SHARD_ARRAY.search(text):
+        return SHARD_REASON
     for key, reason in NOT_RUN.items():
         if tuple(argv[: len(key)]) == key:
             return reason
     if argv[:2] == ["zoo", "build"] and "--seed" in argv:
         return ZOO_SEED_REASON
-    model = option(argv, "--model")
-    if model is not None and model not in MODEL_ALIASES:
-        return f"model {model} is a Hub id or a placeholder"
     if "--repo-id" in argv and "--dry-run" not in argv:
         return "uploads to the Hub"
     if "--source-path" in argv:
         return "needs the paper's files"
     if any("*" in word for word in argv):
         return "a shell glob"
-    data = option(argv, "--data")
-    if data is not None and not data.startswith(DATA_PREFIXES):
-        return f"data {data} is a Hub id or a placeholder"
     return None
 
 
@@ -128,7 +133,7 @@ def runnable_commands() -> list[DocCommand]:
     """The commands to run, each distinct one once (several pages show the same build)."""
     unique: dict[tuple[str, ...], DocCommand] = {}
     for command in COMMANDS:
-        if why_not_run(command.argv()) is None:
+        if why_not_run(command.argv(), command.text) is None:
             unique.setdefault(tuple(command.argv()), command)
     return list(unique.values())
 
@@ -196,6 +201,41 @@ def test_documented_command_runs(command, request, tmp_path, monkeypatch, capsys
     argv = runnable_argv(command.argv(str(model)), model, data, tmp_path)
     code = run(argv)
     assert code == 0, f"{command.where}: `{command.text}` ran as {argv}: exit {code}: {capsys.readouterr().err[-2000:]}"
+
+
+def shard_sequences() -> dict[str, list[DocCommand]]:
+    """Per page (docs/scaling.md has its own test): its SLURM array lines and merges, in the page's order."""
+    pages: dict[str, list[DocCommand]] = {}
+    for command in COMMANDS:
+        page = command.where.split(":")[0]
+        if why_not_run(command.argv(), command.text) == SHARD_REASON and page != "docs/scaling.md":
+            pages.setdefault(page, []).append(command)
+    return pages
+
+
+SHARD_PAGES = shard_sequences()
+
+
+@pytest.mark.parametrize("page", sorted(SHARD_PAGES))
+def test_shard_arrays_and_merge_run_on_a_stand_in(page, planted_model_dir, planted_data_dir, tmp_path, monkeypatch):
+    """Every task of the page's array (as sbatch would run them), then its merge with the shell's glob expanded."""
+    monkeypatch.chdir(tmp_path)
+    merged = []
+    for command in SHARD_PAGES[page]:
+        if command.argv()[0] == "merge":
+            argv = command.argv()
+            expanded = [sorted(str(p) for p in Path().glob(word)) if "*" in word else [word] for word in argv]
+            argv = [word for words in expanded for word in words]
+            assert len(argv) > len(command.argv()), f"{command.where}: the glob matched no shard"
+            assert run(argv) == 0, f"{command.where}: `{command.text}` ran as {argv}"
+            merged.append(Path(option(argv, "--out")))
+            continue
+        tasks = int(re.search(r"--shard \S+/(\d+)", command.text).group(1))
+        for task in range(tasks):
+            argv = runnable_argv(command.argv(str(planted_model_dir), task), planted_model_dir, planted_data_dir,
+                                 tmp_path)
+            assert run(argv) == 0, f"{command.where}: `{command.text}` ran as {argv} (task {task})"
+    assert merged and all(folder.is_dir() and any(folder.iterdir()) for folder in merged), merged
 
 
 def slug(heading: str) -> str:
