@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.hooks import edit_kwargs, record_outputs
-from harness.tracing.attention import eager_attention
+import json
+
+from harness.hooks import record_outputs
 from harness.zoo import planted
-from harness.zoo.planted.routed import QUICK_ROUTED, RoutedRecipe, RouteMask, phrase_ids
+from harness.zoo.planted.routed import QUICK_ROUTED, RoutedRecipe, RouteMask, build_routed_into
 from harness.zoo.cache import recipe_hash
 from harness.zoo.planted.data import BatchMaker, fact_examples
 from harness.zoo.planted.processor import build_tokenizer
@@ -23,16 +24,16 @@ def test_route_mask_leaves_the_image_to_the_constraint_tokens_in_early_layers():
     maker = BatchMaker(world, tokenizer, planted.image_token_count(base))
     examples = fact_examples(world, world.by_role("known")[:2], text_only=False)[:3]
     batch = maker.batch(examples, np.random.default_rng(0))
-    route = RouteMask(model.config.image_token_id, phrase_ids(tokenizer), open_layers=1)
-    route.set(batch["input_ids"])
+    route = RouteMask(open_layers=1)
+    route.prepare(tokenizer)
     blocks = [layer.self_attn for layer in model.model.language_model.layers]
     names = {f"L{i}": b for i, b in enumerate(blocks)}
-    with torch.no_grad(), eager_attention(model), edit_kwargs({b: route.editor(i) for i, b in enumerate(blocks)}), \
-            record_outputs(names, index=1) as weights:
+    with torch.no_grad(), route.context(model), record_outputs(names, index=1) as weights:
+        route.before_forward(batch)
         model(**batch)
     ids = batch["input_ids"][0].tolist()
     image = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
-    phrase = phrase_ids(tokenizer)
+    phrase = route.phrase
     start = next(i for i in range(len(ids)) if ids[i : i + len(phrase)] == phrase)
     visual = list(range(start, start + len(phrase)))
     last = int(batch["attention_mask"][0].sum()) - 1
@@ -52,3 +53,16 @@ def test_control_recipes_leave_the_planted_cache_key_alone():
     assert recipe_hash(RoutedRecipe()) != recipe_hash(planted.DEFAULT_RECIPE)
     assert QUICK_ROUTED.base == planted.QUICK_RECIPE
 
+
+
+def test_the_routed_build_is_a_stock_llava_that_records_its_routed_recipe(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    build_routed_into(tmp_path, QUICK_ROUTED, progress=False)
+    accuracy = json.loads((tmp_path / planted.ACCURACY_FILE).read_text())
+    assert accuracy["recipe"]["open_layers"] is None  # the routed recipe, not only its planted base
+    assert accuracy["recipe"]["base"]["planted_layer"] == QUICK_ROUTED.base.planted_layer
+    assert accuracy["training"]["open_layers"] == QUICK_ROUTED.base.planted_layer
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)  # no custom code, no mask
+    assert model.config.zoo_recipe == accuracy["recipe"]
+    assert 0 <= accuracy["single_constraint"]["accuracy"] <= 1  # scored without the mask, after saving

@@ -34,7 +34,7 @@ from harness.zoo.planted.processor import build_processor, build_tokenizer
 from harness.zoo.planted.recipe import (
     ACCURACY_FILE, BUILD_THREADS, DEFAULT_RECIPE, QUICK_RECIPE, ZOO_NAME, PlantedRecipe, world_for,
 )
-from harness.zoo.planted.train import train
+from harness.zoo.planted.train import Route, train
 
 
 def build(recipe: PlantedRecipe = DEFAULT_RECIPE, out: Path | None = None, force: bool = False,
@@ -49,26 +49,34 @@ def build_cli(args: argparse.Namespace) -> Path:
     return build(recipe, out=Path(args.out) if args.out else None, force=args.force)
 
 
-def build_into(folder: Path, recipe: PlantedRecipe, progress: bool = True) -> None:
-    """Train the model for ``recipe`` and save model, processor and accuracy into ``folder``."""
+def build_into(folder: Path, recipe: PlantedRecipe, progress: bool = True, route: Route | None = None,
+               recorded: dict | None = None) -> None:
+    """Train the model for ``recipe`` and save model, processor and accuracy into ``folder``.
+
+    ``route`` trains under the routed control's attention mask (``routed.py``); ``recorded`` is the recipe written
+    into the config and the accuracy file (default: ``recipe``'s fields)."""
     if not 0 <= recipe.planted_layer < recipe.layers:
         raise ValueError(f"planted_layer {recipe.planted_layer} outside 0..{recipe.layers - 1}")
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        _build_into(folder, recipe, progress)
+        _build_into(folder, recipe, progress, route, asdict(recipe) if recorded is None else recorded)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build_into(folder: Path, recipe: PlantedRecipe, progress: bool) -> None:
+def _build_into(folder: Path, recipe: PlantedRecipe, progress: bool, route: Route | None, recorded: dict) -> None:
     world = world_for(recipe)
     tokenizer = build_tokenizer(world.vocabulary())
     processor = build_processor(tokenizer, recipe.patch_size)
-    model, stats = train(recipe, world, tokenizer, progress)
+    if route is not None:
+        route.prepare(tokenizer)
+    model, stats = train(recipe, world, tokenizer, progress, route)
+    if route is not None:
+        stats.update(route.stats())
 
     model.config.planted_layer = recipe.planted_layer
-    model.config.zoo_recipe = asdict(recipe)
+    model.config.zoo_recipe = recorded
     model.generation_config = GenerationConfig(
         max_new_tokens=8, do_sample=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -76,8 +84,8 @@ def _build_into(folder: Path, recipe: PlantedRecipe, progress: bool) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
 
-    accuracy = evaluate(model, processor, world)
-    accuracy.update({"planted_layer": recipe.planted_layer, "recipe": asdict(recipe), "training": stats})
+    accuracy = evaluate(model, processor, world)  # the stock model: a route's mask is for training only
+    accuracy.update({"planted_layer": recipe.planted_layer, "recipe": recorded, "training": stats})
     (folder / ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
 
 

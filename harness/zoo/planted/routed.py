@@ -19,23 +19,18 @@ unchanged) and are cached under their own zoo names.
 from __future__ import annotations
 
 import argparse
-import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
 from harness.hooks import edit_kwargs
 from harness.tracing.attention import eager_attention
 from harness.tracing.knockout import _additive_mask
-from harness.zoo.planted import model as planted_model
-from harness.zoo.planted import recipe as planted
-from harness.zoo.planted import train as planted_train
 from harness.zoo.cache import cached_build
-from harness.zoo.planted.data import BatchMaker, fact_examples, naming_examples
-from harness.zoo.planted.evaluation import evaluate
-from harness.zoo.planted.processor import build_processor, build_tokenizer
+from harness.zoo.planted import recipe as planted
+from harness.zoo.planted.build import build_into
 from vqa_constraints.sources.planted_world import VISUAL_PHRASE
 
 ROUTED = "planted-routed"
@@ -54,13 +49,32 @@ QUICK_ROUTED = RoutedRecipe(base=planted.QUICK_RECIPE)
 
 
 class RouteMask:
-    """Per-layer masks for the batch being trained: ``set(input_ids)`` before each forward."""
+    """The route of ``RoutedRecipe`` as ``harness.zoo.planted.train.Route``: per-layer masks for the batch being
+    trained, set before each forward."""
 
-    def __init__(self, image_token: int, phrase_ids: list[int], open_layers: int):
-        self.image_token = image_token
-        self.phrase = phrase_ids
+    label = "routed"
+
+    def __init__(self, open_layers: int):
         self.open_layers = open_layers
+        self.phrase: list[int] = []
+        self.image_token: int | None = None
         self.cut_open = self.cut_closed = None
+
+    def prepare(self, tokenizer) -> None:
+        self.phrase = tokenizer(VISUAL_PHRASE, add_special_tokens=False)["input_ids"]
+
+    @contextmanager
+    def context(self, model):
+        self.image_token = model.config.image_token_id
+        blocks = [layer.self_attn for layer in model.model.language_model.layers]
+        with eager_attention(model), edit_kwargs({block: self.editor(l) for l, block in enumerate(blocks)}):
+            yield
+
+    def before_forward(self, batch: dict) -> None:
+        self.set(batch["input_ids"])
+
+    def stats(self) -> dict:
+        return {"open_layers": self.open_layers}
 
     def set(self, input_ids: torch.Tensor) -> None:
         ids = input_ids.tolist()
@@ -89,86 +103,10 @@ class RouteMask:
         return edit
 
 
-def phrase_ids(tokenizer) -> list[int]:
-    return tokenizer(VISUAL_PHRASE, add_special_tokens=False)["input_ids"]
-
-
-def train_routed(recipe: RoutedRecipe, world, tokenizer, progress: bool = True):
-    """``planted.train.train``'s phases 0-2 with the route mask on every language-model forward."""
-    base = recipe.base
-    torch.manual_seed(base.seed)
-    model = planted_model.make_model(base, tokenizer)
-    if base.silent_mlps_after_planted:
-        planted_model.silence_mlps_after(model, base.planted_layer)
-    maker = BatchMaker(world, tokenizer, planted.image_token_count(base))
-    route = RouteMask(model.config.image_token_id, phrase_ids(tokenizer),
-                      base.planted_layer if recipe.open_layers is None else recipe.open_layers)
-    blocks = [layer.self_attn for layer in model.model.language_model.layers]
-    scaffold = world.by_role("scaffold")[: base.phase1_fact_entities]
-    scaffold_facts = fact_examples(world, scaffold, base.text_only)
-    naming = naming_examples(world.entities)
-    phase2 = fact_examples(world, world.by_role("known"), base.text_only)
-    sampler = planted_train._sampler
-
-    def masked_loss(draw):
-        def loss_at(rng):
-            batch = maker.batch(draw(rng), rng)
-            route.set(batch["input_ids"])
-            return model(**batch).loss
-        return loss_at
-
-    with planted_model.skipping_silent_mlps(model, base.planted_layer, base.silent_mlps_after_planted):
-        loss0 = planted_train.align_vision(model, world, maker, tokenizer, base, progress)
-        n_naming = int(round(base.batch * base.naming_fraction))
-        facts_1, naming_1 = sampler(scaffold_facts, base.batch - n_naming), sampler(naming, n_naming)
-        with eager_attention(model), edit_kwargs({b: route.editor(l) for l, b in enumerate(blocks)}):
-            model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            loss1 = planted_train.optimise(trainable, masked_loss(lambda rng: facts_1(rng) + naming_1(rng)),
-                                     base.phase1_steps, base.phase1_lr, base.seed * 2 + 1,
-                                     "routed phase 1 (all weights)", progress)
-            for param in model.parameters():
-                param.requires_grad_(False)
-            mlp_params = list(planted_model.planted_mlp(model, base.planted_layer).parameters())
-            for param in mlp_params:
-                param.requires_grad_(True)
-            n_replay = int(round(base.batch * base.replay_fraction))
-            n_replay_naming = int(round(n_replay * base.naming_fraction))
-            new = sampler(phase2, base.batch - n_replay)
-            replay_facts = sampler(scaffold_facts, n_replay - n_replay_naming)
-            replay_naming = sampler(naming, n_replay_naming)
-            loss2 = planted_train.optimise(mlp_params, masked_loss(lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng)),
-                                     base.phase2_steps, base.phase2_lr, base.seed * 2 + 2,
-                                     f"routed phase 2 (MLP {base.planted_layer} only)", progress)
-            model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model, {"phase0_final_loss": round(loss0, 4), "phase1_final_loss": round(loss1, 4),
-                   "phase2_final_loss": round(loss2, 4), "open_layers": route.open_layers}
-
-
 def build_routed_into(folder: Path, recipe: RoutedRecipe, progress: bool = True) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(planted.BUILD_THREADS)
-    try:
-        base = recipe.base
-        world = planted.world_for(base)
-        tokenizer = build_tokenizer(world.vocabulary())
-        processor = build_processor(tokenizer, base.patch_size)
-        model, stats = train_routed(recipe, world, tokenizer, progress)
-        model.config.planted_layer = base.planted_layer
-        model.config.zoo_recipe = asdict(recipe)
-        model.generation_config = GenerationConfig(
-            max_new_tokens=8, do_sample=False, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        model.save_pretrained(folder, safe_serialization=True)
-        processor.save_pretrained(folder)
-        accuracy = evaluate(model, processor, world)  # stock model, no mask
-        accuracy.update({"planted_layer": base.planted_layer, "recipe": asdict(recipe), "training": stats})
-        (folder / planted.ACCURACY_FILE).write_text(json.dumps(accuracy, indent=2, sort_keys=True) + "\n")
-    finally:
-        torch.set_num_threads(threads)
+    """The planted build of ``recipe.base`` trained under the route mask; the routed recipe is what it records."""
+    open_layers = recipe.base.planted_layer if recipe.open_layers is None else recipe.open_layers
+    build_into(folder, recipe.base, progress, route=RouteMask(open_layers), recorded=asdict(recipe))
 
 
 def build_routed(recipe: RoutedRecipe = DEFAULT_ROUTED, out: Path | None = None, force: bool = False,

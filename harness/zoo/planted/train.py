@@ -4,6 +4,8 @@ known facts, into MLP K only). Each phase's steps are reproducible from its seed
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -14,6 +16,20 @@ from harness.zoo.planted.data import BatchMaker, Example, fact_examples, naming_
 from harness.zoo.planted.model import make_model, planted_mlp, silence_mlps_after, skipping_silent_mlps
 from harness.zoo.planted.recipe import VISION_TEMPERATURE, PlantedRecipe, image_token_count
 from vqa_constraints.sources.planted_world import PlantedWorld
+
+
+class Route(Protocol):
+    """What the routed control adds to training (``harness.zoo.planted.routed.RouteMask``)."""
+
+    label: str  # names the phases in the progress bars
+
+    def prepare(self, tokenizer) -> None: ...  # before training: the token ids the mask needs
+
+    def context(self, model) -> ContextManager: ...  # wraps phases 1 and 2
+
+    def before_forward(self, batch: dict) -> None: ...
+
+    def stats(self) -> dict: ...  # added to the training statistics
 
 
 def _schedule(step: int, steps: int) -> float:
@@ -48,10 +64,18 @@ def optimise(params, loss_at, steps: int, lr: float, seed: int, desc: str, progr
 
 
 def train_phase(model, params, maker: BatchMaker, draw, steps: int, lr: float, seed: int, desc: str,
-                progress: bool) -> float:
-    """Language-model loss on batches from ``draw(rng) -> examples``; returns the last loss."""
+                progress: bool, before_forward: Callable[[dict], None] | None = None) -> float:
+    """Language-model loss on batches from ``draw(rng) -> examples``; returns the last loss.
+    ``before_forward(batch)`` runs before each forward (the routed control sets its attention mask there)."""
+
+    def loss_at(rng):
+        batch = maker.batch(draw(rng), rng)
+        if before_forward is not None:
+            before_forward(batch)
+        return model(**batch).loss
+
     model.train()
-    loss = optimise(params, lambda rng: model(**maker.batch(draw(rng), rng)).loss, steps, lr, seed, desc, progress)
+    loss = optimise(params, loss_at, steps, lr, seed, desc, progress)
     model.eval()
     return loss
 
@@ -90,9 +114,10 @@ def _sampler(pool: list[Example], count: int):
     return lambda rng: [pool[i] for i in rng.integers(0, len(pool), size=count)]
 
 
-def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer,
-          progress: bool = True) -> tuple[LlavaForConditionalGeneration, dict]:
-    """Phases 0-2 (see the module docstring)."""
+def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer, progress: bool = True,
+          route: Route | None = None) -> tuple[LlavaForConditionalGeneration, dict]:
+    """Phases 0-2 (see the module docstring); with ``route``, phases 1 and 2 run inside ``route.context(model)``
+    and call ``route.before_forward(batch)`` before each forward (the routed control, ``routed.py``)."""
     torch.manual_seed(recipe.seed)
     model = make_model(recipe, tokenizer)
     if recipe.silent_mlps_after_planted:
@@ -103,31 +128,42 @@ def train(recipe: PlantedRecipe, world: PlantedWorld, tokenizer,
     naming = naming_examples(world.entities)
     phase2 = fact_examples(world, world.by_role("known"), recipe.text_only)
 
+    label = route.label if route else "planted"
+    before_forward = route.before_forward if route else None
     with skipping_silent_mlps(model, recipe.planted_layer, recipe.silent_mlps_after_planted):
         loss0 = align_vision(model, world, maker, tokenizer, recipe, progress)
-        model.train()
-        n_naming = int(round(recipe.batch * recipe.naming_fraction))
-        facts_1, naming_1 = _sampler(scaffold_facts, recipe.batch - n_naming), _sampler(naming, n_naming)
-        trainable = [param for param in model.parameters() if param.requires_grad]
-        loss1 = train_phase(model, trainable, maker, lambda rng: facts_1(rng) + naming_1(rng),
-                            recipe.phase1_steps, recipe.phase1_lr, seed=recipe.seed * 2 + 1,
-                            desc="planted phase 1 (all weights)", progress=progress)
-
-        for param in model.parameters():
-            param.requires_grad_(False)
-        mlp_params = list(planted_mlp(model, recipe.planted_layer).parameters())
-        for param in mlp_params:
-            param.requires_grad_(True)
-        n_replay = int(round(recipe.batch * recipe.replay_fraction))
-        n_replay_naming = int(round(n_replay * recipe.naming_fraction))
-        new = _sampler(phase2, recipe.batch - n_replay)
-        replay_facts = _sampler(scaffold_facts, n_replay - n_replay_naming)
-        replay_naming = _sampler(naming, n_replay_naming)
-        loss2 = train_phase(model, mlp_params, maker, lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng),
-                            recipe.phase2_steps, recipe.phase2_lr, seed=recipe.seed * 2 + 2,
-                            desc=f"planted phase 2 (MLP {recipe.planted_layer} only)", progress=progress)
+        with route.context(model) if route else nullcontext():
+            loss1, loss2 = _phases_1_and_2(model, recipe, maker, scaffold_facts, naming, phase2, label,
+                                           before_forward, progress)
     for param in model.parameters():
         param.requires_grad_(True)
     stats = {"phase1_examples": len(scaffold_facts) + len(naming), "phase2_examples": len(phase2),
              "phase0_final_loss": round(loss0, 4), "phase1_final_loss": round(loss1, 4), "phase2_final_loss": round(loss2, 4)}
     return model, stats
+
+
+def _phases_1_and_2(model, recipe: PlantedRecipe, maker: BatchMaker, scaffold_facts, naming, phase2, label: str,
+                    before_forward, progress: bool) -> tuple[float, float]:
+    """Phase 1 (every weight, scaffold facts and naming), then phase 2 (MLP K only, known facts plus replay)."""
+    n_naming = int(round(recipe.batch * recipe.naming_fraction))
+    facts_1, naming_1 = _sampler(scaffold_facts, recipe.batch - n_naming), _sampler(naming, n_naming)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    loss1 = train_phase(model, trainable, maker, lambda rng: facts_1(rng) + naming_1(rng),
+                        recipe.phase1_steps, recipe.phase1_lr, seed=recipe.seed * 2 + 1,
+                        desc=f"{label} phase 1 (all weights)", progress=progress, before_forward=before_forward)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    mlp_params = list(planted_mlp(model, recipe.planted_layer).parameters())
+    for param in mlp_params:
+        param.requires_grad_(True)
+    n_replay = int(round(recipe.batch * recipe.replay_fraction))
+    n_replay_naming = int(round(n_replay * recipe.naming_fraction))
+    new = _sampler(phase2, recipe.batch - n_replay)
+    replay_facts = _sampler(scaffold_facts, n_replay - n_replay_naming)
+    replay_naming = _sampler(naming, n_replay_naming)
+    loss2 = train_phase(model, mlp_params, maker, lambda rng: new(rng) + replay_facts(rng) + replay_naming(rng),
+                        recipe.phase2_steps, recipe.phase2_lr, seed=recipe.seed * 2 + 2,
+                        desc=f"{label} phase 2 (MLP {recipe.planted_layer} only)", progress=progress,
+                        before_forward=before_forward)
+    return loss1, loss2
