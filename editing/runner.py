@@ -19,7 +19,6 @@ import json
 import logging
 import platform
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,7 +47,7 @@ from editing.requests import (
     shared_keys,
     with_augmented_views,
 )
-from harness.outputs import check_output_folder, interrupted, replace_folder, staging_folder
+from harness.outputs import check_output_folder, interrupted, staged_folder
 from harness.runs import dumps_line, write_json_atomic, write_lines_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS, answer_correct, as_prompt, generate_answers
 from harness.tracing.causal_trace import TraceOptions, run_trace
@@ -743,8 +742,7 @@ def save_edited(adapter, method: EditMethod, requests, layers, target: str | Pat
     model's own folder (or one holding it), the working directory and the home folder are always refused.
     """
     target = check_save_target(adapter.name_or_path, target, overwrite)
-    staging = staging_folder(target)
-    try:
+    with staged_folder(target, SAVE_COMMAND) as staging:
         handle = method.apply(adapter, requests, layers)
         try:
             adapter.model.save_pretrained(staging, safe_serialization=True)
@@ -754,9 +752,7 @@ def save_edited(adapter, method: EditMethod, requests, layers, target: str | Pat
                 adapter.tokenizer.save_pretrained(staging)
         finally:
             handle.restore()
-        return replace_folder(staging, target, SAVE_COMMAND)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 SAVE_COMMAND = "vqa-constraints edit --save"

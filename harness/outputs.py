@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.runs import read_json, write_json_atomic
@@ -178,12 +179,13 @@ def staging_folder(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
 
 
-def replace_folder(staging: Path, target: Path, command: str) -> Path:
-    """Mark ``staging`` as ``command``'s output and rename it to ``target``.
+def replace_folder(staging: Path, target: Path, command: str | None = None) -> Path:
+    """Rename ``staging`` to ``target``, marked as ``command``'s output when given.
 
     An older ``target`` is moved aside first and deleted only once the new one is in place.
     """
-    (staging / MARKER).write_text(json.dumps({"command": command}) + "\n", "utf-8")
+    if command is not None:
+        (staging / MARKER).write_text(json.dumps({"command": command}) + "\n", "utf-8")
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -192,6 +194,20 @@ def replace_folder(staging: Path, target: Path, command: str) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return target
+
+
+@contextmanager
+def staged_folder(target: Path, command: str | None = None) -> Iterator[Path]:
+    """The one way a whole output folder is written: yield a hidden sibling to fill, and when the block finishes
+    rename it to ``target`` (``replace_folder``); on any exception or interrupt the sibling is removed and
+    ``target`` is left as it was."""
+    target = Path(target)
+    staging = staging_folder(target)
+    try:
+        yield staging
+        replace_folder(staging, target, command)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- the project's cache (zoo models, key statistics): protected from every --out ----------

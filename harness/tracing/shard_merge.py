@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from harness.outputs import staged_folder
 from harness.runs import read_json, write_json_atomic
 from harness.scoring import DEFAULT_MAX_NEW_TOKENS
 from harness.shards import check_shard_ids, check_shard_set, parse_shard
@@ -150,19 +150,9 @@ def _sum_counts(documents: list[dict], key: str) -> dict:
     return merged
 
 
-def _stage(out: Path) -> Path:
+def _check_out(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists and is not empty; choose a new folder")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _publish(staging: Path, out: Path) -> Path:
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)
     return out
 
 
@@ -194,14 +184,14 @@ def merge_traces(folders: list[Path], out: Path) -> Path:
     peak = getattr(stats, "peak_of_groups", None)
     document["peak_mlp_layer"] = peak(document["groups"]) if peak else stats.peak_mlp_layer(document)
     stats.validate(document)
-    staging = _stage(Path(out))
-    stats.write_parquet(staging / TRACE_ROWS, rows)
-    stats.write_json(staging / TRACE_STATS, document)
-    if rows:
-        plots.plot_all(document, staging)
-        if options.get("positions") == "all":
-            plots.plot_examples(document, rows, staging)
-    return _publish(staging, Path(out))
+    with staged_folder(_check_out(Path(out))) as staging:
+        stats.write_parquet(staging / TRACE_ROWS, rows)
+        stats.write_json(staging / TRACE_STATS, document)
+        if rows:
+            plots.plot_all(document, staging)
+            if options.get("positions") == "all":
+                plots.plot_examples(document, rows, staging)
+    return Path(out)
 
 
 def merge_attention(folders: list[Path], out: Path) -> Path:
@@ -230,13 +220,13 @@ def merge_attention(folders: list[Path], out: Path) -> Path:
         skipped.update(document["counts"]["skipped"])
     merged = summarize(rows, skipped, total, header, options)
     validate_stats(merged)
-    staging = _stage(Path(out))
-    write_examples(rows, staging / ATTENTION_ROWS)
-    title = f"{Path(str(header['model'])).name} · {header['config']}/{header['split']}"
-    plot_image_to_constraint(rows, staging / "image_to_constraint.png", title)
-    plot_constraint_to_last(merged, staging / "constraint_to_last.png", title)
-    write_json_atomic(staging / ATTENTION_STATS, merged)
-    return _publish(staging, Path(out))
+    with staged_folder(_check_out(Path(out))) as staging:
+        write_examples(rows, staging / ATTENTION_ROWS)
+        title = f"{Path(str(header['model'])).name} · {header['config']}/{header['split']}"
+        plot_image_to_constraint(rows, staging / "image_to_constraint.png", title)
+        plot_constraint_to_last(merged, staging / "constraint_to_last.png", title)
+        write_json_atomic(staging / ATTENTION_STATS, merged)
+    return Path(out)
 
 
 def output_kind(folder: Path) -> str:

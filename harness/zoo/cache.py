@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Callable
 from filelock import FileLock, Timeout
 
 # cache_root lives with the output rules, which protect the cache; imported here too, where the zoo keeps models.
-from harness.outputs import CACHE_ENV, cache_root, check_output_folder, replace_folder, staging_folder  # noqa: F401
+from harness.outputs import CACHE_ENV, cache_root, check_output_folder, staged_folder  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,8 @@ def cached_build(name: str, recipe, build: Callable[[Path], None], out: Path | N
         if force:
             shutil.rmtree(folder, ignore_errors=True)
         if not (folder / "config.json").exists():
-            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-            try:
+            with staged_folder(folder) as staging:  # an interrupted build never leaves a half-written model
                 build(staging)
-                if folder.exists():
-                    shutil.rmtree(folder)
-                staging.rename(folder)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
     if out is not None:
         return export(folder, out, overwrite)
     return folder
@@ -86,9 +79,6 @@ def check_export_target(out: str | Path, overwrite: bool = False) -> Path:
 def export(folder: Path, out: str | Path, overwrite: bool = False) -> Path:
     """Copy the cached model ``folder`` to ``out`` through a temporary sibling, marked as a `zoo build --out` copy."""
     out = check_export_target(out, overwrite)
-    staging = staging_folder(out)
-    try:
+    with staged_folder(out, ZOO_COMMAND) as staging:
         shutil.copytree(folder, staging, dirs_exist_ok=True)
-        return replace_folder(staging, out, ZOO_COMMAND)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return out
