@@ -124,6 +124,8 @@ def test_wrong_answers_are_read_at_their_entity_or_skipped(adapters):
     assert right["target_read_position"] < right["entity_read_position"]
     bands = layer_bands(adapter.num_layers)
     assert np.asarray(right["band_p_top"]).shape == (len(bands), 2)
+    assert len(right["band_p_all"]) == len(bands)
+    assert all(0.0 <= p <= 1.0 for p in right["band_p_all"])  # p(target), every image token cut, per band
 
     assert wrong["entity_located_by"] == "prefix-pattern" and wrong["entity_prefix"] == "The capital of Narnia is "
     # read where the model predicts " Oslo" after its own words: check against a plain forward
@@ -148,6 +150,7 @@ def test_wrong_answers_are_read_at_their_entity_or_skipped(adapters):
     shares = stats["per_layer"]["constraint_to_last_share"]["all"]
     assert abs(sum(c["value"] for c in shares) - 1) < 1e-5
     assert [c["band"] for c in stats["finding_2"]["bands"]] == [[b[0], b[-1]] for b in bands for _ in (1, 2)]
+    assert [c["band"] for c in stats["finding_2"]["route"]] == [[b[0], b[-1]] for b in bands]
 
 
 def band_cells(differences: list[list[float]], num_layers: int) -> list[dict]:
@@ -164,14 +167,40 @@ def band_cells(differences: list[list[float]], num_layers: int) -> list[dict]:
     return cells
 
 
-def test_finding_2_rule_reads_the_earliest_band_with_the_interval_above_zero():
+def route_cells(shares: list[list[float]], num_layers: int) -> list[dict]:
+    """Route statistics as ``route_stats`` writes them, for per-question shares of p lost given per band."""
+    from harness.bootstrap import keyed_rng
+    from harness.results import mean_with_ci
+
+    cells = []
+    for band, values in zip(layer_bands(num_layers), shares):
+        cell = mean_with_ci(values, keyed_rng(0, "route", str(band[0])))
+        cells.append({"band": [band[0], band[-1]], "n": len(values), "p_clean": cell, "p_cut": cell, "drop": cell,
+                      "share": cell})
+    return cells
+
+
+def test_finding_2_rule_reads_the_earliest_band_whose_route_carries_the_answer():
     options = StudyOptions(band_ks=(3,))
+    selectivity = band_cells([[0.0] * 6] * 3, 6)  # top-k no better than random anywhere: not the verdict
+    early = route_cells([[0.9, 0.95, 0.85, 0.9, 1.0, 0.92], [0.0] * 6, [0.0] * 6], 6)
+    assert finding_2(selectivity, early, 6, options)["verdict"] == "holds"
+    assert finding_2(selectivity, early, 6, options)["earliest_route_band"] == [0, 1]
+    late = route_cells([[0.0] * 6, [0.0] * 6, [0.9, 0.95, 0.85, 0.9, 1.0, 0.92]], 6)
+    assert finding_2(selectivity, late, 6, options)["verdict"] == "does not hold"
+    # A real but small dependence (the planted null's 3%) is below the margin: not a route that carries the answer.
+    small = route_cells([[0.02, 0.04, 0.03, 0.01, 0.05, 0.03]] + [[0.0] * 6] * 2, 6)
+    assert finding_2(selectivity, small, 6, options)["verdict"] == "does not hold"
+    noisy = route_cells([[0.9, -0.4, 0.6, -0.3, 0.8, 0.0], [0.0] * 6, [0.0] * 6], 6)
+    assert finding_2(selectivity, noisy, 6, options)["verdict"] == "inconclusive"
+    few = route_cells([[0.9, 0.95], [0.0] * 2, [0.0] * 2], 6)
+    assert finding_2(band_cells([[0.0] * 2] * 3, 6), few, 6, options)["verdict"] == "not tested"
+
+
+def test_finding_2_selectivity_reads_the_earliest_band_with_top_k_above_random():
+    options = StudyOptions(band_ks=(3,))
+    route = route_cells([[0.0] * 6] * 3, 6)
     early = band_cells([[0.3, 0.4, 0.5, 0.35, 0.45, 0.4], [0.0] * 6, [0.0] * 6], 6)
-    assert finding_2(early, 6, options)["verdict"] == "holds"
-    assert finding_2(early, 6, options)["earliest_band"] == [0, 1]
-    late = band_cells([[0.0] * 6, [0.0] * 6, [0.3, 0.4, 0.5, 0.35, 0.45, 0.4]], 6)
-    assert finding_2(late, 6, options)["verdict"] == "does not hold"
+    assert finding_2(early, route, 6, options)["earliest_band"] == [0, 1]
     noisy = band_cells([[0.3, -0.4, 0.2, -0.3, 0.1, -0.2], [0.0] * 6, [0.0] * 6], 6)
-    assert finding_2(noisy, 6, options)["verdict"] == "inconclusive"
-    few = band_cells([[0.3, 0.4], [0.0] * 2, [0.0] * 2], 6)
-    assert finding_2(few, 6, options)["verdict"] == "not tested"
+    assert finding_2(noisy, route, 6, options)["earliest_band"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import json
@@ -55,10 +56,17 @@ def test_control_recipes_leave_the_planted_cache_key_alone():
 
 
 
-def test_the_routed_build_is_a_stock_llava_that_records_its_routed_recipe(tmp_path):
+@pytest.fixture(scope="module")
+def quick_routed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("routed")
+    build_routed_into(folder, QUICK_ROUTED, progress=False)
+    return folder
+
+
+def test_the_routed_build_is_a_stock_llava_that_records_its_routed_recipe(quick_routed):
     from transformers import LlavaForConditionalGeneration
 
-    build_routed_into(tmp_path, QUICK_ROUTED, progress=False)
+    tmp_path = quick_routed
     accuracy = json.loads((tmp_path / planted.ACCURACY_FILE).read_text())
     assert accuracy["recipe"]["open_layers"] is None  # the routed recipe, not only its planted base
     assert accuracy["recipe"]["base"]["planted_layer"] == QUICK_ROUTED.base.planted_layer
@@ -66,3 +74,43 @@ def test_the_routed_build_is_a_stock_llava_that_records_its_routed_recipe(tmp_pa
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path)  # no custom code, no mask
     assert model.config.zoo_recipe == accuracy["recipe"]
     assert 0 <= accuracy["single_constraint"]["accuracy"] <= 1  # scored without the mask, after saving
+
+
+def test_the_enforced_route_is_the_training_route_in_every_forward(quick_routed, planted_data_dir):
+    """The finding-2 control runs the routed model with its route enforced: a cached decoding step (fewer queries
+    than keys) sees the same route as a full forward, and cutting the image from the constraint tokens in the
+    layers the route already closes changes nothing, exactly."""
+    from harness.models.loading import load_model
+    from harness.tracing.knockout import next_token_probs
+    from vqa_constraints.loading import load_split
+
+    adapter = load_model(str(quick_routed), dtype="float32", device="cpu")
+    record = next(iter(load_split(str(planted_data_dir), "single_constraint", "test").records(1)))
+    encoded = adapter.encode(record.question, record.image)
+    inputs = encoded.inputs
+    route = RouteMask(open_layers=QUICK_ROUTED.base.planted_layer)
+    blocks = [adapter.attention(l) for l in range(adapter.num_layers)]
+    with torch.no_grad(), route.enforced(adapter.model, adapter.tokenizer):
+        first = adapter.model(**inputs, use_cache=True)
+        token = first.logits[:, -1].argmax(-1, keepdim=True)
+        step = adapter.model(input_ids=token, cache=first.past_key_values,
+                             attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1))
+        whole = adapter.model(**{**inputs, "input_ids": torch.cat([inputs["input_ids"], token], 1),
+                                 "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)})
+        assert torch.allclose(step.logits[:, -1], whole.logits[:, -1], atol=1e-5)
+    with torch.no_grad():
+        unrouted_first = adapter.model(**inputs).logits[:, -1]
+    assert not torch.allclose(unrouted_first, first.logits[:, -1], atol=1e-4)  # the route is really applied
+    phrase = route.phrase
+    ids = inputs["input_ids"][0].tolist()
+    start = next(i for i in range(len(ids)) if ids[i : i + len(phrase)] == phrase)
+    constraint = list(range(start, start + len(phrase)))
+    with route.enforced(adapter.model, adapter.tokenizer):
+        clean = next_token_probs(adapter.model, blocks, inputs)
+        closed = range(route.open_layers, adapter.num_layers)
+        cut_closed = next_token_probs(adapter.model, blocks, inputs, {t: encoded.image_positions for t in constraint},
+                                      layers=closed)
+        cut_open = next_token_probs(adapter.model, blocks, inputs, {t: encoded.image_positions for t in constraint},
+                                    layers=range(route.open_layers))
+    assert torch.equal(clean, cut_closed)
+    assert not torch.equal(clean, cut_open)

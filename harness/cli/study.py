@@ -28,6 +28,8 @@ def add_controls(subparsers) -> None:
     parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--quick", action="store_true", help="shorter planted builds (enough for the verdicts)")
     parser.add_argument("--limit", type=int, default=40, help="questions traced per planted model")
+    parser.add_argument("--findings", default=None, metavar="N,N",
+                        help="only these findings' controls, e.g. 2 (default: every control)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_controls_cli)
 
@@ -35,15 +37,17 @@ def add_controls(subparsers) -> None:
 def run_controls_cli(args: argparse.Namespace) -> int:
     from harness.study.controls import run_controls  # the library loads when the command runs
 
-    path = run_controls(args.out, quick=args.quick, limit=args.limit, seed=args.seed)
+    findings = tuple(part.strip() for part in args.findings.split(",")) if args.findings else None
+    path = run_controls(args.out, quick=args.quick, limit=args.limit, seed=args.seed, findings=findings)
     document = json.loads(path.read_text())
     table = Table(title="ground-truth controls")
     for column in ("finding", "side", "verdict", "passes", "evidence"):
         table.add_column(column)
     for number, entry in sorted(document["controls"].items()):
         for side in ("positive", "null"):
-            table.add_row(number, side, entry[side]["verdict"], "yes" if entry[side]["passes"] else "NO",
-                          entry[side]["evidence"])
+            passes = entry[side]["passes"]
+            table.add_row(number, side, entry[side]["verdict"],
+                          "not run" if passes is None else "yes" if passes else "NO", entry[side]["evidence"])
     console.print(table)
     print(path)
     return 0

@@ -9,6 +9,13 @@ layer K, judged by the same rule function ``harness.study.findings`` applies to 
   training seeds (null: the same layer). Both sides are traced alike (image-noise, MLP at the last token,
   window 1), over the same questions.
 
+- finding 2 (the image reaches the answer through the visual-constraint tokens, in early layers): the attention
+  study's route rule (``attention_study.finding_2``) on ``planted-routed`` run with its training route enforced
+  (positive: the answer can only travel image -> constraint tokens in layers < K = 2 of 6; ``RouteMask.enforced``)
+  and on ``planted`` (null: its answer position reads the image itself). The stock routed model is not the
+  positive: its answer positions' attention to the image, cut in training, is free at inference and it does not
+  keep the route (docs/attention.md). The routed build takes about 25 CPU-minutes, so ``quick`` skips it.
+
 ``run_controls`` writes ``controls.json`` (per finding: the known answer, the verdict on each side and its
 evidence); the study's report prints the verdicts beside the model's.
 """
@@ -19,12 +26,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from harness.models.loading import load_model
 from harness.outputs import is_complete
-from harness.study.findings import FAILS, HOLDS, UNSURE, UNTESTED, retrieval_layers_rule
+from harness.study.findings import FAILS, HOLDS, UNSURE, UNTESTED, image_to_constraint_rule, retrieval_layers_rule
+from harness.tracing.attention_study import StudyOptions, run_attention_study
 from harness.tracing.causal_trace import TraceOptions, run_trace
 from harness.zoo.planted import DEFAULT_RECIPE, build
+from harness.zoo.planted.routed import DEFAULT_ROUTED, RouteMask, build_routed
 from vqa_constraints.builder import build as build_dataset
+from vqa_constraints.errors import UserError
 from vqa_constraints.files import write_text_atomic
+from vqa_constraints.loading import load_split
 
 SCHEMA_VERSION = 1
 CONTROLS_FILE = "controls.json"
@@ -69,16 +81,60 @@ def finding1_control(out: Path, data: Path, limit: int = 40, quick: bool = False
             **sides}
 
 
-CONTROLS = {"1": finding1_control}
+def attention_planted(model_dir: Path, data: Path, out: Path, limit: int, enforce_route: bool) -> Path:
+    """The finding-2 control's attention run on one planted model (reused when complete); ``enforce_route``: with
+    the routed model's training route at inference."""
+    if is_complete(out / "attention_stats.json"):
+        return out
+    adapter = load_model(str(model_dir), dtype="float32", device="cpu")
+    split = load_split(str(data), "single_constraint", "test")
+    options = StudyOptions(limit=limit, draws=5, progress=False)
+    if enforce_route:
+        route = RouteMask(open_layers=DEFAULT_ROUTED.base.planted_layer)
+        with route.enforced(adapter.model, adapter.tokenizer):
+            run_attention_study(adapter, split, out, options)
+    else:
+        run_attention_study(adapter, split, out, options)
+    return out
 
 
-def run_controls(out: Path, quick: bool = False, limit: int = 40, seed: int = 0) -> Path:
-    """Run every control into ``out`` and write ``out/controls.json``."""
+def finding2_control(out: Path, data: Path, limit: int = 40, quick: bool = False) -> dict:
+    """Build planted-routed and planted, run the attention study on each, and judge both with finding 2's rule."""
+    design = ("planted-routed with its training route enforced at inference (positive: image -> constraint "
+              "tokens in layers 0-1 is the answer's only path) and planted (null: reads the image at the answer); "
+              "every image token cut from the constraint tokens per layer band, share of p(answer) lost")
+    if quick:
+        skipped = {"runs": [], "verdict": UNTESTED, "passes": None,
+                   "evidence": "not run with --quick: the routed build takes about 25 CPU-minutes"}
+        return {"finding": "2", "design": design, "positive": skipped, "null": dict(skipped)}
+    folders = {"positive": attention_planted(build_routed(DEFAULT_ROUTED, progress=False), data,
+                                             out / "f2-routed-enforced", limit, enforce_route=True),
+               "null": attention_planted(build(DEFAULT_RECIPE, progress=False), data, out / "f2-planted", limit,
+                                         enforce_route=False)}
+    sides = {}
+    for side, folder in folders.items():
+        verdict, evidence = image_to_constraint_rule(folder)
+        sides[side] = {"runs": [folder.name], "verdict": verdict, "evidence": evidence,
+                       "passes": verdict in EXPECTED[side]}
+    return {"finding": "2", "design": design, **sides}
+
+
+CONTROLS = {"1": finding1_control, "2": finding2_control}
+
+
+def run_controls(out: Path, quick: bool = False, limit: int = 40, seed: int = 0,
+                 findings: tuple[str, ...] | None = None) -> Path:
+    """Run the controls of ``findings`` (default every one) into ``out`` and write ``out/controls.json``."""
     out = Path(out)
+    unknown = sorted(set(findings or ()) - set(CONTROLS))
+    if unknown:
+        raise UserError(f"--findings {','.join(unknown)}: no control for that finding (controls: "
+                        f"{', '.join(sorted(CONTROLS))})")
     data = out / "data" / "planted"
     if not (data / "README.md").exists():
         build_dataset(data, sources=["planted"], seed=seed)
-    results = {number: control(out, data, limit=limit, quick=quick) for number, control in CONTROLS.items()}
+    results = {number: control(out, data, limit=limit, quick=quick) for number, control in CONTROLS.items()
+               if findings is None or number in findings}
     document = {"schema_version": SCHEMA_VERSION, "complete": True, "quick": quick, "limit": limit,
                 "controls": results}
     path = out / CONTROLS_FILE
@@ -96,4 +152,5 @@ def control_verdicts(path: Path) -> dict[str, tuple[str, str]]:
             for number, entry in document.get("controls", {}).items()}
 
 
-__all__ = ["CONTROLS", "EXPECTED", "UNTESTED", "control_verdicts", "finding1_control", "run_controls"]
+__all__ = ["CONTROLS", "EXPECTED", "UNTESTED", "control_verdicts", "finding1_control", "finding2_control",
+           "run_controls"]

@@ -275,10 +275,16 @@ def image_to_constraint_rule(folder: Path) -> tuple[str, str]:
     block = stats.get("finding_2")
     if not block:
         return UNTESTED, "the attention run reads knockout at the prompt's last token (no per-band knockout at the target)"
-    parts = [f"layers {b['band'][0]}–{b['band'][1]}: top − random {fmt_interval(b['difference'], b['ci_low'], b['ci_high'])}"
-             for b in block["bands"] if b["k"] == block["k"]]
-    evidence = (f"{block['reason']}; {'; '.join(parts)} (top-{block['k']} vs {block['k']} random image tokens, "
-                f"target {block['target']}, n = {block['n']}, {block['num_layers']} layers)")
+    if "route" not in block:
+        return UNTESTED, ("the attention run has no route knockout (every image token cut per band; attention "
+                          "format 3): rerun attention")
+    route = [f"layers {b['band'][0]}–{b['band'][1]}: {fmt_interval(b['share'], b['ci_low'], b['ci_high'])}"
+             for b in block["route"]]
+    selectivity = [f"layers {b['band'][0]}–{b['band'][1]}: {fmt_interval(b['difference'], b['ci_low'], b['ci_high'])}"
+                   for b in block["bands"] if b["k"] == block["k"]]
+    evidence = (f"{block['reason']}; share of p(target) lost with every image token cut from the constraint "
+                f"tokens: {'; '.join(route)} (margin {block['margin']:.0%}); top-{block['k']} − random-{block['k']} "
+                f"drop: {'; '.join(selectivity)} (n = {block['n']}, {block['num_layers']} layers)")
     return block["verdict"], evidence
 
 

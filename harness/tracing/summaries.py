@@ -89,7 +89,17 @@ def print_attention_summary(stats: dict, out: Path) -> None:
                       "–" if cell["drop_top"] is None else f"{cell['drop_top']:.3f}",
                       "–" if cell["drop_random"] is None else f"{cell['drop_random']:.3f}", diff)
     console.print(bands)
-    console.print(f"finding 2 rule (k={f2['k']}): {f2['verdict']} ({f2['reason']})")
+    route = Table(title=f"the route: every image token cut from the constraint tokens per layer band, target "
+                  f"{f2['target']}: share of p(target) lost per question, mean [95% CI]")
+    for column in ("layers", "n", "drop", "share of p lost"):
+        route.add_column(column, no_wrap=True)
+    for cell in f2["route"]:
+        share = "–" if cell["share"] is None else (f"{cell['share']:.3f} "
+                                                    f"[{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]")
+        route.add_row(f"{cell['band'][0]}-{cell['band'][1]}", str(cell["n"]),
+                      "–" if cell["drop"] is None else f"{cell['drop']:.3f}", share)
+    console.print(route)
+    console.print(f"finding 2 rule (the route, margin {f2['margin']:.0%} of p): {f2['verdict']} ({f2['reason']})")
     fp = stats["failure_prediction"]
     if fp:
         show = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731

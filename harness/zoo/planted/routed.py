@@ -58,7 +58,7 @@ class RouteMask:
         self.open_layers = open_layers
         self.phrase: list[int] = []
         self.image_token: int | None = None
-        self.cut_open = self.cut_closed = None
+        self.image = self.after = self.visual = None  # [B, S] position classes of the current sequence
 
     def prepare(self, tokenizer) -> None:
         self.phrase = tokenizer(VISUAL_PHRASE, add_special_tokens=False)["input_ids"]
@@ -77,30 +77,59 @@ class RouteMask:
         return {"open_layers": self.open_layers}
 
     def set(self, input_ids: torch.Tensor) -> None:
+        """Classify the positions of ``input_ids`` (the whole sequence: a training batch or a prompt)."""
         ids = input_ids.tolist()
         batch, seq = input_ids.shape
-        image = input_ids == self.image_token  # [B, K]
-        after = torch.zeros(batch, seq, dtype=torch.bool)  # text queries after the image
-        visual = torch.zeros(batch, seq, dtype=torch.bool)
+        self.image = (input_ids == self.image_token).cpu()  # [B, S] keys the route guards
+        self.after = torch.zeros(batch, seq, dtype=torch.bool)  # text queries after the image
+        self.visual = torch.zeros(batch, seq, dtype=torch.bool)  # the visual-constraint phrase
         n = len(self.phrase)
         for row, tokens in enumerate(ids):
             where = [i for i, t in enumerate(tokens) if t == self.image_token]
             if where:
-                after[row, where[-1] + 1:] = True
+                self.after[row, where[-1] + 1:] = True
             for i in range(seq - n + 1):
                 if tokens[i : i + n] == self.phrase:
-                    visual[row, i : i + n] = True
-        self.cut_closed = after[:, :, None] & image[:, None, :]  # [B, Q, K]
-        self.cut_open = self.cut_closed & ~visual[:, :, None]
+                    self.visual[row, i : i + n] = True
+
+    def cut(self, layer: int, queries: int, keys: int) -> torch.Tensor:
+        """[B, queries, keys]: True where the route forbids the read. The queries are the last ``queries`` of
+        ``keys`` positions; positions past the classified sequence (generated tokens) are text after the image."""
+        extra = max(0, keys - self.image.shape[1])
+        image = torch.nn.functional.pad(self.image, (0, extra), value=False)[:, :keys]
+        after = torch.nn.functional.pad(self.after, (0, extra), value=True)[:, keys - queries : keys]
+        visual = torch.nn.functional.pad(self.visual, (0, extra), value=False)[:, keys - queries : keys]
+        closed = after[:, :, None] & image[:, None, :]
+        return closed & ~visual[:, :, None] if layer < self.open_layers else closed
 
     def editor(self, layer: int):
         def edit(kwargs: dict) -> dict:
-            cut = self.cut_open if layer < self.open_layers else self.cut_closed
             mask = _additive_mask(kwargs.get("attention_mask"), kwargs["hidden_states"])
+            cut = self.cut(layer, mask.shape[-2], mask.shape[-1])
             kwargs["attention_mask"] = mask.masked_fill(cut[:, None].to(mask.device), torch.finfo(mask.dtype).min)
             return kwargs
 
         return edit
+
+    @contextmanager
+    def enforced(self, model, tokenizer):
+        """Run ``model`` (a saved routed build) with the route at inference: every full-sequence forward (a
+        prompt, a generation's prefill, a knockout) classifies its positions first; generated tokens are text
+        after the image. The finding-2 control uses it: the stock model reads the image at the answer
+        positions, whose attention to it was never trained, so only the enforced route is ground truth."""
+        self.prepare(tokenizer)
+
+        def classify(_module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is not None and input_ids.shape[1] > 1:
+                self.set(input_ids)
+
+        handle = model.register_forward_pre_hook(classify, with_kwargs=True)
+        try:
+            with self.context(model):
+                yield
+        finally:
+            handle.remove()
 
 
 def build_routed_into(folder: Path, recipe: RoutedRecipe, progress: bool = True) -> None:
