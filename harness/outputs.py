@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 from harness.runs import read_json, write_json_atomic
+from vqa_constraints import files
 from vqa_constraints.errors import UserError
 
 MARKER = ".vqa-constraints-output"
@@ -173,41 +171,14 @@ class StaleDocuments:
         return False
 
 
-def staging_folder(target: Path) -> Path:
-    """A fresh hidden sibling of ``target`` to assemble the output in (same file system, so rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+def staged_folder(target: Path, command: str | None = None):
+    """``vqa_constraints.files.staged_folder``, the finished folder marked as ``command``'s output when given
+    (``MARKER``: what lets a later run of the same command reuse or replace it)."""
 
-
-def replace_folder(staging: Path, target: Path, command: str | None = None) -> Path:
-    """Rename ``staging`` to ``target``, marked as ``command``'s output when given.
-
-    An older ``target`` is moved aside first and deleted only once the new one is in place.
-    """
-    if command is not None:
+    def mark(staging: Path) -> None:
         (staging / MARKER).write_text(json.dumps({"command": command}) + "\n", "utf-8")
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
-    return target
 
-
-@contextmanager
-def staged_folder(target: Path, command: str | None = None) -> Iterator[Path]:
-    """The one way a whole output folder is written: yield a hidden sibling to fill, and when the block finishes
-    rename it to ``target`` (``replace_folder``); on any exception or interrupt the sibling is removed and
-    ``target`` is left as it was."""
-    target = Path(target)
-    staging = staging_folder(target)
-    try:
-        yield staging
-        replace_folder(staging, target, command)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return files.staged_folder(target, mark if command is not None else None)
 
 
 # --- the project's cache (zoo models, key statistics): protected from every --out ----------

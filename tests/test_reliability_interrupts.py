@@ -165,3 +165,32 @@ def test_the_one_line_starts_its_own_line_after_a_half_drawn_progress_bar(raised
     err = capsys.readouterr().err
     lines = [line for line in err.replace("\r", "\n").splitlines() if prefix in line]
     assert len(lines) == 1 and lines[0].startswith(prefix), err
+
+
+def test_a_ctrl_c_inside_a_finaliser_is_delivered_again_not_printed_and_lost(capsys):
+    """A Ctrl-C can land while the garbage collector finalises a generator (transformers' "Loading weights" loop):
+    Python would print "Exception ignored" with a traceback and drop it; the CLI's hook delivers it again."""
+    from vqa_constraints.cli import _unraisable
+
+    def loop():
+        try:
+            yield 1
+        finally:
+            raise KeyboardInterrupt  # the signal, arriving in the loop's clean-up
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = _unraisable(previous)
+    delivered = False
+    try:
+        generator = loop()
+        next(generator)
+        del generator  # finalised here: the KeyboardInterrupt is unraisable
+        try:
+            time.sleep(2)
+        except KeyboardInterrupt:
+            delivered = True
+    finally:
+        sys.unraisablehook = previous
+    assert delivered
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err

@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -28,6 +26,7 @@ import datasets
 from vqa_constraints import CONFIGS, __version__
 from vqa_constraints.card import render_card
 from vqa_constraints.errors import UserError
+from vqa_constraints.files import staged_folder
 from vqa_constraints.records import FEATURES, Record
 from vqa_constraints.sources import SOURCES, records_builder
 from vqa_constraints.validation import row_problems
@@ -158,11 +157,7 @@ def build(
     groups: dict[tuple[str, str], list[tuple[Record, dict]]] = defaultdict(list)
     for record, row in records:
         groups[(record.config, record.split)].append((record, row))
-    tmp_dir = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    try:
-        tmp_dir.mkdir(parents=True)
+    with staged_folder(out_dir) as tmp_dir:
         layout = _write_shards(tmp_dir, groups)
         counts = {f"{c}/{s}": len(rs) for (c, s), rs in sorted(groups.items())}
         info = {
@@ -181,10 +176,6 @@ def build(
         info["files"] = {p.relative_to(tmp_dir).as_posix(): file_sha256(p) for p in sorted(tmp_dir.rglob("*")) if p.is_file()}
         (tmp_dir / "build_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", "utf-8")
         files = sorted(p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file())
-        _move_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return BuildReport(out_dir, seed, names, counts, rows_by_source, skipped, files, time.perf_counter() - started)
 
 
@@ -295,14 +286,3 @@ def _to_parquet(rows: list[dict], path: Path) -> None:
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-
-
-def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Swap the finished folder in; an older build at ``out_dir`` is removed only afterwards."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -95,13 +95,48 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; return the exit code (never raises, never exits)."""
     installed = _install_sigint_handler()
+    stderr, unraisable_hook = sys.stderr, sys.unraisablehook
+    sys.stderr = _LineTracking(stderr)
+    sys.unraisablehook = _unraisable(unraisable_hook)
     try:
         return _run(argv)
     except KeyboardInterrupt:  # while the commands are imported, before any command runs (dispatch has its own)
         return _interrupted(KeyboardInterrupt("before the command started; nothing was read or written"))
     finally:
+        sys.stderr, sys.unraisablehook = stderr, unraisable_hook
         if installed:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _unraisable(previous):
+    """A Ctrl-C that lands in code whose exceptions Python can only print and drop (a generator finalised by the
+    garbage collector, such as a progress bar's loop; a ``__del__``; a weak reference's callback) is delivered
+    again a moment later, outside it, instead of printing a traceback and being lost."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        previous(unraisable)
+
+    return hook
+
+
+class _LineTracking:
+    """stderr, remembering whether its last write left a line open (a progress bar mid-draw), so the one
+    ``interrupted:`` / ``error:`` line can start a line of its own. Everything else goes to the real stream."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.line_open = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.line_open = not text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 _SIGINT_RECEIVED = threading.Event()
@@ -139,6 +174,9 @@ def _end_progress_bars() -> None:
             bar.close()
         except Exception:  # a bar broken by the interrupt must not hide the message
             pass
+    # A bar's own close can be what the interrupt cut short (its final newline never written): end the line here.
+    if getattr(sys.stderr, "line_open", False):
+        sys.stderr.write("\n")
     sys.stderr.flush()
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @lru_cache(maxsize=None)
@@ -48,3 +50,33 @@ def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
+
+
+def replace_folder(staging: Path, target: Path) -> Path:
+    """Rename ``staging`` to ``target``; an older ``target`` is moved aside first and deleted only once the new one
+    is in place (so a crash between the two renames leaves the old one, never nothing)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def staged_folder(target: Path, mark: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """The one way a whole output folder is written: yield a fresh hidden sibling of ``target`` (same file system,
+    so the rename is atomic) to fill; when the block finishes, ``mark(staging)`` if given, then rename it to
+    ``target``. On any exception or interrupt the sibling is removed and ``target`` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        if mark is not None:
+            mark(staging)
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
