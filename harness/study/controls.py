@@ -32,7 +32,7 @@ from harness.study.findings import FAILS, HOLDS, UNSURE, UNTESTED, image_to_cons
 from harness.tracing.attention_study import StudyOptions, run_attention_study
 from harness.tracing.causal_trace import TraceOptions, run_trace
 from harness.zoo.planted import DEFAULT_RECIPE, build
-from harness.zoo.planted.routed import DEFAULT_ROUTED, RouteMask, build_routed
+from harness.zoo.planted.routed import DEFAULT_ROUTED, build_routed
 from vqa_constraints.builder import build as build_dataset
 from vqa_constraints.errors import UserError
 from vqa_constraints.files import write_text_atomic
@@ -90,8 +90,7 @@ def attention_planted(model_dir: Path, data: Path, out: Path, limit: int, enforc
     split = load_split(str(data), "single_constraint", "test")
     options = StudyOptions(limit=limit, draws=5, progress=False)
     if enforce_route:
-        route = RouteMask(open_layers=DEFAULT_ROUTED.base.planted_layer)
-        with route.enforced(adapter.model, adapter.tokenizer):
+        with DEFAULT_ROUTED.route().enforced(adapter.model, adapter.tokenizer):
             run_attention_study(adapter, split, out, options)
     else:
         run_attention_study(adapter, split, out, options)

@@ -35,7 +35,7 @@ from harness.shards import aligned_window, parse_shard
 from harness.tracing.attention import question_contributions
 from harness.tracing.attention_plots import plot_constraint_to_last, plot_image_to_constraint
 from harness.tracing.failure_prediction import failure_prediction, locate_entity, prefix_pattern
-from harness.tracing.knockout import knockout, layer_bands
+from harness.tracing.knockout import knockout, layer_bands, next_token_probs
 from harness.tracing.targets import choose_target
 from vqa_constraints.errors import UserError
 from vqa_constraints.files import atomic_path, load_schema
@@ -205,9 +205,9 @@ def _knockouts(adapter, blocks, qc, target: Readout, p_clean: float, image_to_re
     p_top, p_random, p_all = [], [], []
     for b, band in enumerate(bands):
         # The route itself: every image token cut from the constraint tokens in the band (no draw to compare with).
-        p_all.append(knockout(adapter.model, blocks, inputs, target.token, qc.visual_positions, qc.image_positions,
-                              np.zeros(len(qc.image_positions)), len(qc.image_positions), rng, 0, "constraint",
-                              p_clean=p_clean, layers=band, position=target.position).p_top)
+        every_image_token = {int(t): list(qc.image_positions) for t in qc.visual_positions}
+        p_all.append(float(next_token_probs(adapter.model, blocks, inputs, every_image_token, band,
+                                            target.position)[target.token]))
         scores = qc.image_to_visual[band].sum(axis=0)  # the band's own most-contributing image tokens
         tops, randoms = [], []
         for k in options.band_ks:

@@ -42,6 +42,10 @@ class RoutedRecipe:
     # layers (0 .. open_layers-1) where the visual-constraint tokens may read the image; None: the planted layer K
     open_layers: int | None = None
 
+    def route(self) -> "RouteMask":
+        """The route this recipe trains under (and the finding-2 control enforces at inference)."""
+        return RouteMask(self.base.planted_layer if self.open_layers is None else self.open_layers)
+
 
 DEFAULT_ROUTED = RoutedRecipe()
 # `--quick` and the tests: the planted smoke network (2 layers, K = 1), a few steps.
@@ -134,8 +138,7 @@ class RouteMask:
 
 def build_routed_into(folder: Path, recipe: RoutedRecipe, progress: bool = True) -> None:
     """The planted build of ``recipe.base`` trained under the route mask; the routed recipe is what it records."""
-    open_layers = recipe.base.planted_layer if recipe.open_layers is None else recipe.open_layers
-    build_into(folder, recipe.base, progress, route=RouteMask(open_layers), recorded=asdict(recipe))
+    build_into(folder, recipe.base, progress, route=recipe.route(), recorded=asdict(recipe))
 
 
 def build_routed(recipe: RoutedRecipe = DEFAULT_ROUTED, out: Path | None = None, force: bool = False,
