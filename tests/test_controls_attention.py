@@ -10,10 +10,11 @@ import json
 
 from harness.hooks import record_outputs
 from harness.zoo import planted
-from harness.zoo.planted.routed import QUICK_ROUTED, RoutedRecipe, RouteMask, build_routed_into
+from harness.zoo.planted.routed import QUICK_ROUTED, DampedRoute, RoutedRecipe, RouteMask, build_routed_into
 from harness.zoo.cache import recipe_hash
 from harness.zoo.planted.data import BatchMaker, fact_examples
 from harness.zoo.planted.processor import build_tokenizer
+from vqa_constraints.sources.planted_world import VISUAL_PHRASE
 
 
 def test_route_mask_leaves_the_image_to_the_constraint_tokens_in_early_layers():
@@ -114,3 +115,62 @@ def test_the_enforced_route_is_the_training_route_in_every_forward(quick_routed,
                                     layers=range(route.open_layers))
     assert torch.equal(clean, cut_closed)
     assert not torch.equal(clean, cut_open)
+
+
+def test_damped_route_scales_what_the_answer_reads_from_the_constraint_by_the_factor():
+    """The finding-4 control's known cause of failure: positions after the visual-constraint phrase read it
+    ``factor`` times less (the odds of a phrase token against the rest), positions before it are untouched."""
+    base = planted.QUICK_RECIPE
+    world = planted.world_for(base)
+    tokenizer = build_tokenizer(world.vocabulary())
+    torch.manual_seed(0)
+    model = planted.make_model(base, tokenizer).eval()
+    maker = BatchMaker(world, tokenizer, planted.image_token_count(base))
+    batch = maker.batch(fact_examples(world, world.by_role("known")[:1], text_only=False)[:1], np.random.default_rng(0))
+    blocks = {f"L{i}": layer.self_attn for i, layer in enumerate(model.model.language_model.layers)}
+    weights = {}
+    for name, route in (("route", RouteMask(open_layers=1)), ("damped", DampedRoute(1, 0.01))):
+        route.prepare(tokenizer)
+        with torch.no_grad(), route.context(model), record_outputs(blocks, index=1) as recorded:
+            route.before_forward(batch)
+            model(**batch)
+        weights[name] = recorded["L0"][0].double()  # layer 0: both runs see the same inputs
+    ids = batch["input_ids"][0].tolist()
+    phrase = tokenizer(VISUAL_PHRASE, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i : i + len(phrase)] == phrase)
+    visual = list(range(start, start + len(phrase)))
+    last = int(batch["attention_mask"][0].sum()) - 1
+    assert last > visual[-1]
+
+    def odds(w, query):
+        inside = w[:, query, visual].sum(-1)
+        return inside / (w[:, query, : query + 1].sum(-1) - inside)
+
+    for query in range(visual[-1] + 1, last + 1):
+        assert torch.allclose(odds(weights["damped"], query), 0.01 * odds(weights["route"], query), rtol=1e-6)
+    assert torch.equal(weights["damped"][:, : visual[-1] + 1], weights["route"][:, : visual[-1] + 1])
+
+
+def test_mislabelled_questions_are_wrong_exactly_where_chosen(quick_routed, planted_data_dir, tmp_path):
+    """The finding-4 null: a known random half scored wrong, the rest scored by the model's own answer, as the
+    attention study generates it."""
+    import pyarrow.parquet as pq
+
+    from harness.models.loading import load_model
+    from harness.study.controls import _enforced_study, mislabelled
+    from harness.scoring import answer_correct, normalize_answer
+    from vqa_constraints.loading import load_split
+
+    adapter = load_model(str(quick_routed), dtype="float32", device="cpu")
+    split = load_split(str(planted_data_dir), "single_constraint", "test")
+    route = QUICK_ROUTED.route()
+    relabelled = mislabelled(adapter, split, 10, route)
+    golds = [r.answers for r in relabelled.records()]
+    assert len(golds) == 10 and relabelled.fingerprint != split.fingerprint
+    out = _enforced_study(adapter, relabelled, tmp_path / "study", 10, route)
+    rows = pq.read_table(out / "attention_examples.parquet").to_pylist()
+    wrong = [not answer_correct(r["prediction"], gold) for r, gold in zip(rows, golds)]
+    assert [r["correct"] for r in rows] == [not w for w in wrong]
+    assert sum(1 for r, gold in zip(rows, golds) if gold[0] != r["prediction"].strip()) == 5
+    assert all(normalize_answer(r["prediction"]) == "" or r["correct"]
+               for r, gold in zip(rows, golds) if gold[0] == r["prediction"].strip())

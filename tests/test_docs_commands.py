@@ -10,7 +10,8 @@ command removed from the docs disappears from here and a command added is checke
   * a `--data` value, or the positional build of `validate` / `info` / `publish`, under `data/` or `study/data/`
     -> the small prebuilt planted build (conftest);
   * `evaluate`, `trace`, `attention`, `edit` get small limits (LIMITS below), added or overriding the doc's;
-  * `controls` without `--findings` runs finding 1's control only (finding 2's builds a 25-minute model);
+  * `controls` without `--findings` runs the controls of findings 1, 3 and 5 (finding 2's builds a 25-minute
+    model), on 12 questions or edits per model;
   * `build` without `--sources` builds only `planted`; a `zoo build` of another model than planted gets `--quick`
     (planted `--quick` is the recipe tests/test_zoo_planted.py builds too); an absolute `--out` lands in the
     temporary folder.
@@ -48,6 +49,7 @@ LIMITS = {
     "trace": {"--limit": "2"},
     "attention": {"--limit": "2", "--draws": "1"},
     "edit": {"--limit": "2", "--trace-limit": "4", "--specificity-size": "4"},
+    "controls": {"--limit": "12"},
 }
 NOT_RUN = {
     ("demo",): "the quick demo is tests/test_demo.py; the full one takes over 20 minutes",
@@ -180,7 +182,7 @@ def runnable_argv(argv: list[str], model: Path, data: Path, workdir: Path) -> li
     if argv[:2] == ["zoo", "build"] and argv[2] != "planted" and "--quick" not in argv:
         argv.append("--quick")
     if argv[0] == "controls" and "--findings" not in argv:
-        argv += ["--findings", "1"]  # finding 2's control: see CONTROLS_F2_REASON
+        argv += ["--findings", "1,3,5"]  # finding 2's control: see CONTROLS_F2_REASON
     for name, value in LIMITS.get(argv[0], {}).items():
         if name in argv:
             argv[argv.index(name) + 1] = value

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from harness.study.controls import EXPECTED, finding1_control
-from harness.study.findings import FAILS, HOLDS, UNTESTED, retrieval_layers_rule
+from harness.study.controls import EXPECTED, finding1_control, finding3_control, finding5_control
+from harness.study.findings import FAILS, HOLDS, UNTESTED, early_layers_rule, retrieval_layers_rule
 from harness.tracing.causal_trace import TraceOptions, run_trace
 
 
@@ -58,3 +58,53 @@ def test_rome_window_is_scaled_to_the_planted_depth(planted_model_dir, planted_d
     out = _trace(planted_model_dir, planted_data_dir, tmp_path / "rome", window="rome", limit=4)
     # 10 of GPT-2 XL's 48 layers, scaled to 6 layers, rounds to 1
     assert json.loads((out / "trace_stats.json").read_text())["windows"] == {"hidden": 1, "mlp": 1, "attn": 1}
+
+
+def test_finding3_rule_gives_the_known_verdicts_on_planted_layers(planted_data_dir, tmp_path):
+    """Multi-constraint facts at MLP 2 of 6 (nothing later can be causal): both kinds early (holds); at MLP 4: the
+    image's facts are retrieved in the second half (never holds)."""
+    document = finding3_control(tmp_path, planted_data_dir, limit=40)
+    assert document["positive"]["verdict"] == HOLDS, document["positive"]["evidence"]
+    assert document["null"]["verdict"] in EXPECTED["null"], document["null"]["evidence"]
+    # each kind is read from the trace that corrupts it, with its n and interval
+    for side in ("positive", "null"):
+        evidence = document[side]["evidence"]
+        assert "visual (image-noise" in evidence and "textual (noise" in evidence and "n = " in evidence
+
+
+def test_finding3_rule_refuses_what_cannot_see_the_visual_constraint(planted_model_dir, planted_data_dir, tmp_path):
+    tokens = _trace(planted_model_dir, planted_data_dir, tmp_path / "tokens", config="multi_constraint",
+                    corruption="noise", positions="constraint", limit=24)
+    # the planted model reads the picture at its last token: noise on the words "the creature in this image"
+    # changes no answer, so on the token trace alone the visual side is not tested (never a verdict)
+    verdict, evidence = early_layers_rule(tokens)
+    assert verdict == UNTESTED and evidence.startswith("visual constraint"), evidence
+    # the visual side traced with another window than the textual side: refused
+    image = _trace(planted_model_dir, planted_data_dir, tmp_path / "image", config="multi_constraint",
+                   corruption="image-noise", positions="constraint", limit=24, window="mlp=3")
+    verdict, evidence = early_layers_rule(tokens, image)
+    assert verdict == UNTESTED and "different windows" in evidence
+
+
+def test_finding5_verdict_gives_the_known_answers_on_planted_edits(planted_data_dir, tmp_path):
+    """MultEdit at the planted layer against one layer above (a silent MLP): better; two silent layers against
+    each other: never better."""
+    document = finding5_control(tmp_path, planted_data_dir, limit=8)
+    assert document["positive"]["verdict"] == HOLDS, document["positive"]["evidence"]
+    assert document["null"]["verdict"] in EXPECTED["null"], document["null"]["evidence"]
+    assert "multedit at layer 2 − multedit at layer 3" in document["positive"]["evidence"]
+    assert "n = 8 edits" in document["positive"]["evidence"]
+
+
+def test_controls_of_some_findings_keep_the_others_verdicts(planted_data_dir, tmp_path):
+    import shutil
+
+    from harness.study.controls import run_controls
+
+    shutil.copytree(planted_data_dir, tmp_path / "data" / "planted")  # run_controls builds it when missing
+    run_controls(tmp_path, limit=4, findings=("5",))
+    path = run_controls(tmp_path, limit=4, findings=("3",))
+    assert sorted(json.loads(path.read_text())["controls"]) == ["3", "5"]
+    # other settings: the earlier verdicts are not theirs, so they are not kept
+    path = run_controls(tmp_path, limit=6, findings=("5",))
+    assert sorted(json.loads(path.read_text())["controls"]) == ["5"]

@@ -27,7 +27,7 @@ def add_controls(subparsers) -> None:
         "controls", help="run the study's rules on ground-truth planted models (known verdicts); writes DIR/controls.json")
     parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--quick", action="store_true", help="shorter planted builds (enough for the verdicts)")
-    parser.add_argument("--limit", type=int, default=40, help="questions traced per planted model")
+    parser.add_argument("--limit", type=int, default=40, help="questions traced, or facts edited, per planted model (default 40)")
     parser.add_argument("--findings", default=None, metavar="N,N",
                         help="only these findings' controls, e.g. 2 (default: every control)")
     parser.add_argument("--seed", type=int, default=0)

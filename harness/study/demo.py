@@ -155,6 +155,13 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
               "--kinds", "mlp", "--out", str(runs / f"{model_name}-trace-multi"), *limit(size.trace_limit),
               "--no-progress"],
              "trace_stats.json"),
+        # Finding 3's visual side: noise on the image the visual constraint refers to (a model that reads the
+        # picture where it answers is untouched by noise on the constraint's words). Same window as the run above.
+        Step(f"{model_name}-trace-multi-image",
+             ["trace", *common, "--config", "multi_constraint", "--corruption", "image-noise", "--positions",
+              "constraint", "--kinds", "mlp", "--out", str(runs / f"{model_name}-trace-multi-image"),
+              *limit(size.trace_limit), "--no-progress"],
+             "trace_stats.json"),
         Step(f"{model_name}-attention",
              ["attention", *common, "--config", "single_constraint", "--out", str(runs / f"{model_name}-attention"),
               *limit(size.attention_limit), *answer_tokens, "--no-progress"],

@@ -14,6 +14,7 @@ Every rule is a function of run folders, so the same rule is applied to the grou
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,15 @@ FINDINGS = [
      f"the 95% interval of the mean difference is above {MIN_LAYER_GAP} layer, does not hold if below it"),
     ("2", "Do the constraint tokens carry the image's information?",
      "information flows image → constraint tokens in early layers",
-     "per layer band, blocking the top-k image tokens' attention to the constraint minus blocking k random ones "
-     "(p of the target read where it is predicted); holds if the earliest band whose interval is above 0 starts in "
-     "the first half of the layers, does not hold if it starts in the second half"),
+     "per layer band, every image token's attention to the visual-constraint tokens cut, share of p(target) "
+     "lost (read where the target is predicted); holds if the earliest band whose 95% interval lies at or above "
+     "20% of p ends in the first half of the layers, does not hold if it lies later or every first-half band's "
+     "interval is below 20%"),
     ("3", "Multi-constraint questions: visual vs textual constraint",
      "both kinds of constraint are retrieved through early causal layers",
-     "per question, the centre of mass of the MLP restoration effect for each constraint kind; holds if both "
-     "intervals lie in the first half of the layers, does not hold if either lies in the second half"),
+     "per question, the centre of mass of the MLP restoration effect for each constraint kind (textual: noise on "
+     "its tokens; visual: noise on the image it refers to), same window; holds if both intervals lie in the first "
+     "half of the layers, does not hold if either lies in the second half"),
     ("4", "Can failure be predicted?",
      "the constraint→target attention contribution predicts a wrong answer",
      f"AUROC on the held-out half, read where the answer entity is predicted; holds if its 95% interval is above "
@@ -238,29 +241,45 @@ def retrieval_layers_rule(early_folder: Path, late_folder: Path, labels=("MLLM",
     return interval_verdict(float(low), float(high), MIN_LAYER_GAP), evidence
 
 
-def early_layers_rule(folder: Path, kinds=("visual", "textual")) -> tuple[str, str]:
-    """Finding 3's rule on one multi-constraint trace: is each constraint kind retrieved in the first half?"""
-    stats = load(folder / "trace_stats.json")
-    if stats is None:
-        return UNTESTED, "no multi-constraint trace"
-    reason = trace_validity(stats)
-    if reason:
-        return UNTESTED, reason
-    half = (stats["model"]["num_layers"] - 1) / 2
+def early_layers_rule(folder: Path, image_folder: Path | None = None,
+                      kinds=("visual", "textual")) -> tuple[str, str]:
+    """Finding 3's rule on multi-constraint traces: is each constraint kind retrieved in the first half of the
+    layers? The textual constraint is read from ``folder`` (noise on its tokens); the visual one from
+    ``image_folder`` when given (noise on the image the constraint refers to: a model that reads the picture
+    where it answers, not at the constraint's words, is unaffected by noise on those words), else from ``folder``.
+    Both traces must use the same window."""
+    sources = {kind: image_folder if kind == "visual" and image_folder is not None else folder for kind in kinds}
+    documents = {}
+    for kind, source in sources.items():
+        stats = load(Path(source) / "trace_stats.json")
+        if stats is None:
+            return UNTESTED, f"no multi-constraint trace for the {kind} constraint ({Path(source).name})"
+        reason = trace_validity(stats)
+        if reason:
+            return UNTESTED, f"{kind} constraint: {reason}"
+        documents[kind] = stats
+    if len({json.dumps(windows_of(s), sort_keys=True) for s in documents.values()}) > 1:
+        return UNTESTED, ("the constraint kinds were traced with different windows ("
+                          + "; ".join(f"{k}: {windows_of(s)}" for k, s in documents.items()) + ")")
     verdicts, parts = [], []
-    for kind in kinds:
+    for kind, stats in documents.items():
+        half = (stats["model"]["num_layers"] - 1) / 2
         chosen = shared_group([stats], "mlp", ((kind, "constraint_last"), (kind, "predicting"), (kind, "last")))
-        centres = list(question_centres(folder, "mlp", *chosen).values()) if chosen else []
+        group = next((g for g in _groups(stats, "mlp", *chosen) if not g["null"]), None) if chosen else None
+        if not has_causal_layer(group):
+            # a centre of mass of effects that never cross the threshold is the centre of noise
+            return UNTESTED, f"{kind} constraint: " + describe_peak(stats["options"]["corruption"], group)
+        centres = list(question_centres(Path(sources[kind]), "mlp", *chosen).values())
         if len(centres) < MIN_QUESTIONS:
             return UNTESTED, (f"{kind} constraint: too few questions whose answer its corruption affects "
                               f"({len(centres)}; {stats['counts']['traced']} traced of {stats['counts']['records']})")
         mean, low, high = mean_interval(centres, f"f3:{kind}")
         # holds when the interval lies below the middle layer (early), fails when above it
         verdicts.append(interval_verdict(half - high, half - low))
-        parts.append(f"{kind}: centre of mass {fmt_interval(mean, low, high)} (n = {len(centres)}, middle layer "
-                     f"{half:g})")
+        parts.append(f"{kind} ({stats['options']['corruption']}, {chosen[0]} → {group_names(*chosen)[1]}): centre "
+                     f"of mass {fmt_interval(mean, low, high)} (n = {len(centres)}, middle layer {half:g})")
     verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
-    return verdict, "; ".join(parts)
+    return verdict, "; ".join(parts) + f"; windows {windows_of(next(iter(documents.values())))}"
 
 
 # --- attention measurements ----------------------------------------------------------------------
@@ -314,6 +333,20 @@ def failure_prediction_rule(folder: Path) -> tuple[str, str]:
 BASELINES = ("ft", "ft-l")
 
 
+COMPARISON_VERDICTS = {"better": HOLDS, "worse": FAILS}  # "no difference detected": inconclusive
+
+
+def comparison_verdict(entry: dict) -> str:
+    """One paired comparison's verdict (``editing.metrics.paired_comparison``) as a finding verdict."""
+    return COMPARISON_VERDICTS.get(entry["verdict"], UNSURE)
+
+
+def describe_comparison(label: str, entry: dict) -> str:
+    return (f"{label}: {entry['method']} − {entry['baseline']} "
+            f"{fmt_interval(entry['difference'], entry['ci_low'], entry['ci_high'])} (n = {entry['n_edits']} edits, "
+            f"{entry['n_subjects']} subjects): {entry['verdict']}")
+
+
 def editing_rule(folders: list[Path], method: str = "multedit") -> tuple[str, str]:
     """Finding 5's rule on editing runs: ``method`` against every baseline, on every track run, from the runs'
     paired, subject-clustered comparisons of the harmonic mean."""
@@ -331,13 +364,24 @@ def editing_rule(folders: list[Path], method: str = "multedit") -> tuple[str, st
         for entry in comparisons:
             if entry["method"] != method or entry["baseline"] not in BASELINES:
                 continue
-            parts.append(f"{track}: {method} − {entry['baseline']} {fmt_interval(entry['difference'], entry['ci_low'], entry['ci_high'])} "
-                         f"(n = {entry['n_edits']} edits, {entry['n_subjects']} subjects): {entry['verdict']}")
-            verdicts.append({"better": HOLDS, "worse": FAILS}.get(entry["verdict"], UNSURE))
+            parts.append(describe_comparison(track, entry))
+            verdicts.append(comparison_verdict(entry))
     if not verdicts or UNTESTED in verdicts:
         return UNTESTED, "; ".join(parts) or "no editing run with MultEdit"
     verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
     return verdict, "; ".join(parts)
+
+
+def edit_rows(folder: Path, method: str) -> list[dict]:
+    """The per-edit metric rows (id, subject, metrics) of one method in an editing run's edits.jsonl."""
+    rows = []
+    with open(Path(folder) / "edits.jsonl") as lines:
+        for line in lines:
+            entry = json.loads(line)
+            if entry["method"] == method and not entry.get("sweep"):
+                rows.append({"id": entry["request"]["id"], "subject": entry["request"]["subject"],
+                             **entry["metrics"]})
+    return rows
 
 
 # --- the demo's run folders ------------------------------------------------------------------------
@@ -357,7 +401,8 @@ def constraint_carries_image(runs: Path, name: str) -> tuple[str, str]:
 
 
 def multi_constraint(runs: Path, name: str) -> tuple[str, str]:
-    return early_layers_rule(runs / f"{name}-trace-multi")
+    image = runs / f"{name}-trace-multi-image"
+    return early_layers_rule(runs / f"{name}-trace-multi", image if image.exists() else None)
 
 
 def failure_predictable(runs: Path, name: str) -> tuple[str, str]:

@@ -109,6 +109,7 @@ def trace_section(name: str, runs: Path, root: Path, planted_layer: int | None) 
         "MLLM, subject target (recognition)": runs / f"{name}-trace-mllm-subject",
         "text-only LLM": runs / f"{name}-trace-text-only",
         "multi-constraint": runs / f"{name}-trace-multi",
+        "multi-constraint, image corrupted": runs / f"{name}-trace-multi-image",
     }
     documents = {label: load_complete(folder / "trace_stats.json") for label, folder in traces.items()}
     if planted_layer is not None:

@@ -19,6 +19,7 @@ unchanged) and are cached under their own zoo names.
 from __future__ import annotations
 
 import argparse
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -134,6 +135,51 @@ class RouteMask:
                 yield
         finally:
             handle.remove()
+
+
+class DampedRoute(RouteMask):
+    """The route, with every position after the visual-constraint phrase reading the phrase ``factor`` times less
+    (log ``factor`` added to those attention logits, every layer): a known cause of failure for the finding-4
+    control. Under the enforced route the answer learns the subject only from the phrase, so the less it reads
+    there, the likelier a wrong answer, and the constraint -> answer contribution falls with it."""
+
+    label = "damped"
+
+    def __init__(self, open_layers: int, factor: float):
+        super().__init__(open_layers)
+        if not 0 < factor <= 1:
+            raise ValueError(f"damping factor {factor}: must be in (0, 1]")
+        self.bias = math.log(factor)
+        self.past_phrase = None  # [B, S] queries after the phrase's last token
+
+    def stats(self) -> dict:
+        return {**super().stats(), "log_factor": self.bias}
+
+    def set(self, input_ids: torch.Tensor) -> None:
+        super().set(input_ids)
+        seen = self.visual.long().cumsum(dim=1) > 0
+        self.past_phrase = seen & ~self.visual
+
+    def damped(self, queries: int, keys: int) -> torch.Tensor:
+        """[B, queries, keys]: True where a query after the phrase reads a phrase token (generated tokens are
+        after it)."""
+        extra = max(0, keys - self.visual.shape[1])
+        visual = torch.nn.functional.pad(self.visual, (0, extra), value=False)[:, :keys]
+        past = torch.nn.functional.pad(self.past_phrase, (0, extra), value=True)[:, keys - queries : keys]
+        return past[:, :, None] & visual[:, None, :]
+
+    def editor(self, layer: int):
+        route = super().editor(layer)
+
+        def edit(kwargs: dict) -> dict:
+            kwargs = route(kwargs)
+            mask = kwargs["attention_mask"]
+            damped = self.damped(mask.shape[-2], mask.shape[-1])[:, None].to(mask.device)
+            # finfo.min plus a few units stays finfo.min: a closed read stays closed
+            kwargs["attention_mask"] = mask + damped.to(mask.dtype) * self.bias
+            return kwargs
+
+        return edit
 
 
 def build_routed_into(folder: Path, recipe: RoutedRecipe, progress: bool = True) -> None:
