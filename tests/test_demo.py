@@ -1,4 +1,5 @@
-"""The quick demo end to end: report written, every linked figure present, numbers equal the run files'."""
+"""The quick demo end to end: report written, every linked figure present, numbers equal the run files'; the full
+demo's steps for the flag models."""
 
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def test_findings_table_has_a_verdict_per_finding_and_quotes_the_run_files(demo_
     for entry in editing.get("comparisons", []):
         if entry["method"] == "multedit" and entry["baseline"] in ("ft", "ft-l"):
             assert f"multedit − {entry['baseline']} {fmt(entry['difference'])}" in rows[4]
+
+
+def test_full_study_traces_and_edits_both_flag_models(tmp_path):
+    """The full demo runs flag-llava and flag-llava-direct on the same held-out questions; only the model that
+    names the country first gets the recognition (subject) trace; finding 3's visual side is traced on the image."""
+    from harness.study.demo import FULL, MODEL_SOURCE, model_steps
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 30}}))
+    assert {"flag-llava", "flag-llava-direct"} <= set(FULL.models)
+    names = {}
+    for model in ("flag-llava", "flag-llava-direct"):
+        assert MODEL_SOURCE[model] == "flags"
+        steps = model_steps(model, tmp_path, tmp_path / "data", tmp_path / "runs", FULL, 0)
+        names[model] = {step.name.removeprefix(model + "-") for step in steps}
+        image = next(step for step in steps if step.name == f"{model}-trace-multi-image")
+        assert image.argv[image.argv.index("--corruption") + 1] == "image-noise"
+    assert "trace-mllm-subject" in names["flag-llava"] - names["flag-llava-direct"]
+    assert names["flag-llava-direct"] >= {"edit", "edit-insertion", "trace-multi", "trace-multi-image", "attention",
+                                          "trace-mllm-rome", "trace-text-only-rome"}

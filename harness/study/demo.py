@@ -70,14 +70,14 @@ QUICK = DemoSize(models=("planted",), eval_limit=60, trace_limit=24,
                  attention_limit=24, edit_limit=8, specificity_size=16, sweep_limit=4, sweep_max_layers=10)
 # flag-llava answers about half of its held-out questions correctly and only those are traced, so its traces look
 # at 120 questions to trace ~55.
-FULL = DemoSize(models=("planted", "flag-llava"), eval_limit=200, trace_limit=120,
+FULL = DemoSize(models=("planted", "flag-llava", "flag-llava-direct"), eval_limit=200, trace_limit=120,
                 attention_limit=60, edit_limit=12, specificity_size=32, sweep_limit=3, sweep_max_layers=10,
                 rome_window=True)
 
 
 # Each model is studied on the questions of its own world: the planted model has never seen a flag, and
 # flag-llava has never seen a planted creature.
-MODEL_SOURCE = {"planted": "planted", "flag-llava": "flags"}
+MODEL_SOURCE = {"planted": "planted", "flag-llava": "flags", "flag-llava-direct": "flags"}
 
 
 def sweep_layers(model_dir: Path, max_layers: int) -> str:
@@ -172,14 +172,18 @@ def model_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: 
               *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit")],
              "editing_results.json"),
     ]
-    if model_name != "planted":
-        # flag-llava names the country before answering: trace that recognition step too, and edit both tracks.
+    if model_name == "flag-llava":
+        # flag-llava names the country before answering: trace that recognition step too.
         steps += [
             Step(f"{model_name}-trace-mllm-subject",
                  ["trace", *common, "--config", "single_constraint", *mllm_trace, "--target", "subject",
                   "--kinds", "hidden,mlp", "--out", str(runs / f"{model_name}-trace-mllm-subject"),
                   *limit(size.trace_limit), "--no-progress"],
                  "trace_stats.json"),
+        ]
+    if model_name != "planted":
+        # the flag models are edited on both tracks
+        steps += [
             Step(f"{model_name}-edit-insertion",
                  ["edit", *common, "--method", "multedit,multedit-cov,ft,ft-l", "--track", "insertion", *edit_common,
                   "--key-stats-size", "32", *limit(size.edit_limit), "--out", str(runs / f"{model_name}-edit-insertion")],
@@ -228,6 +232,8 @@ def run_step(step: Step, folder: Path, run: RunCommand) -> None:
 def build_zoo_model(name: str, quick: bool) -> Path:
     if name == "planted":
         return Path(planted.build(planted.DEFAULT_RECIPE))
+    if name == "flag-llava-direct":  # answers bare ("Kabul."): the model where retrieval can be traced latent
+        return Path(flag_llava.build(flag_llava.DIRECT_RECIPE))
     return Path(flag_llava.build(flag_llava.DEFAULT_RECIPE))
 
 

@@ -341,7 +341,7 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
     ordered = sorted(models, key=lambda name: name == "planted")
     lines += ["## The paper's findings, tested", "",
               "Each finding as the paper states it, the rule that decides it here, and the verdict on each model "
-              "with the numbers (95% intervals, n). flag-llava is studied on its held-out countries only.", "",
+              "with the numbers (95% intervals, n). The flag models are studied on their held-out countries only.", "",
               *findings_section(runs, ordered, controls=control_verdicts(out / "controls" / CONTROLS_FILE) or None)]
     for name, model_dir in models.items():
         planted_layer = load_json(Path(model_dir) / "config.json").get("planted_layer")
