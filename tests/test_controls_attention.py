@@ -17,15 +17,20 @@ from harness.zoo.planted.processor import build_tokenizer
 from vqa_constraints.sources.planted_world import VISUAL_PHRASE
 
 
-def test_route_mask_leaves_the_image_to_the_constraint_tokens_in_early_layers():
+def untrained_smoke_model(entities: int, examples: int):
+    """(model, tokenizer, batch): the planted smoke network, untrained, and a training batch of fact questions."""
     base = planted.QUICK_RECIPE
     world = planted.world_for(base)
     tokenizer = build_tokenizer(world.vocabulary())
     torch.manual_seed(0)
     model = planted.make_model(base, tokenizer).eval()
     maker = BatchMaker(world, tokenizer, planted.image_token_count(base))
-    examples = fact_examples(world, world.by_role("known")[:2], text_only=False)[:3]
-    batch = maker.batch(examples, np.random.default_rng(0))
+    chosen = fact_examples(world, world.by_role("known")[:entities], text_only=False)[:examples]
+    return model, tokenizer, maker.batch(chosen, np.random.default_rng(0))
+
+
+def test_route_mask_leaves_the_image_to_the_constraint_tokens_in_early_layers():
+    model, tokenizer, batch = untrained_smoke_model(entities=2, examples=3)
     route = RouteMask(open_layers=1)
     route.prepare(tokenizer)
     blocks = [layer.self_attn for layer in model.model.language_model.layers]
@@ -120,13 +125,7 @@ def test_the_enforced_route_is_the_training_route_in_every_forward(quick_routed,
 def test_damped_route_scales_what_the_answer_reads_from_the_constraint_by_the_factor():
     """The finding-4 control's known cause of failure: positions after the visual-constraint phrase read it
     ``factor`` times less (the odds of a phrase token against the rest), positions before it are untouched."""
-    base = planted.QUICK_RECIPE
-    world = planted.world_for(base)
-    tokenizer = build_tokenizer(world.vocabulary())
-    torch.manual_seed(0)
-    model = planted.make_model(base, tokenizer).eval()
-    maker = BatchMaker(world, tokenizer, planted.image_token_count(base))
-    batch = maker.batch(fact_examples(world, world.by_role("known")[:1], text_only=False)[:1], np.random.default_rng(0))
+    model, tokenizer, batch = untrained_smoke_model(entities=1, examples=1)
     blocks = {f"L{i}": layer.self_attn for i, layer in enumerate(model.model.language_model.layers)}
     weights = {}
     for name, route in (("route", RouteMask(open_layers=1)), ("damped", DampedRoute(1, 0.01))):
