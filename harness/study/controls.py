@@ -221,7 +221,8 @@ def mislabelled(adapter, split, limit: int, route, seed: int = 0):
     for index, prediction in enumerate(predictions):
         if index in wrong:
             others = golds[index + 1:] + golds[:index]
-            answers.append([next(a for a in others if not answer_correct(prediction, [a]))])
+            # an empty gold answer never matches (answer_correct), should every other answer match this one
+            answers.append([next((a for a in others if not answer_correct(prediction, [a])), "")])
         else:
             answers.append([prediction.strip()])
     rows = split.rows.select(range(len(records))).remove_columns("answers").add_column("answers", answers)
@@ -232,8 +233,8 @@ def finding4_control(out: Path, data: Path, limit: int = 40, quick: bool = False
     """Run the attention study on planted-routed with its route enforced (the answer learns the subject only from
     the visual-constraint phrase) and judge both sides with finding 4's rule: positive, the second half of the
     questions reads the phrase with its attention odds multiplied by F4_DAMPING (a known cause of failure that
-    lowers the constraint -> answer contribution); null, the model untouched and a random half of the questions relabelled
-    wrong (failures that nothing in the model can predict)."""
+    lowers the constraint -> answer contribution); null, the model untouched and a random half of the questions
+    relabelled wrong (failures that nothing in the model can predict)."""
     design = (f"planted-routed with its route enforced; positive: in the second half of the questions the "
               f"positions after the visual-constraint phrase read it with their attention odds multiplied by "
               f"{F4_DAMPING:g} (every layer); null: a random half relabelled wrong; AUROC of the constraint -> answer "
@@ -249,7 +250,9 @@ def finding4_control(out: Path, data: Path, limit: int = 40, quick: bool = False
     positive = out / "f4-damped"
     if not is_complete(positive / "attention_stats.json"):
         merge_attention(halves, positive)
-    null = _enforced_study(adapter, mislabelled(adapter, split, limit, route), out / "f4-mislabelled", limit, route)
+    null = out / "f4-mislabelled"
+    if not is_complete(null / "attention_stats.json"):
+        _enforced_study(adapter, mislabelled(adapter, split, limit, route), null, limit, route)
     sides = {}
     for side, folder in (("positive", positive), ("null", null)):
         verdict, evidence = failure_prediction_rule(folder)
