@@ -724,6 +724,19 @@ def run_editing(adapter, data: str, out: str | Path, options: EditOptions, save:
     return document
 
 
+def edit_rows(folder: str | Path, method: str) -> list[dict]:
+    """The per-edit metric rows (id, subject and metrics, as ``run_method`` returns them) of one method in a run's
+    edits.jsonl, layer-sweep lines left out."""
+    rows = []
+    with open(Path(folder) / EDITS_FILE, encoding="utf-8") as lines:
+        for line in lines:
+            entry = json.loads(line)
+            if entry["method"] == method and not entry.get("sweep"):
+                rows.append({"id": entry["request"]["id"], "subject": entry["request"]["subject"],
+                             **entry["metrics"]})
+    return rows
+
+
 def results_schema() -> dict:
     return load_schema("editing", "schemas", "editing_results.schema.json")
 

@@ -156,7 +156,8 @@ def test_mislabelled_questions_are_wrong_exactly_where_chosen(quick_routed, plan
     import pyarrow.parquet as pq
 
     from harness.models.loading import load_model
-    from harness.study.controls import _enforced_study, mislabelled
+    from harness.study.controls import attention_run, mislabelled
+    from harness.tracing.attention_study import StudyOptions
     from harness.scoring import answer_correct, normalize_answer
     from vqa_constraints.loading import load_split
 
@@ -166,7 +167,8 @@ def test_mislabelled_questions_are_wrong_exactly_where_chosen(quick_routed, plan
     relabelled = mislabelled(adapter, split, 10, route)
     golds = [r.answers for r in relabelled.records()]
     assert len(golds) == 10 and relabelled.fingerprint != split.fingerprint
-    out = _enforced_study(adapter, relabelled, tmp_path / "study", 10, route)
+    out = attention_run(adapter, relabelled, tmp_path / "study", StudyOptions(limit=10, draws=1, progress=False),
+                        route)
     rows = pq.read_table(out / "attention_examples.parquet").to_pylist()
     wrong = [not answer_correct(r["prediction"], gold) for r, gold in zip(rows, golds)]
     assert [r["correct"] for r in rows] == [not w for w in wrong]

@@ -44,11 +44,12 @@ evidence); the study's report prints the verdicts beside the model's.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 from editing.metrics import paired_comparison
-from editing.runner import EditOptions, run_editing
+from editing.runner import EditOptions, edit_rows, run_editing
 from harness.bootstrap import keyed_rng
 from harness.models.loading import load_model
 from harness.scoring import answer_correct, generate_answers
@@ -61,7 +62,6 @@ from harness.study.findings import (
     comparison_verdict,
     describe_comparison,
     early_layers_rule,
-    edit_rows,
     failure_prediction_rule,
     image_to_constraint_rule,
     retrieval_layers_rule,
@@ -94,13 +94,15 @@ def planted_recipes(quick: bool = False) -> dict[str, object]:
 F1_PAIRS = {"positive": ("k2", "k4"), "null": ("k2", "k2-seed1")}
 
 
-def trace_planted(model_dir: Path, data: Path, out: Path, limit: int, seed: int = 0) -> Path:
-    """The finding-1 control's trace of one planted model (reused when complete)."""
+def trace_planted(model_dir: Path, data: Path, out: Path, limit: int, config: str = "single_constraint",
+                  corruption: str = "image-noise", positions: str = "last") -> Path:
+    """A control's trace of one planted model, MLP restored, window 1 (reused when complete); the defaults are the
+    finding-1 control's (the image corrupted, restored at the last token, where the planted model reads it)."""
     if is_complete(out / "trace_stats.json"):
         return out
-    options = TraceOptions(model=str(model_dir), data=str(data), config="single_constraint", out=out,
-                           corruption="image-noise", kinds=("mlp",), positions="last", window=1, limit=limit,
-                           noise_samples=3, dtype="float32", device="cpu", progress=False, seed=seed)
+    options = TraceOptions(model=str(model_dir), data=str(data), config=config, out=out, corruption=corruption,
+                           kinds=("mlp",), positions=positions, window=1, limit=limit, noise_samples=3,
+                           dtype="float32", device="cpu", progress=False)
     return run_trace(options)
 
 
@@ -127,20 +129,22 @@ def skipped_routed() -> dict:
     return {"positive": side, "null": dict(side)}
 
 
+def attention_run(adapter, split, out: Path, options: StudyOptions, route=None) -> Path:
+    """A control's attention study (reused when complete), with ``route`` (a routed model's route, or a variant of
+    it) enforced at inference when given."""
+    if not is_complete(out / "attention_stats.json"):
+        with route.enforced(adapter.model, adapter.tokenizer) if route is not None else nullcontext():
+            run_attention_study(adapter, split, out, options)
+    return out
+
+
 def attention_planted(model_dir: Path, data: Path, out: Path, limit: int, route=None) -> Path:
-    """The finding-2 control's attention run on one planted model (reused when complete); ``route``: the routed
-    model's training route, enforced at inference."""
+    """The finding-2 control's attention run on one planted model (reused when complete, without loading it)."""
     if is_complete(out / "attention_stats.json"):
         return out
     adapter = load_model(str(model_dir), dtype="float32", device="cpu")
     split = load_split(str(data), "single_constraint", "test")
-    options = StudyOptions(limit=limit, draws=5, progress=False)
-    if route is not None:
-        with route.enforced(adapter.model, adapter.tokenizer):
-            run_attention_study(adapter, split, out, options)
-    else:
-        run_attention_study(adapter, split, out, options)
-    return out
+    return attention_run(adapter, split, out, StudyOptions(limit=limit, draws=5, progress=False), route)
 
 
 def finding2_control(out: Path, data: Path, limit: int = 40, quick: bool = False) -> dict:
@@ -167,16 +171,6 @@ F3_TRACES = {"tokens": ("noise", "constraint"), "image": ("image-noise", "constr
 F3_MODELS = {"positive": "k2", "null": "k4"}
 
 
-def trace_planted_multi(model_dir: Path, data: Path, out: Path, corruption: str, positions: str, limit: int) -> Path:
-    """One of the finding-3 control's multi-constraint traces of a planted model (reused when complete)."""
-    if is_complete(out / "trace_stats.json"):
-        return out
-    options = TraceOptions(model=str(model_dir), data=str(data), config="multi_constraint", out=out,
-                           corruption=corruption, kinds=("mlp",), positions=positions, window=1, limit=limit,
-                           noise_samples=3, dtype="float32", device="cpu", progress=False)
-    return run_trace(options)
-
-
 def finding3_control(out: Path, data: Path, limit: int = 40, quick: bool = False) -> dict:
     """Trace the multi-constraint questions of the planted models with facts at MLP 2 (positive: no MLP after
     layer 2 of 6 does anything, so both constraints are retrieved in the first half) and MLP 4 (null: facts may
@@ -185,8 +179,8 @@ def finding3_control(out: Path, data: Path, limit: int = 40, quick: bool = False
     sides = {}
     for side, name in F3_MODELS.items():
         model_dir = Path(build(recipes[name], progress=False))
-        folders = {unit: trace_planted_multi(model_dir, data, out / f"f3-{name}-{unit}", corruption, positions,
-                                             limit)
+        folders = {unit: trace_planted(model_dir, data, out / f"f3-{name}-{unit}", limit, "multi_constraint",
+                                       corruption, positions)
                    for unit, (corruption, positions) in F3_TRACES.items()}
         verdict, evidence = early_layers_rule(folders["tokens"], folders["image"])
         sides[side] = {"runs": [folder.name for folder in folders.values()], "verdict": verdict,
@@ -199,13 +193,6 @@ def finding3_control(out: Path, data: Path, limit: int = 40, quick: bool = False
 # Finding 4: the damped half's odds of reading the visual-constraint phrase after it are multiplied by this
 # (at 0.05 and 0.002 too many damped answers stayed right for 5 wrong ones in the AUROC's held-out half).
 F4_DAMPING = 1e-4
-
-
-def _enforced_study(adapter, split, out: Path, limit: int, route, shard: str | None = None) -> Path:
-    if not is_complete(out / "attention_stats.json"):
-        with route.enforced(adapter.model, adapter.tokenizer):
-            run_attention_study(adapter, split, out, StudyOptions(limit=limit, draws=1, progress=False, shard=shard))
-    return out
 
 
 def mislabelled(adapter, split, limit: int, route, seed: int = 0):
@@ -245,14 +232,16 @@ def finding4_control(out: Path, data: Path, limit: int = 40, quick: bool = False
     split = load_split(str(data), "single_constraint", "test")
     route = DEFAULT_ROUTED.route()
     damped = DampedRoute(route.open_layers, F4_DAMPING)
-    halves = [_enforced_study(adapter, split, out / "f4-damped-shards" / f"{i}", limit, r, shard=f"{i}/2")
+    halves = [attention_run(adapter, split, out / "f4-damped-shards" / f"{i}",
+                            StudyOptions(limit=limit, draws=1, progress=False, shard=f"{i}/2"), r)
               for i, r in ((0, route), (1, damped))]
     positive = out / "f4-damped"
     if not is_complete(positive / "attention_stats.json"):
         merge_attention(halves, positive)
     null = out / "f4-mislabelled"
     if not is_complete(null / "attention_stats.json"):
-        _enforced_study(adapter, mislabelled(adapter, split, limit, route), null, limit, route)
+        attention_run(adapter, mislabelled(adapter, split, limit, route), null,
+                      StudyOptions(limit=limit, draws=1, progress=False), route)
     sides = {}
     for side, folder in (("positive", positive), ("null", null)):
         verdict, evidence = failure_prediction_rule(folder)

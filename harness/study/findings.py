@@ -372,18 +372,6 @@ def editing_rule(folders: list[Path], method: str = "multedit") -> tuple[str, st
     return verdict, "; ".join(parts)
 
 
-def edit_rows(folder: Path, method: str) -> list[dict]:
-    """The per-edit metric rows (id, subject, metrics) of one method in an editing run's edits.jsonl."""
-    rows = []
-    with open(Path(folder) / "edits.jsonl") as lines:
-        for line in lines:
-            entry = json.loads(line)
-            if entry["method"] == method and not entry.get("sweep"):
-                rows.append({"id": entry["request"]["id"], "subject": entry["request"]["subject"],
-                             **entry["metrics"]})
-    return rows
-
-
 # --- the demo's run folders ------------------------------------------------------------------------
 
 

@@ -97,13 +97,19 @@ class RouteMask:
                 if tokens[i : i + n] == self.phrase:
                     self.visual[row, i : i + n] = True
 
+    @staticmethod
+    def padded(classes: torch.Tensor, keys: int, generated: bool) -> torch.Tensor:
+        """[B, keys]: a position class over ``keys`` positions; positions past the classified sequence (generated
+        tokens) get ``generated``."""
+        extra = max(0, keys - classes.shape[1])
+        return torch.nn.functional.pad(classes, (0, extra), value=generated)[:, :keys]
+
     def cut(self, layer: int, queries: int, keys: int) -> torch.Tensor:
         """[B, queries, keys]: True where the route forbids the read. The queries are the last ``queries`` of
         ``keys`` positions; positions past the classified sequence (generated tokens) are text after the image."""
-        extra = max(0, keys - self.image.shape[1])
-        image = torch.nn.functional.pad(self.image, (0, extra), value=False)[:, :keys]
-        after = torch.nn.functional.pad(self.after, (0, extra), value=True)[:, keys - queries : keys]
-        visual = torch.nn.functional.pad(self.visual, (0, extra), value=False)[:, keys - queries : keys]
+        image = self.padded(self.image, keys, False)
+        after = self.padded(self.after, keys, True)[:, keys - queries :]
+        visual = self.padded(self.visual, keys, False)[:, keys - queries :]
         closed = after[:, :, None] & image[:, None, :]
         return closed & ~visual[:, :, None] if layer < self.open_layers else closed
 
@@ -143,17 +149,12 @@ class DampedRoute(RouteMask):
     control. Under the enforced route the answer learns the subject only from the phrase, so the less it reads
     there, the likelier a wrong answer, and the constraint -> answer contribution falls with it."""
 
-    label = "damped"
-
     def __init__(self, open_layers: int, factor: float):
         super().__init__(open_layers)
         if not 0 < factor <= 1:
             raise ValueError(f"damping factor {factor}: must be in (0, 1]")
         self.bias = math.log(factor)
         self.past_phrase = None  # [B, S] queries after the phrase's last token
-
-    def stats(self) -> dict:
-        return {**super().stats(), "log_factor": self.bias}
 
     def set(self, input_ids: torch.Tensor) -> None:
         super().set(input_ids)
@@ -163,9 +164,8 @@ class DampedRoute(RouteMask):
     def damped(self, queries: int, keys: int) -> torch.Tensor:
         """[B, queries, keys]: True where a query after the phrase reads a phrase token (generated tokens are
         after it)."""
-        extra = max(0, keys - self.visual.shape[1])
-        visual = torch.nn.functional.pad(self.visual, (0, extra), value=False)[:, :keys]
-        past = torch.nn.functional.pad(self.past_phrase, (0, extra), value=True)[:, keys - queries : keys]
+        visual = self.padded(self.visual, keys, False)
+        past = self.padded(self.past_phrase, keys, True)[:, keys - queries :]
         return past[:, :, None] & visual[:, None, :]
 
     def editor(self, layer: int):
