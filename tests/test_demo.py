@@ -85,3 +85,56 @@ def test_full_study_traces_and_edits_both_flag_models(tmp_path):
     assert "trace-mllm-subject" in names["flag-llava"] - names["flag-llava-direct"]
     assert names["flag-llava-direct"] >= {"edit", "edit-insertion", "trace-multi", "trace-multi-image", "attention",
                                           "trace-mllm-rome", "trace-text-only-rome"}
+
+
+def test_full_study_repeats_accuracy_and_the_mllm_trace_on_the_training_countries(tmp_path):
+    from harness.study.demo import FULL, TRAINING_STEPS, model_steps, training_steps
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 30}}))
+    runs, heldout, training = tmp_path / "runs", tmp_path / "flags-heldout", tmp_path / "flags-training"
+    judged = {step.name: step for step in model_steps("flag-llava", tmp_path, heldout, runs, FULL, 0)}
+    repeated = training_steps("flag-llava", tmp_path, training, runs, FULL, 0)
+    assert [step.name for step in repeated] == [f"flag-llava-{name}-training" for name in TRAINING_STEPS]
+    for step in repeated:
+        twin = judged[step.name.removesuffix("-training")]
+        # the same command but for the questions and the folder
+        swapped = {str(heldout): str(training), str(runs / twin.name): str(runs / step.name)}
+        assert step.argv == [swapped.get(arg, arg) for arg in twin.argv]
+
+
+def test_a_subject_build_made_for_other_subjects_is_refused(tmp_path):
+    from harness.study.demo import run_subject_build, subject_build_step
+    from vqa_constraints.errors import UserError
+
+    step = subject_build_step(tmp_path, "flag-llava", "flags", ["Chad", "Peru"], "training", 0)
+    data = run_subject_build(step, ["Chad", "Peru"], run)
+    assert json.loads((data / "build_info.json").read_text())["subjects"] == ["Chad", "Peru"]
+    assert run_subject_build(step, ["Peru", "Chad"], run) == data  # the same subjects: reused
+    other = subject_build_step(tmp_path, "flag-llava-direct", "flags", ["Chad", "Mali"], "training", 0)
+    with pytest.raises(UserError, match="built for other subjects"):
+        run_subject_build(other, ["Chad", "Mali"], run)
+
+
+def test_report_sets_training_countries_beside_the_held_out_ones(demo_dir, planted_model_dir, tmp_path):
+    """Runs on a second set of questions ("-training" folders) get their own table, numbers from their files."""
+    import shutil
+
+    from harness.study.report import write_report
+
+    study = tmp_path / "study"
+    shutil.copytree(demo_dir, study)
+    runs, data = study / "runs", study / "data" / "planted"
+    common = ["--model", str(planted_model_dir), "--data", str(data), "--limit", "6", "--no-progress"]
+    assert run(["evaluate", *common, "--config", "single_constraint", "--split", "validation",
+                "--out", str(runs / "planted-evaluate-training")]) == 0
+    assert run(["trace", *common, "--config", "single_constraint", "--split", "validation", "--corruption",
+                "image-noise", "--positions", "last", "--kinds", "mlp", "--out",
+                str(runs / "planted-trace-mllm-training")]) == 0
+    report = write_report(study, models={"planted": str(planted_model_dir)}).read_text()
+    assert "### Held-out and training countries" in report
+    for label, suffix in (("held-out", ""), ("training", "-training")):
+        cell = json.loads((runs / f"planted-evaluate{suffix}" / "results.json").read_text())["metrics"]["single_constraint"]
+        trace = json.loads((runs / f"planted-trace-mllm{suffix}" / "trace_stats.json").read_text())
+        row = next(line for line in report.splitlines() if line.startswith(f"| {label} | "))
+        assert row.startswith(f"| {label} | {fmt_ci(cell['accuracy'])} | {cell['n']} | "
+                              f"{trace['counts']['traced']} of {trace['counts']['records']} |"), row

@@ -10,8 +10,7 @@ command removed from the docs disappears from here and a command added is checke
   * a `--data` value, or the positional build of `validate` / `info` / `publish`, under `data/` or `study/data/`
     -> the small prebuilt planted build (conftest);
   * `evaluate`, `trace`, `attention`, `edit` get small limits (LIMITS below), added or overriding the doc's;
-  * `controls` without `--findings` runs the controls of findings 1, 3 and 5 (those of 2 and 4 build a
-    25-minute model), on 12 questions or edits per model;
+  * `controls` gets `--limit 12` (12 questions or edits per model);
   * `build` without `--sources` builds only `planted`; a `zoo build` of another model than planted gets `--quick`
     (planted `--quick` is the recipe tests/test_zoo_planted.py builds too); an absolute `--out` lands in the
     temporary folder.
@@ -59,8 +58,6 @@ NOT_RUN = {
 SHARD_ARRAY = re.compile(r"\$\{?SLURM_ARRAY_TASK_ID\}?")
 SHARD_REASON = "a SLURM array or its merge: test_shard_arrays_and_merge_run_on_a_stand_in runs the page's sequence"
 ZOO_SEED_REASON = "a zoo build of another seed trains a new model (minutes, even with --quick)"
-CONTROLS_ROUTED_REASON = ("the controls of findings 2 and 4 build planted-routed (about 25 CPU-minutes); "
-                          "tests/test_controls_attention.py runs its enforced route, damping and relabelling")
 
 
 @dataclass(frozen=True)
@@ -125,8 +122,6 @@ def why_not_run(argv: list[str], text: str = "") -> str | None:
             return reason
     if argv[:2] == ["zoo", "build"] and "--seed" in argv:
         return ZOO_SEED_REASON
-    if argv[0] == "controls" and {"2", "4"} & set((option(argv, "--findings") or "").split(",")):
-        return CONTROLS_ROUTED_REASON
     if "--repo-id" in argv and "--dry-run" not in argv:
         return "uploads to the Hub"
     if "--source-path" in argv:
@@ -181,8 +176,6 @@ def runnable_argv(argv: list[str], model: Path, data: Path, workdir: Path) -> li
         argv += ["--sources", "planted"]
     if argv[:2] == ["zoo", "build"] and argv[2] != "planted" and "--quick" not in argv:
         argv.append("--quick")
-    if argv[0] == "controls" and "--findings" not in argv:
-        argv += ["--findings", "1,3,5"]  # findings 2 and 4: see CONTROLS_ROUTED_REASON
     for name, value in LIMITS.get(argv[0], {}).items():
         if name in argv:
             argv[argv.index(name) + 1] = value

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import json
 
-from harness.study.controls import EXPECTED, finding1_control, finding3_control, finding5_control
+from harness.study.controls import (
+    EXPECTED,
+    finding1_control,
+    finding2_control,
+    finding3_control,
+    finding4_control,
+    finding5_control,
+)
 from harness.study.findings import FAILS, HOLDS, UNTESTED, early_layers_rule, retrieval_layers_rule
 from harness.tracing.causal_trace import TraceOptions, run_trace
 
@@ -58,6 +65,26 @@ def test_rome_window_is_scaled_to_the_planted_depth(planted_model_dir, planted_d
     out = _trace(planted_model_dir, planted_data_dir, tmp_path / "rome", window="rome", limit=4)
     # 10 of GPT-2 XL's 48 layers, scaled to 6 layers, rounds to 1
     assert json.loads((out / "trace_stats.json").read_text())["windows"] == {"hidden": 1, "mlp": 1, "attn": 1}
+
+
+def test_finding2_rule_gives_the_known_verdicts_on_the_routed_control(planted_data_dir, tmp_path):
+    """planted-routed with its route enforced (the image reaches the answer only through the constraint tokens in
+    layers 0-1): holds; planted (its answer position reads the image itself): never holds."""
+    document = finding2_control(tmp_path, planted_data_dir, limit=16)
+    assert document["positive"]["verdict"] == HOLDS, document["positive"]["evidence"]
+    assert document["null"]["verdict"] in EXPECTED["null"], document["null"]["evidence"]
+    assert document["positive"]["evidence"].startswith("layers 0-1: cutting the image from the constraint tokens")
+
+
+def test_finding4_rule_gives_the_known_verdicts_on_the_routed_control(planted_data_dir, tmp_path):
+    """A known half read the constraint phrase 1e-4 times less (failures the contribution predicts): holds; a
+    known random half relabelled wrong (failures nothing in the model predicts): never holds. 40 questions: the
+    AUROC's held-out half needs enough wrong answers (at 16 and 24 the positive was not tested)."""
+    document = finding4_control(tmp_path, planted_data_dir, limit=40)
+    assert document["positive"]["verdict"] == HOLDS, document["positive"]["evidence"]
+    assert document["null"]["verdict"] in EXPECTED["null"], document["null"]["evidence"]
+    for side in ("positive", "null"):
+        assert "held-out half n = 20" in document[side]["evidence"], document[side]["evidence"]
 
 
 def test_finding3_rule_gives_the_known_verdicts_on_planted_layers(planted_data_dir, tmp_path):

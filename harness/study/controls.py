@@ -14,9 +14,9 @@ layer K, judged by the same rule function ``harness.study.findings`` applies to 
   (positive: the answer can only travel image -> constraint tokens in layers < K = 2 of 6; ``RouteMask.enforced``)
   and on ``planted`` (null: its answer position reads the image itself). The stock routed model is not the
   positive: its answer positions' attention to the image, cut in training, is free at inference and it does not
-  keep the route (docs/attention.md). The routed build takes about 25 CPU-minutes, so ``quick`` skips it (and
-  finding 4's control, which runs on it too): with fewer training steps the routed model answers too few
-  questions under its route for either positive to pass.
+  keep the route (docs/attention.md). The routed build takes about 2.5 minutes on 2 cores and is cached; ``quick``
+  uses it too (for findings 2 and 4): with the fewer training steps ``quick`` gives the planted models, the
+  routed model answered too few questions under its route for either positive to pass.
 
 - finding 3 (both constraint kinds retrieved in the first half of the layers): ``early_layers_rule`` on the
   multi-constraint questions ("which city in <region> has the creature in this image visited?") of the planted
@@ -121,14 +121,6 @@ def finding1_control(out: Path, data: Path, limit: int = 40, quick: bool = False
             **sides}
 
 
-def skipped_routed() -> dict:
-    """Both sides of a control that runs on planted-routed, under ``quick``."""
-    side = {"runs": [], "verdict": UNTESTED, "passes": None,
-            "evidence": "not run with --quick: the routed build takes about 25 CPU-minutes (with fewer training "
-                        "steps it answers too few questions under its route)"}
-    return {"positive": side, "null": dict(side)}
-
-
 def attention_run(adapter, split, out: Path, options: StudyOptions, route=None) -> Path:
     """A control's attention study (reused when complete), with ``route`` (a routed model's route, or a variant of
     it) enforced at inference when given."""
@@ -152,8 +144,6 @@ def finding2_control(out: Path, data: Path, limit: int = 40, quick: bool = False
     design = ("planted-routed with its training route enforced at inference (positive: image -> constraint "
               "tokens in layers 0-1 is the answer's only path) and planted (null: reads the image at the answer); "
               "every image token cut from the constraint tokens per layer band, share of p(answer) lost")
-    if quick:
-        return {"finding": "2", "design": design, **skipped_routed()}
     folders = {"positive": attention_planted(build_routed(DEFAULT_ROUTED, progress=False), data,
                                              out / "f2-routed-enforced", limit, route=DEFAULT_ROUTED.route()),
                "null": attention_planted(build(DEFAULT_RECIPE, progress=False), data, out / "f2-planted", limit)}
@@ -226,8 +216,6 @@ def finding4_control(out: Path, data: Path, limit: int = 40, quick: bool = False
               f"positions after the visual-constraint phrase read it with their attention odds multiplied by "
               f"{F4_DAMPING:g} (every layer); null: a random half relabelled wrong; AUROC of the constraint -> answer "
               f"contribution on the held-out half")
-    if quick:
-        return {"finding": "4", "design": design, **skipped_routed()}
     adapter = load_model(str(build_routed(DEFAULT_ROUTED, progress=False)), dtype="float32", device="cpu")
     split = load_split(str(data), "single_constraint", "test")
     route = DEFAULT_ROUTED.route()

@@ -237,10 +237,49 @@ def build_zoo_model(name: str, quick: bool) -> Path:
     return Path(flag_llava.build(flag_llava.DEFAULT_RECIPE))
 
 
-def heldout_subjects(model_dir: Path) -> list[str]:
-    """The subjects a zoo model was never tuned on (flag-llava's held-out countries; none for the others)."""
+def tuning_subjects(model_dir: Path, which: str) -> list[str]:
+    """The subjects a zoo model was tuned on (``which`` = "training") or never saw a question on ("heldout"):
+    flag-llava's countries; none for the others."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return list(config.get("vqa_constraints", {}).get("heldout_countries", []))
+    return list(config.get("vqa_constraints", {}).get(f"{which}_countries", []))
+
+
+# What the full study repeats on a tuned model's training countries, beside the held-out ones it is judged on:
+# accuracy and the MLLM trace at window 1 (run folders named "<step>-training").
+TRAINING_STEPS = ("evaluate", "trace-mllm")
+
+
+def subject_build_step(out: Path, name: str, source: str, subjects: list[str], which: str, seed: int) -> Step:
+    """The dataset build of ``source`` restricted to ``subjects`` (a model's ``which`` countries)."""
+    data = out / "data" / f"{source}-{which}"
+    subjects_file = out / "data" / f"{name}-{which}-subjects.txt"
+    subjects_file.parent.mkdir(parents=True, exist_ok=True)
+    subjects_file.write_text("".join(f"{subject}\n" for subject in subjects), "utf-8")
+    return Step(f"dataset-{data.name}", ["build", "--out", str(data), "--sources", source, "--seed", str(seed),
+                                         "--subjects", str(subjects_file)], "README.md")
+
+
+def run_subject_build(step: Step, subjects: list[str], run: RunCommand) -> Path:
+    """Run a ``subject_build_step`` (models with the same split share it); a build already there for other
+    subjects is refused, not reused."""
+    data = Path(step.argv[step.argv.index("--out") + 1])
+    info = data / "build_info.json"
+    if info.exists() and set(json.loads(info.read_text()).get("subjects") or ()) != set(subjects):
+        raise UserError(f"{data}: built for other subjects than {step.argv[-1]} lists; remove it or use another --out")
+    run_step(step, data, run)
+    return data
+
+
+def training_steps(model_name: str, model_dir: Path, data: Path, runs: Path, size: DemoSize, seed: int) -> list[Step]:
+    """``TRAINING_STEPS`` of ``model_steps`` on ``data`` (the training countries' build), each in its own
+    "-training" folder."""
+    steps = []
+    for step in model_steps(model_name, model_dir, data, runs, size, seed):
+        if step.name.removeprefix(f"{model_name}-") in TRAINING_STEPS:
+            name = f"{step.name}-training"
+            argv = [str(runs / name) if arg == str(runs / step.name) else arg for arg in step.argv]
+            steps.append(Step(name, argv, step.output))
+    return steps
 
 
 def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0) -> Path:
@@ -258,23 +297,29 @@ def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0) -> 
         all_steps.append(Step(f"zoo-{name}", ["zoo", "build", name], "config.json",
                               seconds=time.perf_counter() - started))
         source = MODEL_SOURCE[name]
-        data = out / "data" / source
-        build_argv = ["build", "--out", str(data), "--sources", source, "--seed", str(seed)]
-        heldout = heldout_subjects(models[name])
+        heldout = tuning_subjects(models[name], "heldout")
         if heldout:
-            # A model tuned on some subjects is studied on the others only (it never saw a question on them).
-            data = out / "data" / f"{source}-heldout"
-            subjects_file = out / "data" / f"{name}-heldout-subjects.txt"
-            subjects_file.parent.mkdir(parents=True, exist_ok=True)
-            subjects_file.write_text("".join(f"{subject}\n" for subject in heldout), "utf-8")
-            build_argv = ["build", "--out", str(data), "--sources", source, "--seed", str(seed),
-                          "--subjects", str(subjects_file)]
-        build_step = Step(f"dataset-{data.name}", build_argv, "README.md")
-        run_step(build_step, data, run)
+            # A model tuned on some subjects is judged on the others (it never saw a question on them).
+            build_step = subject_build_step(out, name, source, heldout, "heldout", seed)
+            data = run_subject_build(build_step, heldout, run)
+        else:
+            data = out / "data" / source
+            build_step = Step(f"dataset-{source}", ["build", "--out", str(data), "--sources", source, "--seed",
+                                                    str(seed)], "README.md")
+            run_step(build_step, data, run)
         all_steps.append(build_step)
         for step in model_steps(name, models[name], data, runs, size, seed):
             run_step(step, runs / step.name, run)
             all_steps.append(step)
+        training = tuning_subjects(models[name], "training")
+        if heldout and training and not quick:
+            # ... and measured on its training countries too, reported beside the held-out ones.
+            build_step = subject_build_step(out, name, source, training, "training", seed)
+            data = run_subject_build(build_step, training, run)
+            all_steps.append(build_step)
+            for step in training_steps(name, models[name], data, runs, size, seed):
+                run_step(step, runs / step.name, run)
+                all_steps.append(step)
 
     if not quick:
         # The controls' verdicts stand beside the models' in the findings table (harness/study/controls.py).

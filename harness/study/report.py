@@ -98,6 +98,35 @@ def accuracy_section(name: str, run: Path, root: Path) -> list[str]:
     return lines
 
 
+def countries_section(name: str, runs: Path, root: Path) -> list[str]:
+    """A tuned model's accuracy and MLLM trace on its held-out countries (what the findings are judged on) beside
+    the same runs on its training countries ("-training" folders)."""
+    lines = [f"The same evaluate and MLLM trace (window 1) on the countries the model was tuned on; the findings "
+             f"are judged on the held-out ones only.", "",
+             *table_head("countries", "single_constraint accuracy [95% CI]", "n", "traced of questions",
+                         "affected", "p clean", "p corrupt", "peak MLP layer (restored at)")]
+    sources = []
+    for label, suffix in (("held-out", ""), ("training", "-training")):
+        evaluation = runs / f"{name}-evaluate{suffix}" / "results.json"
+        trace_file = runs / f"{name}-trace-mllm{suffix}" / "trace_stats.json"
+        results, trace = load_json(evaluation), load_complete(trace_file)
+        cell = (results or {}).get("metrics", {}).get("single_constraint", {})
+        accuracy = [fmt_ci(cell.get("accuracy")), str(cell.get("n", "–"))]
+        if trace is None:
+            lines.append(f"| {label} | " + " | ".join(accuracy) + " | – | – | – | – | – |")
+        else:
+            group = next(g for g in trace["groups"] if g["kind"] == "mlp" and g["num_constraints"] == "all")
+            peak_group = trace.get("peak_mlp_group") or {}
+            where = (f" ({peak_group['target']})" if trace["peak_mlp_layer"] is not None
+                     and isinstance(peak_group, dict) and "target" in peak_group else "")
+            lines.append(
+                f"| {label} | " + " | ".join(accuracy) + f" | {trace['counts']['traced']} of "
+                f"{trace['counts']['records']} | {group['n_affected']} | {fmt(group['mean_p_clean'])} "
+                f"| {fmt(group['mean_p_corrupt'])} | {fmt(trace['peak_mlp_layer'])}{where} |")
+        sources += [f"`{rel(path, root)}`" for path in (evaluation, trace_file) if path.exists()]
+    return lines + ["", "Sources: " + ", ".join(sources) + ".", ""]
+
+
 def trace_groups(stats: dict, kind: str) -> list[dict]:
     return [g for g in stats["groups"] if g["kind"] == kind and g["num_constraints"] == "all"]
 
@@ -341,7 +370,8 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
     ordered = sorted(models, key=lambda name: name == "planted")
     lines += ["## The paper's findings, tested", "",
               "Each finding as the paper states it, the rule that decides it here, and the verdict on each model "
-              "with the numbers (95% intervals, n). The flag models are studied on their held-out countries only.", "",
+              "with the numbers (95% intervals, n). The flag models are judged on their held-out countries; each "
+              "one's section gives its training countries beside them.", "",
               *findings_section(runs, ordered, controls=control_verdicts(out / "controls" / CONTROLS_FILE) or None)]
     for name, model_dir in models.items():
         planted_layer = load_json(Path(model_dir) / "config.json").get("planted_layer")
@@ -350,6 +380,8 @@ def write_report(out: Path, models: dict[str, str], steps=(), quick: bool = Fals
         if data:
             lines += [f"Questions: the `{data.name}` build in `{rel(data, out)}` (see its `build_info.json`).", ""]
         lines += ["### Accuracy", ""] + accuracy_section(name, runs / f"{name}-evaluate", out)
+        if (runs / f"{name}-evaluate-training").exists():
+            lines += ["### Held-out and training countries", ""] + countries_section(name, runs, out)
         lines += ["### Causal traces", ""] + trace_section(name, runs, out, planted_layer)
         lines += ["### Attention contributions", ""] + attention_section(name, runs / f"{name}-attention", out)
         lines += ["### Editing", ""] + editing_section(name, runs / f"{name}-edit", runs / f"{name}-edit-sweep", out)
