@@ -138,3 +138,11 @@ def test_report_sets_training_countries_beside_the_held_out_ones(demo_dir, plant
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} | "))
         assert row.startswith(f"| {label} | {fmt_ci(cell['accuracy'])} | {cell['n']} | "
                               f"{trace['counts']['traced']} of {trace['counts']['records']} |"), row
+
+
+def test_demo_of_an_unknown_model_is_a_one_line_error_that_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert run(["demo", "--quick", "--models", "planted,gpt-9", "--out", str(out)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "gpt-9" in error and "flag-llava-direct" in error
+    assert not out.exists()

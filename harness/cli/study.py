@@ -18,6 +18,9 @@ def add_demo(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the whole study and write DIR/report.md")
     parser.add_argument("--out", required=True, type=output_folder, metavar="DIR")
     parser.add_argument("--quick", action="store_true", help="planted model only, small limits (a few minutes on 2 cores)")
+    parser.add_argument("--models", default=None, metavar="NAME,NAME",
+                        help="only these zoo models, e.g. flag-llava-direct (default: planted, and without --quick "
+                             "flag-llava and flag-llava-direct); the report covers the models of this run")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_demo_cli)
 
@@ -57,6 +60,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
     from harness.study.demo import run_demo  # the library loads when the command runs
 
     # Each step goes through the dispatcher, as a user's command line would.
-    report = run_demo(args.out, run, quick=args.quick, seed=args.seed)
+    models = tuple(part.strip() for part in args.models.split(",")) if args.models else None
+    report = run_demo(args.out, run, quick=args.quick, seed=args.seed, models=models)
     print(report)
     return 0

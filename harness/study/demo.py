@@ -282,22 +282,31 @@ def training_steps(model_name: str, model_dir: Path, data: Path, runs: Path, siz
     return steps
 
 
-def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0) -> Path:
+def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0,
+             models: tuple[str, ...] | None = None) -> Path:
+    """Run the study's steps (``models``: only these zoo models, default the size's) into ``out`` and write its
+    report."""
     size = QUICK if quick else FULL
+    if models is not None:
+        unknown = [name for name in models if name not in MODEL_SOURCE]
+        if unknown or not models:
+            raise UserError(f"--models {','.join(unknown) or '(empty)'}: not a demo model (demo models: "
+                            f"{', '.join(MODEL_SOURCE)})")
+        size = replace(size, models=tuple(models))
     out = Path(out)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     all_steps: list[Step] = []
 
-    models: dict[str, Path] = {}
+    built: dict[str, Path] = {}
     for name in size.models:
         console.rule(f"[bold]zoo: {name}")
         started = time.perf_counter()
-        models[name] = build_zoo_model(name, quick)
+        built[name] = build_zoo_model(name, quick)
         all_steps.append(Step(f"zoo-{name}", ["zoo", "build", name], "config.json",
                               seconds=time.perf_counter() - started))
         source = MODEL_SOURCE[name]
-        heldout = tuning_subjects(models[name], "heldout")
+        heldout = tuning_subjects(built[name], "heldout")
         if heldout:
             # A model tuned on some subjects is judged on the others (it never saw a question on them).
             build_step = subject_build_step(out, name, source, heldout, "heldout", seed)
@@ -308,16 +317,16 @@ def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0) -> 
                                                     str(seed)], "README.md")
             run_step(build_step, data, run)
         all_steps.append(build_step)
-        for step in model_steps(name, models[name], data, runs, size, seed):
+        for step in model_steps(name, built[name], data, runs, size, seed):
             run_step(step, runs / step.name, run)
             all_steps.append(step)
-        training = tuning_subjects(models[name], "training")
+        training = tuning_subjects(built[name], "training")
         if heldout and training and not quick:
             # ... and measured on its training countries too, reported beside the held-out ones.
             build_step = subject_build_step(out, name, source, training, "training", seed)
             data = run_subject_build(build_step, training, run)
             all_steps.append(build_step)
-            for step in training_steps(name, models[name], data, runs, size, seed):
+            for step in training_steps(name, built[name], data, runs, size, seed):
                 run_step(step, runs / step.name, run)
                 all_steps.append(step)
 
@@ -328,7 +337,7 @@ def run_demo(out: Path, run: RunCommand, quick: bool = False, seed: int = 0) -> 
         run_controls(out / "controls", seed=seed)
         all_steps.append(Step("controls", ["controls", "--out", str(out / "controls")], "controls.json",
                               seconds=time.perf_counter() - started))
-    report = write_report(out, models={k: str(v) for k, v in models.items()}, steps=all_steps, quick=quick)
+    report = write_report(out, models={k: str(v) for k, v in built.items()}, steps=all_steps, quick=quick)
     print_summary(all_steps, report)
     return report
 
