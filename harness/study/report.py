@@ -101,8 +101,8 @@ def accuracy_section(name: str, run: Path, root: Path) -> list[str]:
 def countries_section(name: str, runs: Path, root: Path) -> list[str]:
     """A tuned model's accuracy and MLLM trace on its held-out countries (what the findings are judged on) beside
     the same runs on its training countries ("-training" folders)."""
-    lines = [f"The same evaluate and MLLM trace (window 1) on the countries the model was tuned on; the findings "
-             f"are judged on the held-out ones only.", "",
+    lines = ["The same evaluate and MLLM trace (window 1) on the countries the model was tuned on; the findings "
+             "are judged on the held-out ones only.", "",
              *table_head("countries", "single_constraint accuracy [95% CI]", "n", "traced of questions",
                          "affected", "p clean", "p corrupt", "peak MLP layer (restored at)")]
     sources = []
