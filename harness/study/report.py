@@ -115,7 +115,7 @@ def countries_section(name: str, runs: Path, root: Path) -> list[str]:
         if trace is None:
             lines.append(f"| {label} | " + " | ".join(accuracy) + " | – | – | – | – | – |")
         else:
-            group = next(g for g in trace["groups"] if g["kind"] == "mlp" and g["num_constraints"] == "all")
+            group = trace_groups(trace, "mlp")[0]
             peak_group = trace.get("peak_mlp_group") or {}
             where = (f" ({peak_group['target']})" if trace["peak_mlp_layer"] is not None
                      and isinstance(peak_group, dict) and "target" in peak_group else "")
